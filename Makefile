@@ -1,0 +1,36 @@
+# Self-installing targets: each creates .venv when missing and installs the project into it.
+#   make train            the quickstart (python train.py), then the readability score of its grid
+#   make test             the test suite (fast tests; `make test-all` adds the slow ones)
+#   make lint             ruff
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-stamp
+ARGS ?=
+
+.PHONY: install train test test-all lint clean-venv
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+
+$(STAMP): pyproject.toml | $(PY)
+	$(PY) -m pip install --quiet --disable-pip-version-check -e ".[dev]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+train: $(STAMP)
+	$(PY) train.py name=quickstart $(ARGS)
+	$(PY) -m bench.readability "$$(ls -td runs/quickstart/*/ | head -n 1)samples/final.png"
+
+test: $(STAMP)
+	$(PY) -m pytest -m "not slow" $(ARGS)
+
+test-all: $(STAMP)
+	$(PY) -m pytest $(ARGS)
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+
+clean-venv:
+	rm -rf $(VENV)

@@ -1,0 +1,152 @@
+"""Callbacks that write what a person looks at: sample grids and the loss curve."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.utilities import rank_zero_only
+from torch import Tensor
+from PIL import Image
+from torchvision.utils import make_grid
+
+
+def to_uint8(x: Tensor) -> Tensor:
+    """[-1, 1] float images -> uint8 [0, 255], rounding as image files store them."""
+    return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+
+
+def save_png(image: Tensor, path: str | Path) -> None:
+    """Write one uint8 image (C, H, W), C = 1 or 3, as a PNG."""
+    array = image.permute(1, 2, 0).numpy()
+    Image.fromarray(array[..., 0] if array.shape[-1] == 1 else array).save(path)
+
+
+def save_grid(images: Tensor, path: str | Path, nrow: int | None = None) -> Path:
+    """Save (N, C, H, W) images in [-1, 1] as one PNG grid; returns the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    nrow = nrow or max(1, int(len(images) ** 0.5))
+    # the grid holds exactly the pixels that the per-image PNGs of sample.py hold
+    grid = make_grid(to_uint8(images.cpu()), nrow=nrow, padding=2)
+    save_png(grid[:1] if images.shape[1] == 1 else grid, path)  # make_grid turns gray into RGB
+    return path
+
+
+def cycle_labels(n: int, num_classes: int) -> list[int]:
+    """Labels 0, 1, ..., num_classes - 1, 0, 1, ... for n images: a grid with one class per column."""
+    return [k % num_classes for k in range(n)]
+
+
+class SampleGrid(L.Callback):
+    """At each validation and at the end of training, draws a fixed-seed grid with the EMA weights.
+
+    Writes `<run>/samples/step_XXXXXXX.png` and `<run>/samples/final.png`, and sends the grid to
+    loggers that take images (TensorBoard, W&B). A class-conditional model draws image k with
+    label k mod num_classes (one class per column) at classifier-free guidance `guidance`.
+    """
+
+    def __init__(
+        self,
+        n: int = 64,
+        sampler: dict | None = None,
+        steps: int | None = None,
+        final_steps: int | None = None,
+        seed: int = 0,
+        guidance: float = 0.0,
+        on_validation: bool = True,
+    ) -> None:
+        if n < 1:
+            raise ValueError(f"callbacks.sample_grid.n must be >= 1, got {n}")
+        # the sampler config group (name and options); the steps of a grid are set here
+        kwargs = dict(sampler or {"name": "ddpm"})
+        self.sampler = kwargs.pop("name")
+        kwargs.pop("steps", None)
+        self.sampler_kwargs = kwargs
+        self.n, self.steps, self.seed, self.guidance = n, steps, seed, guidance
+        self.final_steps = final_steps or steps
+        self.on_validation = on_validation
+        self._last: tuple[int, int | None, Path] | None = None  # (step, steps, path) of last grid
+
+    def _draw(self, trainer: L.Trainer, module: L.LightningModule, steps: int | None, name: str):
+        labels, guidance, nrow = None, 0.0, int(self.n**0.5)
+        if module.num_classes:
+            labels, guidance, nrow = cycle_labels(self.n, module.num_classes), self.guidance, module.num_classes
+        images = module.generate(
+            self.n, sampler=self.sampler, steps=steps, seed=self.seed, labels=labels,
+            guidance=guidance, **self.sampler_kwargs,
+        )
+        path = save_grid(images, Path(trainer.default_root_dir) / "samples" / f"{name}.png", nrow)
+        grid = make_grid(images.float().cpu(), nrow=nrow, normalize=True, value_range=(-1, 1))
+        for logger in trainer.loggers:
+            experiment = getattr(logger, "experiment", None)
+            if hasattr(experiment, "add_image"):  # TensorBoard
+                experiment.add_image("samples", grid, trainer.global_step)
+            elif hasattr(logger, "log_image"):  # W&B
+                logger.log_image("samples", [grid], step=trainer.global_step)
+        self._last = (trainer.global_step, steps, path)
+        return path
+
+    @rank_zero_only
+    def on_validation_epoch_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        if self.on_validation and not trainer.sanity_checking:
+            self._draw(trainer, module, self.steps, f"step_{trainer.global_step:07d}")
+
+    @rank_zero_only
+    def on_train_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        final = Path(trainer.default_root_dir) / "samples" / "final.png"
+        if self._last is not None and self._last[:2] == (trainer.global_step, self.final_steps):
+            # the last validation drew this very grid (same weights, seed and steps)
+            shutil.copyfile(self._last[2], final)
+        else:
+            self._draw(trainer, module, self.final_steps, "final")
+
+
+class LossCurve(L.Callback):
+    """Records the training loss every `every_n_steps` steps and plots it to `<run>/loss_curve.png`.
+
+    The history is part of the callback's checkpoint state, so a resumed run plots all of it.
+    """
+
+    def __init__(self, every_n_steps: int = 10) -> None:
+        self.every_n_steps = max(1, every_n_steps)
+        self.steps: list[int] = []
+        self.losses: list[float] = []
+
+    def on_train_batch_end(self, trainer: L.Trainer, module: Any, outputs: Any, batch: Any, i: int):
+        step = trainer.global_step
+        if step % self.every_n_steps == 0 and (not self.steps or self.steps[-1] != step):
+            loss = outputs["loss"] if isinstance(outputs, dict) else outputs
+            self.steps.append(step)
+            self.losses.append(float(loss.detach()))  # one device sync every N steps
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"steps": list(self.steps), "losses": list(self.losses)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.steps, self.losses = list(state["steps"]), list(state["losses"])
+
+    @rank_zero_only
+    def on_train_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        if not self.steps:
+            return
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(6, 4))
+        ax.plot(self.steps, self.losses, lw=0.8, alpha=0.5, label="loss")
+        k = max(1, len(self.losses) // 20)
+        if len(self.losses) > k:
+            smooth = torch.tensor(self.losses).unfold(0, k, 1).mean(1).tolist()
+            ax.plot(self.steps[k - 1 :], smooth, lw=1.5, label=f"mean of {k}")
+        ax.set(xlabel="step", ylabel="training loss", yscale="log", title="training loss")
+        ax.legend()
+        fig.tight_layout()
+        path = Path(trainer.default_root_dir) / "loss_curve.png"
+        fig.savefig(path, dpi=100)
+        plt.close(fig)

@@ -1,0 +1,64 @@
+"""Safe checkpoint loading and rebuilding a DiffusionModule from one.
+
+Checkpoints hold plain data only (tensors, numbers, strings, lists, dicts), so they load with
+`torch.load(weights_only=True)`, which refuses to run code from a malicious pickle.
+"""
+
+from __future__ import annotations
+
+import pickle
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ddpm.module import DiffusionModule
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that is missing, unreadable, unsafe or from another model."""
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Load a Lightning checkpoint as plain data, with an error that names the file."""
+    path = Path(path)
+    if not path.is_file():
+        hint = ""
+        if path.parent.is_dir():
+            found = sorted(p.name for p in path.parent.glob("*.ckpt"))[:5]
+            hint = f"; checkpoints in {path.parent}: {found}" if found else ""
+        raise CheckpointError(f"checkpoint not found: {path}{hint}")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(
+            f"refused to load {path}: it holds objects other than plain tensors and numbers, "
+            f"which could run code when unpickled ({str(e).splitlines()[0]}). Only load "
+            "checkpoints written by this project or from a source you trust."
+        ) from e
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as e:
+        raise CheckpointError(f"{path} is not a readable checkpoint (truncated or corrupt?): {e}") from e
+    if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
+        raise CheckpointError(f"{path} is not a Lightning checkpoint (no 'state_dict')")
+    return ckpt
+
+
+def load_module(path: str | Path, map_location: str | torch.device = "cpu") -> DiffusionModule:
+    """Rebuild the DiffusionModule saved in `path` (network, schedule, EMA) in eval mode."""
+    ckpt = load_checkpoint(path, map_location)
+    hparams = ckpt.get("hyper_parameters")
+    if not isinstance(hparams, dict) or "net" not in hparams or "schedule" not in hparams:
+        raise CheckpointError(
+            f"{path} was not written by ddpm's DiffusionModule (its hyper_parameters lack "
+            "'net' and 'schedule')"
+        )
+    module = DiffusionModule(**hparams)
+    try:
+        module.load_state_dict(ckpt["state_dict"])
+    except RuntimeError as e:
+        raise CheckpointError(
+            f"{path}: weights do not fit the model its own hyper_parameters describe: "
+            f"{str(e).splitlines()[0]} ..."
+        ) from e
+    return module.to(map_location).eval()

@@ -1,0 +1,214 @@
+"""The denoising network of Ho et al. 2020 (Appendix B), a PixelCNN++-style UNet.
+
+It knows nothing about diffusion: it maps a noisy image and an integer timestep (and optionally a
+class label) to a tensor of the image's shape. What that output means (ε, x_0 or v) is decided by
+the module that trains it.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+def timestep_embedding(t: Tensor, dim: int, max_period: float = 10000.0) -> Tensor:
+    """Sinusoidal embedding of (B,) timesteps -> (B, dim), as in Transformer positional codes."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device) / (half - 1))
+    args = t.float()[:, None] * freqs[None]
+    emb = torch.cat([torch.sin(args), torch.cos(args)], dim=1)
+    return F.pad(emb, (0, 1)) if dim % 2 else emb
+
+
+def _norm(channels: int) -> nn.GroupNorm:
+    # 32 groups as in the paper; fewer for the narrow networks used on CPU
+    groups = math.gcd(32, channels)
+    return nn.GroupNorm(groups, channels, eps=1e-6)
+
+
+class ResBlock(nn.Module):
+    """GroupNorm -> SiLU -> conv, plus the projected time embedding, then again with dropout."""
+
+    def __init__(self, in_ch: int, out_ch: int, emb_dim: int, dropout: float) -> None:
+        super().__init__()
+        self.norm1 = _norm(in_ch)
+        self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
+        self.emb_proj = nn.Linear(emb_dim, out_ch)
+        self.norm2 = _norm(out_ch)
+        self.dropout = nn.Dropout(dropout)
+        self.conv2 = nn.Conv2d(out_ch, out_ch, 3, padding=1)
+        self.skip = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else nn.Identity()
+
+    def forward(self, x: Tensor, emb: Tensor) -> Tensor:
+        h = self.conv1(F.silu(self.norm1(x)))
+        h = h + self.emb_proj(F.silu(emb))[:, :, None, None]
+        h = self.conv2(self.dropout(F.silu(self.norm2(h))))
+        return self.skip(x) + h
+
+
+class AttnBlock(nn.Module):
+    """Self-attention over the H·W positions (one head by default, as in the paper), via SDPA."""
+
+    def __init__(self, channels: int, num_heads: int = 1) -> None:
+        super().__init__()
+        if channels % num_heads:
+            raise ValueError(f"attention: {channels} channels do not split into {num_heads} heads")
+        self.num_heads = num_heads
+        self.norm = _norm(channels)
+        self.qkv = nn.Conv2d(channels, 3 * channels, 1)
+        self.proj = nn.Conv2d(channels, channels, 1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        B, C, H, W = x.shape
+        qkv = self.qkv(self.norm(x)).reshape(B, 3, self.num_heads, C // self.num_heads, H * W)
+        q, k, v = qkv.transpose(-1, -2).unbind(1)  # each (B, nh, HW, hs)
+        h = F.scaled_dot_product_attention(q, k, v)
+        h = h.transpose(-1, -2).reshape(B, C, H, W)
+        return x + self.proj(h)
+
+
+class Downsample(nn.Module):
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=1)
+
+    def forward(self, x: Tensor, emb: Tensor | None = None) -> Tensor:
+        return self.conv(x)
+
+
+class Upsample(nn.Module):
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x: Tensor, emb: Tensor | None = None) -> Tensor:
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+
+class _Level(nn.Module):
+    """A ResBlock optionally followed by attention: one entry of the UNet's down or up path."""
+
+    def __init__(self, res: ResBlock, attn: AttnBlock | None) -> None:
+        super().__init__()
+        self.res = res
+        self.attn = attn if attn is not None else nn.Identity()
+
+    def forward(self, x: Tensor, emb: Tensor) -> Tensor:
+        return self.attn(self.res(x, emb))
+
+
+class UNet(nn.Module):
+    """`UNet(x, t, y=None) -> tensor of x's shape`.
+
+    Args:
+        image_size: height = width of the inputs; must be divisible by 2^(len(ch_mult) - 1).
+        in_channels: 1 (grayscale) or 3 (RGB); out_channels defaults to in_channels.
+        ch: base width; level i has ch * ch_mult[i] channels.
+        num_res_blocks: ResBlocks per level on the way down (one more on the way up).
+        attn_resolutions: feature-map sizes (e.g. [16]) that get self-attention.
+        num_classes: if set, a class embedding is added to the time embedding; index
+            `num_classes` is the null label used for classifier-free guidance.
+
+    Shapes: x (B, C, H, W) float, t (B,) int64 in [0, T), y (B,) int64 or None.
+    """
+
+    def __init__(
+        self,
+        image_size: int = 32,
+        in_channels: int = 3,
+        out_channels: int | None = None,
+        ch: int = 128,
+        ch_mult: Sequence[int] = (1, 2, 2, 2),
+        num_res_blocks: int = 2,
+        attn_resolutions: Sequence[int] = (16,),
+        dropout: float = 0.1,
+        num_heads: int = 1,
+        num_classes: int | None = None,
+    ) -> None:
+        super().__init__()
+        factor = 2 ** (len(ch_mult) - 1)
+        if image_size % factor:
+            raise ValueError(
+                f"model.image_size={image_size} is not divisible by {factor}, the UNet's "
+                f"downsampling factor for ch_mult={list(ch_mult)}; use fewer levels in "
+                "model.ch_mult or resize the data (dataset.image_size)"
+            )
+        if in_channels not in (1, 3, 4):
+            raise ValueError(f"model.in_channels must be 1, 3 or 4, got {in_channels}")
+        if not 0 <= dropout < 1:
+            raise ValueError(f"model.dropout must be in [0, 1), got {dropout}")
+        self.image_size = image_size
+        self.in_channels = in_channels
+        self.num_classes = num_classes
+        out_channels = out_channels or in_channels
+        emb_dim = 4 * ch
+
+        self.ch = ch
+        self.time_embed = nn.Sequential(nn.Linear(ch, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+        # one extra row: the null label of classifier-free guidance
+        self.class_embed = nn.Embedding(num_classes + 1, emb_dim) if num_classes else None
+
+        self.conv_in = nn.Conv2d(in_channels, ch, 3, padding=1)
+        self.down = nn.ModuleList()
+        skip_channels = [ch]
+        cur, res = ch, image_size
+        for level, mult in enumerate(ch_mult):
+            for _ in range(num_res_blocks):
+                out = ch * mult
+                attn = AttnBlock(out, num_heads) if res in attn_resolutions else None
+                self.down.append(_Level(ResBlock(cur, out, emb_dim, dropout), attn))
+                cur = out
+                skip_channels.append(cur)
+            if level != len(ch_mult) - 1:
+                self.down.append(Downsample(cur))
+                skip_channels.append(cur)
+                res //= 2
+
+        self.mid = nn.ModuleList(
+            [
+                _Level(ResBlock(cur, cur, emb_dim, dropout), AttnBlock(cur, num_heads)),
+                _Level(ResBlock(cur, cur, emb_dim, dropout), None),
+            ]
+        )
+
+        self.up = nn.ModuleList()
+        for level, mult in reversed(list(enumerate(ch_mult))):
+            for _ in range(num_res_blocks + 1):
+                out = ch * mult
+                attn = AttnBlock(out, num_heads) if res in attn_resolutions else None
+                self.up.append(_Level(ResBlock(cur + skip_channels.pop(), out, emb_dim, dropout), attn))
+                cur = out
+            if level != 0:
+                self.up.append(Upsample(cur))
+                res *= 2
+
+        self.norm_out = _norm(cur)
+        self.conv_out = nn.Conv2d(cur, out_channels, 3, padding=1)
+
+    def forward(self, x: Tensor, t: Tensor, y: Tensor | None = None) -> Tensor:
+        if x.shape[-1] != self.image_size or x.shape[-2] != self.image_size:
+            raise ValueError(
+                f"UNet built for {self.image_size}x{self.image_size} images got {tuple(x.shape)}"
+            )
+        emb = self.time_embed(timestep_embedding(t, self.ch))
+        if self.class_embed is not None:
+            if y is None:  # unconditional use of a conditional model: the null label
+                y = torch.full_like(t, self.num_classes)
+            emb = emb + self.class_embed(y)
+
+        h = self.conv_in(x)
+        skips = [h]
+        for block in self.down:
+            h = block(h, emb)
+            skips.append(h)
+        for block in self.mid:
+            h = block(h, emb)
+        for block in self.up:
+            if isinstance(block, _Level):
+                h = torch.cat([h, skips.pop()], dim=1)
+            h = block(h, emb)
+        return self.conv_out(F.silu(self.norm_out(h)))

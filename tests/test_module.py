@@ -1,0 +1,104 @@
+import pytest
+import torch
+
+from ddpm.module import EMA, DiffusionModule
+
+NET = {
+    "_target_": "ddpm.unet.UNet", "image_size": 8, "in_channels": 1, "ch": 16,
+    "ch_mult": [1, 2], "num_res_blocks": 1, "attn_resolutions": [4], "dropout": 0.0,
+}
+SCHEDULE = {"_target_": "ddpm.schedule.NoiseSchedule.linear", "timesteps": 100, "beta_end": 0.1}
+OPT = {"_target_": "torch.optim.Adam", "_partial_": True, "lr": 3e-3}
+
+
+def make(**kwargs) -> DiffusionModule:
+    torch.manual_seed(0)
+    return DiffusionModule(net=kwargs.pop("net", NET), schedule=SCHEDULE, optimizer=OPT, **kwargs)
+
+
+def images(n=8):
+    g = torch.Generator().manual_seed(1)
+    # simple structured images in [-1, 1]: bright squares at different places
+    x = -torch.ones(n, 1, 8, 8)
+    for i in range(n):
+        r, c = divmod(i, 4)
+        x[i, :, 2 * r : 2 * r + 4, c : c + 4] = 1
+    return x + 0.01 * torch.randn(x.shape, generator=g)
+
+
+def eval_loss(module, x):
+    with torch.no_grad():
+        return module.loss_fn(x, None, generator=torch.Generator().manual_seed(0)).mean().item()
+
+
+@pytest.mark.parametrize("objective", ["eps", "x0", "v"])
+def test_tiny_model_overfits_a_few_images(objective):
+    module = make(objective=objective, loss_weighting="min_snr" if objective == "eps" else "none")
+    x = images()
+    optimizer = module.configure_optimizers()
+    before = eval_loss(module, x.repeat(8, 1, 1, 1))
+    for _ in range(150):
+        loss = module.loss_fn(x.repeat(4, 1, 1, 1), None).mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    after = eval_loss(module, x.repeat(8, 1, 1, 1))
+    assert after < 0.5 * before, (before, after)
+
+
+def test_ema_follows_the_warmed_up_decay():
+    net = torch.nn.Linear(2, 2, bias=False)
+    ema = EMA(net, decay=0.99)
+    assert ema.decay_at(0) == pytest.approx(0.1)
+    assert ema.decay_at(10_000) == 0.99
+    with torch.no_grad():
+        net.weight.fill_(1.0)
+    ema.step(net, 0)  # first update copies the weights
+    assert torch.equal(ema.module.weight, net.weight)
+    with torch.no_grad():
+        net.weight.fill_(3.0)
+    ema.step(net, 5)
+    d = 6 / 15
+    assert torch.allclose(ema.module.weight, torch.full((2, 2), d * 1 + (1 - d) * 3))
+    assert not ema.module.weight.requires_grad
+
+
+def test_ema_moves_once_per_optimizer_step():
+    module = make()
+    module._ema_seen_step = 0
+    w0 = module.ema.module.conv_in.weight.clone()
+    with torch.no_grad():
+        module.net.conv_in.weight.add_(1.0)
+    # no optimizer step happened (global_step unchanged): the EMA must not move
+    module.on_train_batch_end(None, None, 0)
+    assert torch.equal(module.ema.module.conv_in.weight, w0)
+
+
+def test_bad_module_options_are_named():
+    with pytest.raises(ValueError, match="module.objective"):
+        make(objective="score")
+    with pytest.raises(ValueError, match="module.loss"):
+        make(loss="huber")
+    with pytest.raises(ValueError, match="module.ema_decay"):
+        make(ema_decay=1.5)
+
+
+def test_generate_gives_images_in_range_independent_of_batch():
+    module = make()
+    a = module.generate(4, steps=5, seed=3)
+    b = torch.cat([module.generate(2, steps=5, seed=3, first_index=k) for k in (0, 2)])
+    assert a.shape == (4, 1, 8, 8)
+    assert a.min() >= -1 and a.max() <= 1
+    assert torch.allclose(a, b, atol=1e-5)
+
+
+def test_class_conditional_training_and_guidance():
+    module = make(net={**NET, "num_classes": 3}, cond_drop_prob=0.5)
+    x, y = images(4), torch.tensor([0, 1, 2, 0])
+    assert torch.isfinite(module.loss_fn(x, y)).all()
+    out = module.generate(3, steps=4, labels=[0, 1, 2], guidance=2.0)
+    assert out.shape == (3, 1, 8, 8)
+    with pytest.raises(ValueError, match="not class-conditional"):
+        make().generate(1, steps=2, labels=[0])
+    with pytest.raises(ValueError, match="guidance needs labels"):
+        module.generate(1, steps=2, guidance=1.0)
