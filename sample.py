@@ -60,7 +60,9 @@ def resolve_labels(spec, n: int, num_classes: int | None) -> tuple[list[int] | N
 
 def sample(cfg: DictConfig) -> Path:
     if cfg.n < 1 or cfg.batch_size < 1:
-        raise ValueError(f"n and batch_size must be >= 1, got n={cfg.n}, batch_size={cfg.batch_size}")
+        raise ValueError(
+            f"n and batch_size must be >= 1, got n={cfg.n}, batch_size={cfg.batch_size}"
+        )
     out = Path(cfg.out)
     check_out_dir(out, cfg.overwrite)
     device = pick_device(cfg.device)
@@ -79,9 +81,15 @@ def sample(cfg: DictConfig) -> Path:
         for first in range(0, cfg.n, cfg.batch_size):
             count = min(cfg.batch_size, cfg.n - first)
             images = module.generate(
-                count, sampler=name, steps=steps, seed=cfg.seed, first_index=first,
+                count,
+                sampler=name,
+                steps=steps,
+                seed=cfg.seed,
+                first_index=first,
                 labels=None if labels is None else labels[first : first + count],
-                guidance=cfg.guidance, use_ema=cfg.use_ema, **sampler_kwargs,
+                guidance=cfg.guidance,
+                use_ema=cfg.use_ema,
+                **sampler_kwargs,
             ).cpu()
             if cfg.images:
                 for k, img in enumerate(to_uint8(images)):

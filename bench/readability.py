@@ -23,8 +23,8 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
 from PIL import Image
+from torch import Tensor, nn
 
 from ddpm.data import load_mnist5k
 
@@ -33,11 +33,21 @@ CACHE = Path(".cache/digit_classifier.pt")
 
 def classifier() -> nn.Module:
     return nn.Sequential(
-        nn.Conv2d(1, 32, 3, padding=1), nn.ReLU(), nn.Conv2d(32, 32, 3, padding=1), nn.ReLU(),
+        nn.Conv2d(1, 32, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(32, 32, 3, padding=1),
+        nn.ReLU(),
         nn.MaxPool2d(2),
-        nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(), nn.Conv2d(64, 64, 3, padding=1), nn.ReLU(),
+        nn.Conv2d(32, 64, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(64, 64, 3, padding=1),
+        nn.ReLU(),
         nn.MaxPool2d(2),
-        nn.Flatten(), nn.Dropout(0.3), nn.Linear(64 * 7 * 7, 128), nn.ReLU(), nn.Linear(128, 10),
+        nn.Flatten(),
+        nn.Dropout(0.3),
+        nn.Linear(64 * 7 * 7, 128),
+        nn.ReLU(),
+        nn.Linear(128, 10),
     )
 
 
@@ -120,7 +130,11 @@ def split_grid(path: str | Path, n: int | None = None, size: int = 28, padding: 
     step = size + padding
     rows, cols = (img.shape[1] - padding) // step, (img.shape[2] - padding) // step
     tiles = [
-        img[:, padding + r * step : padding + r * step + size, padding + c * step : padding + c * step + size]
+        img[
+            :,
+            padding + r * step : padding + r * step + size,
+            padding + c * step : padding + c * step + size,
+        ]
         for r in range(rows)
         for c in range(cols)
     ]
@@ -149,16 +163,22 @@ def readability(images: Tensor, threshold: float = 0.9, labels: Tensor | None = 
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawTextHelpFormatter
+    )
     parser.add_argument("grid", nargs="?", help="a sample grid PNG (28x28 tiles, padding 2)")
     parser.add_argument("--ckpt", help="or a checkpoint to sample from")
     parser.add_argument("--n", type=int, default=64)
     parser.add_argument("--steps", type=int, default=None)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threshold", type=float, default=0.9)
-    parser.add_argument("--guidance", type=float, default=0.0, help="with --ckpt of a conditional model")
     parser.add_argument(
-        "--labels", choices=["none", "cycle"], default="none",
+        "--guidance", type=float, default=0.0, help="with --ckpt of a conditional model"
+    )
+    parser.add_argument(
+        "--labels",
+        choices=["none", "cycle"],
+        default="none",
         help="cycle: image k was drawn for digit k mod 10 (the grids of conditional models)",
     )
     args = parser.parse_args()
@@ -168,7 +188,10 @@ def main() -> None:
         module = load_module(args.ckpt)
         labels = list(range(10)) * (args.n // 10 + 1) if args.labels == "cycle" else None
         images = module.generate(
-            args.n, steps=args.steps, seed=args.seed, guidance=args.guidance,
+            args.n,
+            steps=args.steps,
+            seed=args.seed,
+            guidance=args.guidance,
             labels=None if labels is None else labels[: args.n],
         )
         images = (images + 1) / 2

@@ -9,8 +9,8 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_only
-from torch import Tensor
 from PIL import Image
+from torch import Tensor
 from torchvision.utils import make_grid
 
 
@@ -37,7 +37,7 @@ def save_grid(images: Tensor, path: str | Path, nrow: int | None = None) -> Path
 
 
 def cycle_labels(n: int, num_classes: int) -> list[int]:
-    """Labels 0, 1, ..., num_classes - 1, 0, 1, ... for n images: a grid with one class per column."""
+    """Labels 0, 1, ..., K - 1, 0, 1, ... for n images: a grid with one class per column."""
     return [k % num_classes for k in range(n)]
 
 
@@ -74,10 +74,19 @@ class SampleGrid(L.Callback):
     def _draw(self, trainer: L.Trainer, module: L.LightningModule, steps: int | None, name: str):
         labels, guidance, nrow = None, 0.0, int(self.n**0.5)
         if module.num_classes:
-            labels, guidance, nrow = cycle_labels(self.n, module.num_classes), self.guidance, module.num_classes
+            labels, guidance, nrow = (
+                cycle_labels(self.n, module.num_classes),
+                self.guidance,
+                module.num_classes,
+            )
         images = module.generate(
-            self.n, sampler=self.sampler, steps=steps, seed=self.seed, labels=labels,
-            guidance=guidance, **self.sampler_kwargs,
+            self.n,
+            sampler=self.sampler,
+            steps=steps,
+            seed=self.seed,
+            labels=labels,
+            guidance=guidance,
+            **self.sampler_kwargs,
         )
         path = save_grid(images, Path(trainer.default_root_dir) / "samples" / f"{name}.png", nrow)
         grid = make_grid(images.float().cpu(), nrow=nrow, normalize=True, value_range=(-1, 1))

@@ -38,7 +38,9 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
             "checkpoints written by this project or from a source you trust."
         ) from e
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as e:
-        raise CheckpointError(f"{path} is not a readable checkpoint (truncated or corrupt?): {e}") from e
+        raise CheckpointError(
+            f"{path} is not a readable checkpoint (truncated or corrupt?): {e}"
+        ) from e
     if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
         raise CheckpointError(f"{path} is not a Lightning checkpoint (no 'state_dict')")
     return ckpt

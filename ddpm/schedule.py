@@ -122,10 +122,12 @@ class NoiseSchedule(nn.Module):
         tau: float = 1.0,
         max_beta: float = 0.999,
     ) -> NoiseSchedule:
-        """Jabri et al. 2022 (RIN), Alg. 1: ᾱ(t) follows a rescaled sigmoid of (t·(end-start)+start)/τ."""
+        """Jabri et al. 2022 (RIN), Alg. 1: a rescaled sigmoid of (t(end - start) + start)/τ."""
         _check_timesteps(timesteps)
         if not start < end or tau <= 0:
-            raise ValueError(f"sigmoid schedule needs start < end and tau > 0, got {start}, {end}, {tau}")
+            raise ValueError(
+                f"sigmoid schedule needs start < end and tau > 0, got {start}, {end}, {tau}"
+            )
         steps = torch.arange(timesteps + 1, dtype=torch.float64) / timesteps
         v_start = torch.sigmoid(torch.tensor(start / tau, dtype=torch.float64))
         v_end = torch.sigmoid(torch.tensor(end / tau, dtype=torch.float64))
@@ -150,9 +152,9 @@ class NoiseSchedule(nn.Module):
 
     def predict_eps(self, x_t: Tensor, t: Tensor, x0: Tensor) -> Tensor:
         """ε from x_t and x_0: (x_t / √ᾱ_t - x_0) / √(1/ᾱ_t - 1)."""
-        return (
-            _extract(self.sqrt_recip_alphas_cumprod, t, x_t.ndim) * x_t - x0
-        ) / _extract(self.sqrt_recipm1_alphas_cumprod, t, x_t.ndim)
+        return (_extract(self.sqrt_recip_alphas_cumprod, t, x_t.ndim) * x_t - x0) / _extract(
+            self.sqrt_recipm1_alphas_cumprod, t, x_t.ndim
+        )
 
     def velocity(self, x0: Tensor, t: Tensor, noise: Tensor) -> Tensor:
         """Salimans & Ho 2022, Sec. 4: v = √ᾱ_t · ε - √(1 - ᾱ_t) · x_0."""
@@ -169,7 +171,7 @@ class NoiseSchedule(nn.Module):
         )
 
     def posterior(self, x0: Tensor, x_t: Tensor, t: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """eqs. 6-7: mean μ̃_t(x_t, x_0), variance β̃_t and clipped log β̃_t of q(x_{t-1} | x_t, x_0)."""
+        """eqs. 6-7: mean μ̃_t(x_t, x_0), variance β̃_t and clipped log β̃_t of q(x_{t-1}|x_t, x_0)."""
         mean = (
             _extract(self.posterior_mean_coef1, t, x_t.ndim) * x0
             + _extract(self.posterior_mean_coef2, t, x_t.ndim) * x_t

@@ -148,7 +148,9 @@ class UNet(nn.Module):
         emb_dim = 4 * ch
 
         self.ch = ch
-        self.time_embed = nn.Sequential(nn.Linear(ch, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+        self.time_embed = nn.Sequential(
+            nn.Linear(ch, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim)
+        )
         # one extra row: the null label of classifier-free guidance
         self.class_embed = nn.Embedding(num_classes + 1, emb_dim) if num_classes else None
 
@@ -180,7 +182,9 @@ class UNet(nn.Module):
             for _ in range(num_res_blocks + 1):
                 out = ch * mult
                 attn = AttnBlock(out, num_heads) if res in attn_resolutions else None
-                self.up.append(_Level(ResBlock(cur + skip_channels.pop(), out, emb_dim, dropout), attn))
+                self.up.append(
+                    _Level(ResBlock(cur + skip_channels.pop(), out, emb_dim, dropout), attn)
+                )
                 cur = out
             if level != 0:
                 self.up.append(Upsample(cur))

@@ -28,12 +28,17 @@ def test_train_writes_run_directory(trained_run: Path):
     with open(trained_run / "logs" / "metrics.csv") as f:
         rows = list(csv.DictReader(f))
     assert any(r.get("train/loss") for r in rows) and any(r.get("val/loss") for r in rows)
+    lrs = [float(r["train/lr"]) for r in rows if r.get("train/lr")]
+    assert lrs and lrs[-1] > lrs[0]  # the warm-up raises the learning rate
 
 
 def test_resume_continues_at_saved_step(trained_run: Path, tmp_path: Path):
     resumed = tmp_path / "resumed"
     run_script(
-        "train.py", *FAST, f"hydra.run.dir={resumed}", "trainer.max_steps=6",
+        "train.py",
+        *FAST,
+        f"hydra.run.dir={resumed}",
+        "trainer.max_steps=6",
         f"ckpt_path={trained_run / 'checkpoints' / 'last.ckpt'}",
     )
     ckpt = torch.load(resumed / "checkpoints" / "last.ckpt", weights_only=True)
@@ -78,7 +83,9 @@ def test_missing_checkpoint_is_named(tmp_path: Path):
     proc = run_script("sample.py", f"ckpt={missing}", f"out={tmp_path / 's'}", check=False)
     assert proc.returncode != 0
     assert f"checkpoint not found: {missing}" in proc.stderr
-    proc = run_script("train.py", *FAST, f"ckpt_path={missing}", f"hydra.run.dir={tmp_path / 'r'}", check=False)
+    proc = run_script(
+        "train.py", *FAST, f"ckpt_path={missing}", f"hydra.run.dir={tmp_path / 'r'}", check=False
+    )
     assert proc.returncode != 0 and f"checkpoint not found: {missing}" in proc.stderr
 
 
@@ -88,8 +95,11 @@ def _options(group: str) -> list[str]:
 
 @pytest.mark.parametrize(
     "override",
-    [f"{g}={o}" for g in ("dataset", "model", "schedule", "sampler", "trainer", "logger", "callbacks")
-     for o in _options(g)]
+    [
+        f"{g}={o}"
+        for g in ("dataset", "model", "schedule", "sampler", "trainer", "logger", "callbacks")
+        for o in _options(g)
+    ]
     + [f"experiment={o}" for o in _options("experiment")]
     + [f"debug={o}" for o in _options("debug")],
 )

@@ -4,8 +4,14 @@ import torch
 from ddpm.module import EMA, DiffusionModule
 
 NET = {
-    "_target_": "ddpm.unet.UNet", "image_size": 8, "in_channels": 1, "ch": 16,
-    "ch_mult": [1, 2], "num_res_blocks": 1, "attn_resolutions": [4], "dropout": 0.0,
+    "_target_": "ddpm.unet.UNet",
+    "image_size": 8,
+    "in_channels": 1,
+    "ch": 16,
+    "ch_mult": [1, 2],
+    "num_res_blocks": 1,
+    "attn_resolutions": [4],
+    "dropout": 0.0,
 }
 SCHEDULE = {"_target_": "ddpm.schedule.NoiseSchedule.linear", "timesteps": 100, "beta_end": 0.1}
 OPT = {"_target_": "torch.optim.Adam", "_partial_": True, "lr": 3e-3}

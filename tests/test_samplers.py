@@ -37,7 +37,13 @@ def test_ddpm_matches_algorithm_2(variance):
     seeds = (7, 0, 3)
     x_T = randn((3, 1, 4, 4), image_generators(*seeds), "cpu")
     got = sample_ddpm(
-        dummy_eps, schedule, x_T, 20, generator=image_generators(*seeds), variance=variance, clip_x0=False
+        dummy_eps,
+        schedule,
+        x_T,
+        20,
+        generator=image_generators(*seeds),
+        variance=variance,
+        clip_x0=False,
     )
     want = reference_ddpm(x_T, schedule.betas, seeds, variance)
     assert torch.allclose(got.double(), want, rtol=1e-4, atol=1e-4)
@@ -56,7 +62,13 @@ def test_ddpm_is_deterministic_given_seed_and_uses_noise():
 def test_callback_sees_every_step_in_order():
     schedule = NoiseSchedule.linear(1000)
     seen = []
-    sample_ddpm(dummy_eps, schedule, torch.randn(1, 1, 2, 2), 10, callback=lambda i, t, x, x0: seen.append((i, int(t[0]))))
+    sample_ddpm(
+        dummy_eps,
+        schedule,
+        torch.randn(1, 1, 2, 2),
+        10,
+        callback=lambda i, t, x, x0: seen.append((i, int(t[0]))),
+    )
     assert [i for i, _ in seen] == list(range(10))
     assert seen[0][1] == 999 and seen[-1][1] == 0
     assert [t for _, t in seen] == sorted((t for _, t in seen), reverse=True)
@@ -83,6 +95,11 @@ def test_per_image_noise_does_not_depend_on_batch():
 def test_clipping_keeps_x0_in_range():
     schedule = NoiseSchedule.linear(100)
     x0s = []
-    sample_ddpm(lambda x, t: -10 * torch.ones_like(x), schedule, torch.randn(2, 1, 4, 4), 100,
-                callback=lambda i, t, x, x0: x0s.append(x0))
+    sample_ddpm(
+        lambda x, t: -10 * torch.ones_like(x),
+        schedule,
+        torch.randn(2, 1, 4, 4),
+        100,
+        callback=lambda i, t, x, x0: x0s.append(x0),
+    )
     assert all(x0.abs().max() <= 1 for x0 in x0s)

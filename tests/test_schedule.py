@@ -22,7 +22,9 @@ def test_posterior_variance_closed_form():
     # t = 0 (the paper's t = 1): ᾱ_{t-1} = 1, so β̃ = 0 and its log is clipped to the next value
     assert s.posterior_variance[0].item() == 0.0
     expected_1 = b[1] * (1 - a_bar[0]) / (1 - a_bar[1])
-    assert s.posterior_log_variance_clipped[0].item() == pytest.approx(math.log(expected_1), rel=1e-6)
+    assert s.posterior_log_variance_clipped[0].item() == pytest.approx(
+        math.log(expected_1), rel=1e-6
+    )
     expected_last = b[-1] * (1 - a_bar[-2]) / (1 - a_bar[-1])
     assert s.posterior_variance[-1].item() == pytest.approx(expected_last.item(), rel=1e-6)
 
@@ -41,7 +43,9 @@ def test_posterior_mean_is_eq7():
             a[ti].sqrt() * (1 - ab_prev[ti]) / (1 - ab[ti])
         ) * xt[i].double()
         assert torch.allclose(mean[i].double(), want, atol=1e-5)
-        assert var[i].item() == pytest.approx((b[ti] * (1 - ab_prev[ti]) / (1 - ab[ti])).item(), rel=1e-5)
+        assert var[i].item() == pytest.approx(
+            (b[ti] * (1 - ab_prev[ti]) / (1 - ab[ti])).item(), rel=1e-5
+        )
 
 
 def test_cosine_schedule_at_half():

@@ -8,7 +8,9 @@ from ddpm.unet import UNet
 @pytest.mark.parametrize("size", [28, 32, 64])
 def test_output_has_input_shape(channels, size):
     ch_mult = (1, 2, 2) if size == 28 else (1, 2, 2, 2)
-    net = UNet(size, channels, ch=16, ch_mult=ch_mult, num_res_blocks=1, attn_resolutions=(8,), dropout=0.1)
+    net = UNet(
+        size, channels, ch=16, ch_mult=ch_mult, num_res_blocks=1, attn_resolutions=(8,), dropout=0.1
+    )
     x = torch.randn(2, channels, size, size)
     out = net(x, torch.tensor([0, 999]))
     assert out.shape == x.shape
@@ -16,14 +18,25 @@ def test_output_has_input_shape(channels, size):
 
 
 def test_cifar10_preset_has_35_7m_parameters():
-    net = UNet(32, 3, ch=128, ch_mult=(1, 2, 2, 2), num_res_blocks=2, attn_resolutions=(16,), dropout=0.1)
+    net = UNet(
+        32, 3, ch=128, ch_mult=(1, 2, 2, 2), num_res_blocks=2, attn_resolutions=(16,), dropout=0.1
+    )
     n = sum(p.numel() for p in net.parameters())
     assert abs(n - 35.7e6) < 0.1e6, n
 
 
 def test_output_depends_on_timestep_and_label():
     torch.manual_seed(0)
-    net = UNet(8, 1, ch=8, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(4,), dropout=0, num_classes=3)
+    net = UNet(
+        8,
+        1,
+        ch=8,
+        ch_mult=(1, 2),
+        num_res_blocks=1,
+        attn_resolutions=(4,),
+        dropout=0,
+        num_classes=3,
+    )
     x = torch.randn(1, 1, 8, 8)
     a = net(x, torch.tensor([10]), torch.tensor([0]))
     assert not torch.allclose(a, net(x, torch.tensor([500]), torch.tensor([0])))
