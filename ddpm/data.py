@@ -384,6 +384,11 @@ class ImageDataModule(L.LightningDataModule):
                 f"dataset {self.name!r} has {c}-channel images but dataset.channels="
                 f"{self.channels} (and the model's in_channels follow it); set dataset.channels={c}"
             )
+        if self.num_classes and data.labels is None:
+            raise ValueError(
+                f"dataset {self.name!r} has no labels but dataset.num_classes={self.num_classes} "
+                "asks for a class-conditional model; set dataset.num_classes=null"
+            )
         if self.num_classes and data.labels is not None and data.labels.max() >= self.num_classes:
             raise ValueError(
                 f"dataset {self.name!r} has {int(data.labels.max()) + 1} classes but "
