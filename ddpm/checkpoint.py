@@ -63,4 +63,5 @@ def load_module(path: str | Path, map_location: str | torch.device = "cpu") -> D
             f"{path}: weights do not fit the model its own hyper_parameters describe: "
             f"{str(e).splitlines()[0]} ..."
         ) from e
+    module.class_names = list(ckpt.get("class_names", []))
     return module.to(map_location).eval()

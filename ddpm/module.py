@@ -108,6 +108,17 @@ class DiffusionModule(L.LightningModule):
         self.schedule: NoiseSchedule = hydra.utils.instantiate(schedule)
         self.ema = EMA(self.net, decay=ema_decay, warmup=ema_warmup)
         self._ema_seen_step = 0
+        self.class_names: list[str] = []  # from the datamodule; saved in every checkpoint
+
+    def on_fit_start(self) -> None:
+        datamodule = getattr(self.trainer, "datamodule", None)
+        self.class_names = list(getattr(datamodule, "class_names", None) or self.class_names)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["class_names"] = list(self.class_names)
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.class_names = list(checkpoint.get("class_names", []))
 
     # ---------------------------------------------------------------- objective
     @property

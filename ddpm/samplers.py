@@ -10,6 +10,7 @@ seed is the same whatever batch it was drawn in.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 
 import torch
@@ -125,7 +126,95 @@ def sample_ddpm(
     return x
 
 
-SAMPLERS: dict[str, Callable[..., Tensor]] = {"ddpm": sample_ddpm}
+def _x0_and_eps(model_fn: ModelFn, x: Tensor, t: Tensor, a_bar: float, clip_x0: bool):
+    """The model's ε, its x_0 = (x_t - √(1-ᾱ) ε) / √ᾱ (eq. 15), clipped, and the ε that fits it."""
+    eps = model_fn(x, t)
+    x0 = (x - (1 - a_bar) ** 0.5 * eps) / a_bar**0.5
+    if clip_x0:
+        x0 = x0.clamp(-1, 1)
+        eps = (x - a_bar**0.5 * x0) / (1 - a_bar) ** 0.5
+    return x0, eps
+
+
+@torch.no_grad()
+def sample_ddim(
+    model_fn: ModelFn,
+    schedule: NoiseSchedule,
+    x_T: Tensor,
+    steps: int | None = 50,
+    *,
+    generator: Generator = None,
+    callback: Callback | None = None,
+    eta: float = 0.0,
+    spacing: str = "uniform",
+    clip_x0: bool = True,
+) -> Tensor:
+    """DDIM, Song et al. 2021 eq. 12; η = 0 is deterministic, η = 1 with all T steps is DDPM
+    with the posterior variance. `spacing` uniform or quadratic (their CIFAR-10 choice)."""
+    if eta < 0:
+        raise ValueError(f"DDIM eta must be >= 0, got {eta}")
+    ts = timesteps(schedule.num_timesteps, steps or schedule.num_timesteps, spacing)
+    a_bars = schedule.alphas_cumprod.double().cpu()[ts].tolist()
+    x = x_T
+    for i, idx in enumerate(reversed(range(len(ts)))):
+        t = torch.full((x.shape[0],), int(ts[idx]), device=x.device, dtype=torch.long)
+        a, a_prev = a_bars[idx], (a_bars[idx - 1] if idx > 0 else 1.0)
+        x0, eps = _x0_and_eps(model_fn, x, t, a, clip_x0)
+        # eq. 16: σ_t(η) = η √((1 - ᾱ_{t-1}) / (1 - ᾱ_t)) √(1 - ᾱ_t / ᾱ_{t-1})
+        sigma = eta * ((1 - a_prev) / (1 - a) * (1 - a / a_prev)) ** 0.5
+        # eq. 12: predicted x_0, direction pointing to x_t, random noise
+        x = a_prev**0.5 * x0 + max(1 - a_prev - sigma**2, 0.0) ** 0.5 * eps
+        if idx > 0 and sigma > 0:
+            x = x + sigma * randn(x.shape, generator, x.device).to(x.dtype)
+        if callback is not None:
+            callback(i, t, x, x0)
+    return x
+
+
+@torch.no_grad()
+def sample_dpmpp_2m(
+    model_fn: ModelFn,
+    schedule: NoiseSchedule,
+    x_T: Tensor,
+    steps: int | None = 20,
+    *,
+    generator: Generator = None,
+    callback: Callback | None = None,
+    clip_x0: bool = True,
+) -> Tensor:
+    """DPM-Solver++(2M), Lu et al. 2022 Algorithm 2: multistep 2nd order in the data prediction,
+    with λ = log(α/σ); the last step goes to σ = 0 at first order."""
+    ts = timesteps(schedule.num_timesteps, steps or schedule.num_timesteps)
+    a_bars = schedule.alphas_cumprod.double().cpu()[ts].tolist()
+    x, x0_prev, h_prev = x_T, None, None
+    for i, idx in enumerate(reversed(range(len(ts)))):
+        t = torch.full((x.shape[0],), int(ts[idx]), device=x.device, dtype=torch.long)
+        a = a_bars[idx]
+        x0, _ = _x0_and_eps(model_fn, x, t, a, clip_x0)
+        if idx == 0:  # to σ = 0: x is the data prediction itself
+            x = x0
+        else:
+            a_next = a_bars[idx - 1]
+            alpha, sigma = a**0.5, (1 - a) ** 0.5
+            alpha_next, sigma_next = a_next**0.5, (1 - a_next) ** 0.5
+            h = math.log(alpha_next / sigma_next) - math.log(alpha / sigma)  # λ_{i+1} - λ_i
+            if x0_prev is None:
+                d = x0  # first step: DPM-Solver++(1), i.e. DDIM
+            else:
+                r = h_prev / h
+                d = (1 + 1 / (2 * r)) * x0 - 1 / (2 * r) * x0_prev
+            x = (sigma_next / sigma) * x - alpha_next * math.expm1(-h) * d
+            x0_prev, h_prev = x0, h
+        if callback is not None:
+            callback(i, t, x, x0)
+    return x
+
+
+SAMPLERS: dict[str, Callable[..., Tensor]] = {
+    "ddpm": sample_ddpm,
+    "ddim": sample_ddim,
+    "dpmpp_2m": sample_dpmpp_2m,
+}
 
 
 def get_sampler(name: str) -> Callable[..., Tensor]:

@@ -292,7 +292,9 @@ def test_channel_and_class_mismatch_are_named(tmp_path: Path):
         ImageDataModule(name="mnist", data_dir=str(tmp_path), num_classes=3).load()
     write_png(tmp_path / "faces" / "0.png", pattern(16, 3))
     with pytest.raises(ValueError, match="has no labels but dataset.num_classes=10"):
-        ImageDataModule(name="ffhq", data_dir=str(tmp_path / "faces"), image_size=8, channels=3).load()
+        ImageDataModule(
+            name="ffhq", data_dir=str(tmp_path / "faces"), image_size=8, channels=3
+        ).load()
     with pytest.raises(ValueError, match="dataset.subset='letterz'"):
         ImageDataModule(name="emnist", data_dir=str(tmp_path), subset="letterz").load()
 

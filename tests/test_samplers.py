@@ -1,7 +1,14 @@
 import pytest
 import torch
 
-from ddpm.samplers import image_generators, randn, sample_ddpm, timesteps
+from ddpm.samplers import (
+    image_generators,
+    randn,
+    sample_ddim,
+    sample_ddpm,
+    sample_dpmpp_2m,
+    timesteps,
+)
 from ddpm.schedule import NoiseSchedule
 
 
@@ -103,3 +110,135 @@ def test_clipping_keeps_x0_in_range():
         callback=lambda i, t, x, x0: x0s.append(x0),
     )
     assert all(x0.abs().max() <= 1 for x0 in x0s)
+
+
+def _a_bar64(schedule: NoiseSchedule) -> torch.Tensor:
+    return torch.cumprod(1 - schedule.betas.double(), 0)
+
+
+def reference_ddim(x_T, schedule, ts, eta, seeds):
+    """Song et al. 2021 eq. 12 in float64, σ from eq. 16, no clipping."""
+    a_bar = _a_bar64(schedule)
+    gens = image_generators(*seeds) if seeds else None
+    x = x_T.double()
+    ts = ts.tolist()
+    for k in reversed(range(len(ts))):
+        t = ts[k]
+        a, a_prev = (
+            a_bar[t],
+            (a_bar[ts[k - 1]] if k > 0 else torch.tensor(1.0, dtype=torch.float64)),
+        )
+        eps = dummy_eps(x, torch.full((x.shape[0],), t))
+        x0 = (x - (1 - a).sqrt() * eps) / a.sqrt()
+        sigma = eta * ((1 - a_prev) / (1 - a)).sqrt() * (1 - a / a_prev).sqrt()
+        x = a_prev.sqrt() * x0 + (1 - a_prev - sigma**2).sqrt() * eps
+        if k > 0 and sigma > 0:
+            x = (
+                x
+                + sigma
+                * torch.stack([torch.randn(x.shape[1:], generator=g) for g in gens]).double()
+            )
+    return x
+
+
+@pytest.mark.parametrize(
+    ("eta", "spacing"), [(0.0, "uniform"), (0.0, "quadratic"), (0.5, "uniform")]
+)
+def test_ddim_matches_eq_12(eta, spacing):
+    schedule = NoiseSchedule.linear(1000)
+    seeds = (3, 0, 2)
+    x_T = randn((2, 1, 4, 4), image_generators(*seeds), "cpu")
+    got = sample_ddim(
+        dummy_eps,
+        schedule,
+        x_T,
+        10,
+        generator=image_generators(*seeds),
+        eta=eta,
+        spacing=spacing,
+        clip_x0=False,
+    )
+    want = reference_ddim(x_T, schedule, timesteps(1000, 10, spacing), eta, seeds)
+    assert torch.allclose(got.double(), want, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("clip", [False, True])
+def test_ddim_eta_1_all_steps_is_ddpm(clip):
+    schedule = NoiseSchedule.linear(100, 1e-3, 0.1)
+    x_T = randn((2, 1, 4, 4), image_generators(0, 0, 2), "cpu")
+    ddim = sample_ddim(
+        dummy_eps, schedule, x_T, 100, generator=image_generators(1, 0, 2), eta=1.0, clip_x0=clip
+    )
+    ddpm = sample_ddpm(
+        dummy_eps,
+        schedule,
+        x_T,
+        100,
+        generator=image_generators(1, 0, 2),
+        variance="small",
+        clip_x0=clip,
+    )
+    assert torch.allclose(ddim, ddpm, atol=1e-4)
+
+
+def reference_dpmpp_2m(x_T, schedule, ts):
+    """Lu et al. 2022, Algorithm 2 (DPM-Solver++(2M)) in float64 with λ = log(α/σ)."""
+    a_bar = _a_bar64(schedule)
+    seq = list(reversed(ts.tolist()))
+    alpha = lambda t: a_bar[t].sqrt()  # noqa: E731
+    sigma = lambda t: (1 - a_bar[t]).sqrt()  # noqa: E731
+    lam = lambda t: torch.log(alpha(t) / sigma(t))  # noqa: E731
+    x = x_T.double()
+    data = lambda x, t: (x - sigma(t) * dummy_eps(x, torch.full((x.shape[0],), t))) / alpha(t)  # noqa: E731
+    prev = None
+    for i, t in enumerate(seq):
+        x0 = data(x, t)
+        if i == len(seq) - 1:
+            return x0
+        s = seq[i + 1]
+        h = lam(s) - lam(t)
+        if prev is None:
+            d = x0
+        else:
+            r = prev[1] / h
+            d = (1 + 1 / (2 * r)) * x0 - 1 / (2 * r) * prev[0]
+        x = sigma(s) / sigma(t) * x - alpha(s) * (torch.exp(-h) - 1) * d
+        prev = (x0, h)
+    return x
+
+
+def test_dpmpp_2m_matches_algorithm_2():
+    schedule = NoiseSchedule.cosine(1000)
+    x_T = torch.randn(2, 1, 4, 4, generator=torch.Generator().manual_seed(0))
+    got = sample_dpmpp_2m(dummy_eps, schedule, x_T, 12, clip_x0=False)
+    want = reference_dpmpp_2m(x_T, schedule, timesteps(1000, 12))
+    assert torch.allclose(got.double(), want, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("sampler", [sample_ddim, sample_dpmpp_2m])
+def test_deterministic_samplers_ignore_the_generator(sampler):
+    schedule = NoiseSchedule.linear(1000)
+    x_T = torch.randn(2, 1, 4, 4, generator=torch.Generator().manual_seed(0))
+    a = sampler(dummy_eps, schedule, x_T, 15, generator=image_generators(1, 0, 2))
+    b = sampler(dummy_eps, schedule, x_T, 15, generator=image_generators(9, 0, 2))
+    assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize(
+    ("sampler", "steps"),
+    [(sample_ddpm, 50), (sample_ddpm, 1000), (sample_ddim, 10), (sample_dpmpp_2m, 10)],
+)
+def test_exact_denoiser_of_a_point_mass_lands_on_it(sampler, steps):
+    """If the data is one image x*, ε(x_t, t) = (x_t - √ᾱ_t x*) / √(1 - ᾱ_t) exactly; every
+    sampler must then end on x*."""
+    schedule = NoiseSchedule.linear(1000)
+    target = torch.linspace(-0.9, 0.9, 16).reshape(1, 1, 4, 4)
+    a_bar = schedule.alphas_cumprod
+
+    def exact(x, t):
+        a = a_bar[t].reshape(-1, 1, 1, 1)
+        return (x - a.sqrt() * target) / (1 - a).sqrt()
+
+    x_T = torch.randn(3, 1, 4, 4, generator=torch.Generator().manual_seed(0))
+    out = sampler(exact, schedule, x_T, steps, generator=image_generators(0, 0, 3))
+    assert torch.allclose(out, target.expand_as(out), atol=1e-3)
