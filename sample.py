@@ -64,6 +64,19 @@ def finished_images(out: Path, overwrite: bool, resume: bool) -> int:
     return k
 
 
+def check_shape(module, cfg: DictConfig) -> None:
+    """Refuse a checkpoint of another image size or channel count than the one asked for."""
+    net = module.ema.module
+    trained = (net.in_channels, net.image_size)
+    asked = (cfg.channels or net.in_channels, cfg.image_size or net.image_size)
+    if asked != trained:
+        raise ValueError(
+            f"{cfg.ckpt} was trained on {trained[0]}x{trained[1]}x{trained[1]} images, not "
+            f"{asked[0]}x{asked[1]}x{asked[1]} as asked (image_size / channels); use a checkpoint "
+            "trained at that size or drop the option"
+        )
+
+
 def resolve_labels(cfg: DictConfig, n: int, module) -> tuple[list[int] | None, int | None]:
     """labels / class_name options -> one label per image (or None) and the grid's row length."""
     num_classes, names = module.num_classes, module.class_names
@@ -128,6 +141,7 @@ def sample(cfg: DictConfig) -> Path:
     out = Path(cfg.out)
     start = finished_images(out, cfg.overwrite, cfg.resume)
     module = load_module(cfg.ckpt, map_location=pick_device(cfg.device))
+    check_shape(module, cfg)
     sampler = OmegaConf.to_container(cfg.sampler, resolve=True)
     sampler["sampler"] = sampler.pop("name")
     if cfg.steps is not None:

@@ -91,6 +91,11 @@ def test_class_name_and_bad_labels(trained_run: Path, tmp_path: Path):
     assert (
         proc.returncode != 0 and "labels [12] are outside the model's classes 0..9" in proc.stderr
     )
+    proc = run_script(
+        "sample.py", f"ckpt={ckpt}", "n=2", "image_size=32", f"out={tmp_path / 'd'}", check=False
+    )
+    assert proc.returncode != 0
+    assert "trained on 1x28x28 images, not 1x32x32 as asked" in proc.stderr
 
 
 def test_resume_finishes_without_redoing(trained_run: Path, tmp_path: Path):
