@@ -60,15 +60,17 @@ def timesteps(num_timesteps: int, steps: int, spacing: str = "uniform") -> Tenso
             f"sampler steps must be in [1, {num_timesteps}] (the schedule's T), got {steps}"
         )
     if spacing == "uniform":
-        ts = torch.linspace(0, num_timesteps - 1, steps, dtype=torch.float64).round()
+        ts = torch.linspace(0, num_timesteps - 1, steps, dtype=torch.float64).round().long()
     elif spacing == "quadratic":
-        ts = (
-            torch.linspace(0, (num_timesteps - 1) ** 0.5, steps, dtype=torch.float64) ** 2
-        ).round()
+        root_t = (num_timesteps - 1) ** 0.5
+        ts = (torch.linspace(0, root_t, steps, dtype=torch.float64) ** 2).round().long()
+        # near t = 0 the squares round onto the same step: move each repeat one step up
+        for i in range(1, steps):
+            ts[i] = max(int(ts[i]), int(ts[i - 1]) + 1)
     else:
         raise ValueError(f"timestep spacing must be 'uniform' or 'quadratic', got {spacing!r}")
-    ts = torch.unique(ts.long())
-    if len(ts) != steps:
+    ts = torch.unique(ts)
+    if len(ts) != steps or ts[-1] > num_timesteps - 1:
         raise ValueError(f"{spacing} spacing gives only {len(ts)} distinct steps for steps={steps}")
     return ts
 

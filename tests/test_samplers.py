@@ -87,6 +87,10 @@ def test_timestep_spacing():
     assert uniform[0] == 0 and uniform[-1] == 999 and len(uniform) == 10
     quad = timesteps(1000, 10, "quadratic")
     assert quad[1] < uniform[1]  # packed near t = 0
+    for steps in (10, 20, 50, 100, 200, 1000):  # the DDIM table's step counts, and all of T
+        quad = timesteps(1000, steps, "quadratic")
+        assert len(quad) == steps and quad[0] == 0 and quad[-1] == 999
+        assert torch.all(quad[1:] > quad[:-1])
     with pytest.raises(ValueError, match="steps must be in"):
         timesteps(1000, 0)
     with pytest.raises(ValueError, match="steps must be in"):
