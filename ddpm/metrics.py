@@ -7,6 +7,8 @@ torchmetrics computes the metrics; what is written here is what it lacks:
   once into torch-fidelity's layout; it has no classifier layer, so no Inception Score);
 - the paper-comparable settings: uint8 inputs, grayscale repeated to RGB, no antialiasing in
   the resize to 299 (what TF, pytorch-fid and torch-fidelity do), float64 statistics;
+- reference statistics of the real images (torchmetrics' float64 feature sums) cached on disk,
+  keyed by dataset, split, resolution, image count and feature network;
 - the Fréchet distance itself in float64 with scipy, for statistics computed elsewhere.
 """
 
@@ -16,6 +18,7 @@ import hashlib
 import importlib.util
 import pickle
 import zipfile
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import numpy as np
@@ -144,17 +147,14 @@ def build_fid(weights: str | None, device: str | torch.device = "cpu", features:
     """
     from torchmetrics.image.fid import FrechetInceptionDistance
 
-    return (
-        FrechetInceptionDistance(
-            feature=features,
-            normalize=False,  # uint8 inputs
-            feature_extractor_weights_path=weights,
-            antialias=False,  # TF / pytorch-fid / torch-fidelity resize without antialiasing
-            reset_real_features=False,
-        )
-        .set_dtype(torch.float64)
-        .to(device)
+    metric = FrechetInceptionDistance(
+        feature=features,
+        normalize=False,  # uint8 inputs
+        feature_extractor_weights_path=weights,
+        antialias=False,  # TF / pytorch-fid / torch-fidelity resize without antialiasing
+        reset_real_features=False,
     )
+    return metric.to(device)  # its feature sums and covariance are float64 already
 
 
 def frechet_distance(
@@ -167,3 +167,65 @@ def frechet_distance(
     return float(
         ((mu1 - mu2) ** 2).sum() + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean)
     )
+
+
+REAL_STATES = ("real_features_sum", "real_features_cov_sum", "real_features_num_samples")
+
+
+def check_count(n: int, features: int) -> None:
+    """A covariance of d features needs more than d images to be full rank."""
+    if n <= features:
+        raise ValueError(
+            f"FID on {features}-d features needs more than {features} images per set for a "
+            f"full-rank covariance, got {n}; use more images (papers use 50,000) or fewer features"
+        )
+
+
+def stats_key(
+    dataset: str, split: str, size: int, n: int, weights: str | None, features: int
+) -> dict:
+    """What reference statistics depend on; a change in any of it means computing them anew."""
+    network = "torch-fidelity-download" if weights is None else Path(weights).name
+    return {
+        "dataset": dataset,
+        "split": split,
+        "size": size,
+        "n": n,
+        "network": network,
+        "features": features,
+    }
+
+
+def cached_reference(
+    metric,
+    key: dict,
+    real_images: Callable[[], Iterable[Tensor]],
+    cache_dir: str | Path = ".cache/ddpm",
+) -> Path:
+    """Fill `metric`'s real-image statistics from the cache, or compute them from `real_images()`
+    (an iterable of uint8 batches, called only on a miss) and cache them. Returns the cache file."""
+    name = "-".join(str(v) for v in key.values()).replace("/", "_")
+    path = Path(cache_dir) / "fid_stats" / f"{name}.pt"
+    if path.is_file():
+        cached = torch.load(path, map_location="cpu", weights_only=True)
+        if cached.get("key") == key:
+            for state in REAL_STATES:
+                setattr(metric, state, cached[state].to(getattr(metric, state).device))
+            return path
+    for batch in real_images():
+        metric.update(as_uint8_rgb(batch).to(metric.device), real=True)
+    got = int(metric.real_features_num_samples)
+    if got != key["n"]:
+        raise ValueError(f"expected {key['n']} reference images, got {got}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    torch.save({"key": key, **{s: getattr(metric, s).cpu() for s in REAL_STATES}}, tmp)
+    tmp.replace(path)  # atomic: a killed run never leaves half a file
+    return path
+
+
+def metric_name(n: int, split: str, sampler: str | None = None) -> str:
+    """The name a figure is reported under: sample count, reference split, sampler and steps
+    (e.g. fid50k_train_ddim100)."""
+    count = f"{n // 1000}k" if n % 1000 == 0 and n >= 1000 else str(n)
+    return f"fid{count}_{split}" + (f"_{sampler}" if sampler else "")

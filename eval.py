@@ -1,0 +1,147 @@
+"""FID of generated images against cached statistics of a dataset, as papers report it.
+
+    python eval.py source=samples/c/samples.npz dataset=cifar10 n=50000 weights=PATH
+    python eval.py source=runs/.../last.ckpt dataset=mnist5k n=10000 sampler=ddim steps=50
+
+The reference statistics are computed once per (dataset, split, size, count, network) and cached
+in cache_dir; the result is printed and written as JSON under a name that says how it was made,
+e.g. fid50k_train_ddim100.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+
+import hydra
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+from PIL import Image
+from tqdm import tqdm
+
+from ddpm.callbacks import cycle_labels, to_uint8
+from ddpm.checkpoint import load_module
+from ddpm.metrics import (
+    build_fid,
+    cached_reference,
+    check_count,
+    inception_weights,
+    metric_name,
+    stats_key,
+)
+from sample import pick_device
+
+log = logging.getLogger(__name__)
+
+
+def source_batches(
+    cfg: DictConfig, device: torch.device
+) -> tuple[Iterator[torch.Tensor], str | None]:
+    """uint8 (B, C, H, W) batches of the first n images of the source, and the sampler's name."""
+    source = Path(cfg.source)
+    if source.suffix == ".npz":
+        array = np.load(source)["arr_0"]
+        if len(array) < cfg.n:
+            raise ValueError(f"{source} holds {len(array)} images, fewer than n={cfg.n}")
+        images = torch.from_numpy(array[: cfg.n]).permute(0, 3, 1, 2)
+        return iter(images.split(cfg.batch_size)), None
+    if source.is_dir():
+        files = sorted(p for p in source.rglob("*.png"))[: cfg.n]
+        if len(files) < cfg.n:
+            raise ValueError(f"{source} holds {len(files)} PNG images, fewer than n={cfg.n}")
+
+        def read() -> Iterator[torch.Tensor]:
+            for i in range(0, len(files), cfg.batch_size):
+                arrays = [np.asarray(Image.open(f)) for f in files[i : i + cfg.batch_size]]
+                batch = torch.from_numpy(np.stack(arrays))
+                yield batch[:, None] if batch.ndim == 3 else batch.permute(0, 3, 1, 2)
+
+        return read(), None
+    if source.suffix == ".ckpt":
+        module = load_module(source, map_location=device)
+        sampler = OmegaConf.to_container(cfg.sampler, resolve=True)
+        name = sampler.pop("name")
+        steps = cfg.steps if cfg.steps is not None else sampler.pop("steps", None)
+        sampler.pop("steps", None)
+
+        def generate() -> Iterator[torch.Tensor]:
+            for first in range(0, cfg.n, cfg.batch_size):
+                count = min(cfg.batch_size, cfg.n - first)
+                labels = None
+                if module.num_classes:
+                    labels = cycle_labels(first + count, module.num_classes)[first:]
+                images = module.generate(
+                    count,
+                    sampler=name,
+                    steps=steps,
+                    seed=cfg.seed,
+                    first_index=first,
+                    labels=labels,
+                    guidance=cfg.guidance if labels else 0.0,
+                    **sampler,
+                )
+                yield to_uint8(images)
+
+        return generate(), f"{name}{steps or module.schedule.num_timesteps}"
+    raise FileNotFoundError(f"source={source}: not an .npz, a folder of images or a .ckpt")
+
+
+def evaluate(cfg: DictConfig) -> dict:
+    device = pick_device(cfg.device)
+    check_count(cfg.n, cfg.features)
+    weights = inception_weights(cfg.weights, cfg.cache_dir)
+    metric = build_fid(weights, device, cfg.features)
+
+    datamodule = hydra.utils.instantiate(cfg.dataset, split=cfg.reference_split)
+    loaded: dict[str, torch.Tensor] = {}
+
+    def split_images() -> torch.Tensor:  # read at most once, and only when needed
+        if "images" not in loaded:
+            loaded["images"] = datamodule.load().images[: cfg.reference_n]
+        return loaded["images"]
+
+    # the reference count is part of the cache key: for a whole split that means reading it
+    key_n = cfg.reference_n or len(split_images())
+    check_count(key_n, cfg.features)
+    key = stats_key(
+        datamodule.name, cfg.reference_split, datamodule.image_size, key_n, weights, cfg.features
+    )
+    cache = cached_reference(
+        metric, key, lambda: split_images().split(cfg.batch_size), cfg.cache_dir
+    )
+    log.info("reference statistics: %s", cache)
+
+    batches, sampler = source_batches(cfg, device)
+    with tqdm(total=cfg.n, unit="img", desc="FID") as bar:
+        for batch in batches:
+            if batch.shape[-1] != datamodule.image_size:
+                raise ValueError(
+                    f"source images are {batch.shape[-1]} px, the reference {datamodule.name} is "
+                    f"{datamodule.image_size} px: compare at one resolution (dataset.image_size)"
+                )
+            metric.update(batch.expand(-1, 3, -1, -1).to(device), real=False)
+            bar.update(len(batch))
+    name = metric_name(cfg.n, cfg.reference_split, sampler)
+    result = {
+        name: float(metric.compute()),
+        "n": cfg.n,
+        "reference": key,
+        "source": str(cfg.source),
+        "features": cfg.features,
+    }
+    out = Path(cfg.out) if cfg.out else Path(str(cfg.source).rstrip("/") + ".fid.json")
+    out.write_text(json.dumps(result, indent=1))
+    print(json.dumps(result))
+    return result
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="eval")
+def main(cfg: DictConfig) -> None:
+    evaluate(cfg)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,98 @@
+"""Reference statistics are cached and reused; eval.py writes FID as JSON."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import run_script
+
+from ddpm.data import load_mnist5k
+from ddpm.metrics import (
+    REAL_STATES,
+    build_fid,
+    cached_reference,
+    check_count,
+    fid_helper_file,
+    inception_weights,
+    metric_name,
+    stats_key,
+)
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory) -> str:
+    return inception_weights(fid_helper_file(), cache_dir=tmp_path_factory.mktemp("w"))
+
+
+def test_reference_statistics_are_cached_and_invalidated(weights, tmp_path: Path):
+    images = load_mnist5k().images[:70]
+    calls = []
+
+    def real():
+        calls.append(1)
+        return images.split(35)
+
+    key = stats_key("mnist5k", "train", 28, 70, weights, 64)
+    first = build_fid(weights, features=64)
+    path = cached_reference(first, key, real, tmp_path)
+    assert path.is_file() and len(calls) == 1
+
+    def must_not_run():
+        raise AssertionError("the cached statistics were not used")
+
+    second = build_fid(weights, features=64)
+    assert cached_reference(second, key, must_not_run, tmp_path) == path
+    for state in REAL_STATES:
+        assert torch.equal(getattr(first, state), getattr(second, state))
+    # any change of the key (here the count) computes them anew
+    fewer = stats_key("mnist5k", "train", 28, 65, weights, 64)
+    cached_reference(build_fid(weights, features=64), fewer, lambda: [images[:65]], tmp_path)
+    assert len(calls) == 1 and len(list((tmp_path / "fid_stats").glob("*.pt"))) == 2
+
+
+def test_too_few_images_and_names():
+    with pytest.raises(ValueError, match="needs more than 2048 images per set"):
+        check_count(1000, 2048)
+    assert metric_name(50000, "train", "ddim100") == "fid50k_train_ddim100"
+    assert metric_name(10000, "test") == "fid10k_test"
+
+
+def test_eval_py_on_an_npz(tmp_path: Path):
+    digits = load_mnist5k().images[-70:]  # not among the 100 reference images
+    npz = tmp_path / "samples.npz"
+    np.savez(npz, arr_0=digits.permute(0, 2, 3, 1).numpy())
+    args = [
+        f"source={npz}",
+        "n=70",
+        "reference_n=100",
+        "features=64",
+        f"weights={fid_helper_file()}",
+        f"cache_dir={tmp_path / 'cache'}",
+    ]
+    run_script("eval.py", *args)
+    result = json.loads((tmp_path / "samples.npz.fid.json").read_text())
+    assert result["reference"]["n"] == 100 and result["reference"]["split"] == "train"
+    assert 0 <= result["fid70_train"] < 5  # real digits against real digits
+    assert len(list((tmp_path / "cache" / "fid_stats").glob("*.pt"))) == 1
+
+
+def test_eval_py_samples_a_checkpoint(trained_run: Path, tmp_path: Path):
+    out = tmp_path / "fid.json"
+    run_script(
+        "eval.py",
+        f"source={trained_run / 'checkpoints' / 'last.ckpt'}",
+        "n=70",
+        "reference_n=100",
+        "features=64",
+        f"weights={fid_helper_file()}",
+        f"cache_dir={tmp_path}",
+        "sampler=dpmpp_2m",
+        "steps=2",
+        "guidance=1",
+        f"out={out}",
+    )
+    result = json.loads(out.read_text())
+    # a 4-step model draws noise, far from the digits
+    assert result["fid70_train_dpmpp_2m2"] > 1.0
