@@ -159,3 +159,99 @@ class LossCurve(L.Callback):
         path = Path(trainer.default_root_dir) / "loss_curve.png"
         fig.savefig(path, dpi=100)
         plt.close(fig)
+
+
+class FID(L.Callback):
+    """FID of `n` EMA samples at every `every_n_validations`-th validation, logged as e.g.
+    `val/fid10k_train_ddim50` (so ModelCheckpoint can monitor it), with generation sharded over
+    DDP ranks (`ddpm.metrics.sharded_fid`: the value equals a single process's).
+
+    The reference statistics come from the datamodule's `reference_split` (papers: CIFAR-10's
+    50k training images), cached on disk by `ddpm.metrics.cached_reference`.
+    """
+
+    def __init__(
+        self,
+        n: int = 10_000,
+        sampler: dict | None = None,
+        steps: int | None = 50,
+        guidance: float = 0.0,
+        features: int = 2048,
+        weights: str | None = None,
+        reference_split: str = "train",
+        reference_n: int | None = None,
+        batch_size: int = 250,
+        seed: int = 0,
+        cache_dir: str = ".cache/ddpm",
+        every_n_validations: int = 1,
+    ) -> None:
+        from ddpm.metrics import check_count, metric_name
+
+        check_count(n, features)
+        kwargs = dict(sampler or {"name": "ddim"})
+        name = kwargs.pop("name")
+        kwargs.pop("steps", None)
+        self.sampler = {"sampler": name, "steps": steps, **kwargs}
+        self.n, self.guidance, self.features, self.weights = n, guidance, features, weights
+        self.reference_split, self.reference_n = reference_split, reference_n
+        self.batch_size, self.seed, self.cache_dir = batch_size, seed, cache_dir
+        self.every = max(1, every_n_validations)
+        self.name = "val/" + metric_name(n, reference_split, f"{name}{steps or 'all'}")
+        self.metric = None
+        self._validations = 0
+
+    def _build(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        from ddpm.metrics import (
+            build_fid,
+            check_count,
+            inception_weights,
+            prepare_reference,
+            stats_key,
+        )
+
+        if trainer.global_rank == 0:  # converts weights once, before the others read them
+            inception_weights(self.weights, self.cache_dir)
+        trainer.strategy.barrier()
+        weights = inception_weights(self.weights, self.cache_dir)
+        self.metric = build_fid(weights, module.device, self.features)
+        dm = trainer.datamodule
+        loaded: dict[str, Tensor] = {}
+
+        def images() -> Tensor:
+            if "x" not in loaded:
+                loaded["x"] = dm.load(self.reference_split).images[: self.reference_n]
+            return loaded["x"]
+
+        count = self.reference_n or len(images())
+        check_count(count, self.features)
+        key = stats_key(dm.name, self.reference_split, dm.image_size, count, weights, self.features)
+        prepare_reference(
+            self.metric,
+            key,
+            lambda: images().split(self.batch_size),
+            self.cache_dir,
+            trainer.global_rank,
+        )
+
+    def on_validation_epoch_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        from ddpm.metrics import sharded_fid
+
+        if trainer.sanity_checking:
+            return
+        self._validations += 1
+        if (self._validations - 1) % self.every:
+            return
+        if self.metric is None:
+            self._build(trainer, module)
+        value = sharded_fid(
+            self.metric,
+            module,
+            self.n,
+            trainer.global_rank,
+            trainer.world_size,
+            batch_size=self.batch_size,
+            seed=self.seed,
+            guidance=self.guidance,
+            **self.sampler,
+        )
+        module.log(self.name, value, rank_zero_only=False)  # already the same on every rank

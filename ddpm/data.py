@@ -367,14 +367,15 @@ class ImageDataModule(L.LightningDataModule):
         self.train_set: TensorImages | None = None
         self.val_set: TensorImages | None = None
 
-    def load(self) -> Images:
-        """Read the whole dataset, at the configured size and channels."""
+    def load(self, split: str | None = None) -> Images:
+        """Read the whole dataset (or another `split` of it) at the configured size and channels."""
+        options = self.options if split is None else {**self.options, "split": split}
         data = LOADERS[self.name](
             Path(self.data_dir),
             self.download,
             image_size=self.image_size,
             channels=self.channels,
-            **self.options,
+            **options,
         )
         n, c = data.images.shape[:2]
         if n == 0:

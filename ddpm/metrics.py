@@ -229,3 +229,51 @@ def metric_name(n: int, split: str, sampler: str | None = None) -> str:
     (e.g. fid50k_train_ddim100)."""
     count = f"{n // 1000}k" if n % 1000 == 0 and n >= 1000 else str(n)
     return f"fid{count}_{split}" + (f"_{sampler}" if sampler else "")
+
+
+def prepare_reference(
+    metric, key: dict, real_images: Callable[[], Iterable[Tensor]], cache_dir: str | Path, rank: int
+) -> None:
+    """Reference statistics on rank 0 only: torchmetrics sums every state across ranks when it
+    computes, so other ranks must hold none. Rank 0 fills (or writes) the cache first."""
+    if rank == 0:
+        cached_reference(metric, key, real_images, cache_dir)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+
+
+@torch.no_grad()
+def sharded_fid(
+    metric,
+    module,
+    n: int,
+    rank: int = 0,
+    world_size: int = 1,
+    batch_size: int = 250,
+    seed: int = 0,
+    guidance: float = 0.0,
+    **sampler: object,
+) -> float:
+    """FID of n EMA samples against the metric's reference, generated across ranks.
+
+    Rank r draws images [r·n/W, (r+1)·n/W); image k's noise depends on k alone (and a
+    conditional model draws class k mod K), so the n images, and the FID, are those of one
+    process. torchmetrics gathers the feature statistics when it computes.
+    """
+    first, last = rank * n // world_size, (rank + 1) * n // world_size
+    classes = module.num_classes
+    for start in range(first, last, batch_size):
+        count = min(batch_size, last - start)
+        labels = [k % classes for k in range(start, start + count)] if classes else None
+        images = module.generate(
+            count,
+            seed=seed,
+            first_index=start,
+            labels=labels,
+            guidance=guidance if classes else 0.0,
+            **sampler,
+        )
+        metric.update(as_uint8_rgb(images).to(metric.device), real=False)
+    value = float(metric.compute())
+    metric.reset()  # drops the generated images' statistics; the reference stays
+    return value

@@ -96,3 +96,76 @@ def test_eval_py_samples_a_checkpoint(trained_run: Path, tmp_path: Path):
     result = json.loads(out.read_text())
     # a 4-step model draws noise, far from the digits
     assert result["fid70_train_dpmpp_2m2"] > 1.0
+
+
+def test_fid_sharded_over_two_processes_equals_one(trained_run: Path, weights: str, tmp_path: Path):
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    ckpt = trained_run / "checkpoints" / "last.ckpt"
+    script = str(ROOT / "tests" / "fid_ddp_script.py")
+    env = {**__import__("os").environ, "PYTHONPATH": str(ROOT)}
+    results = {}
+    for world, launcher in (
+        (1, [sys.executable, script]),
+        (
+            2,
+            [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--standalone",
+                "--nproc_per_node",
+                "2",
+                script,
+            ],
+        ),
+    ):
+        out = tmp_path / f"fid{world}.json"
+        proc = subprocess.run(
+            [*launcher, str(ckpt), weights, str(tmp_path / "cache"), str(out)],
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        results[world] = json.loads(out.read_text())
+    assert results[2]["world_size"] == 2 and results[1]["fid"] > 1.0  # noise vs digits: far
+    assert results[2]["fid"] == pytest.approx(results[1]["fid"], rel=1e-4)
+
+
+def test_train_py_logs_fid_at_validation(tmp_path: Path):
+    import csv
+
+    from conftest import FAST
+
+    run = tmp_path / "run"
+    run_script(
+        "train.py",
+        *FAST,
+        "callbacks=fid",
+        "callbacks.fid.n=70",
+        "callbacks.fid.features=64",
+        "callbacks.fid.reference_n=100",
+        f"callbacks.fid.weights={fid_helper_file()}",
+        "callbacks.fid.steps=2",
+        "callbacks.fid.every_n_validations=2",
+        f"callbacks.fid.cache_dir={tmp_path / 'cache'}",
+        f"hydra.run.dir={run}",
+    )
+    with open(run / "logs" / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    # the callback follows the sampler group (ddpm) with its own steps; validations run after
+    # steps 2 and 4 (logged at 1 and 3) and every second one measures FID: only the first
+    fid = [
+        (int(r["step"]), float(r["val/fid70_train_ddpm2"]))
+        for r in rows
+        if r.get("val/fid70_train_ddpm2")
+    ]
+    assert [step for step, _ in fid] == [1], rows
+    assert fid[0][1] > 1.0
+    assert len([r for r in rows if r.get("val/loss")]) == 2

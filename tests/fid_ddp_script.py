@@ -1,0 +1,52 @@
+"""FID of a checkpoint's samples on the 64-d features, in 1 process or under torch.distributed.run.
+
+    python tests/fid_ddp_script.py CKPT WEIGHTS CACHE_DIR OUT_JSON
+    python -m torch.distributed.run --standalone --nproc_per_node 2 tests/fid_ddp_script.py ...
+
+Used by tests/test_eval.py to show that sharding the generation gives the single-process value.
+"""
+
+import json
+import os
+import sys
+
+import torch
+import torch.distributed as dist
+
+from ddpm.checkpoint import load_module
+from ddpm.data import load_mnist5k
+from ddpm.metrics import build_fid, prepare_reference, sharded_fid, stats_key
+
+
+def main() -> None:
+    ckpt, weights, cache, out = sys.argv[1:5]
+    world, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
+    if world > 1:
+        dist.init_process_group("gloo")
+    torch.set_num_threads(1)
+    module = load_module(ckpt)
+    metric = build_fid(weights, features=64)
+    reference = load_mnist5k().images[:100]
+    key = stats_key("mnist5k", "train", 28, 100, weights, 64)
+    prepare_reference(metric, key, lambda: reference.split(50), cache, rank)
+    value = sharded_fid(
+        metric,
+        module,
+        70,
+        rank,
+        world,
+        batch_size=20,
+        seed=0,
+        guidance=1.0,
+        sampler="ddim",
+        steps=3,
+    )
+    if rank == 0:
+        with open(out, "w") as f:
+            json.dump({"fid": value, "world_size": world}, f)
+    if world > 1:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
