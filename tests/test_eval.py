@@ -169,3 +169,29 @@ def test_train_py_logs_fid_at_validation(tmp_path: Path):
     assert [step for step, _ in fid] == [1], rows
     assert fid[0][1] > 1.0
     assert len([r for r in rows if r.get("val/loss")]) == 2
+
+
+def test_step_count_table(trained_run: Path, tmp_path: Path):
+    out = tmp_path / "ckpt.json"
+    run_script(
+        "eval.py",
+        f"source={trained_run / 'checkpoints' / 'last.ckpt'}",
+        "n=70",
+        "reference_n=100",
+        "features=64",
+        f"weights={fid_helper_file()}",
+        f"cache_dir={tmp_path}",
+        "table=[ddim:2,ddim:3,dpmpp_2m:2]",
+        f"out={out}",
+    )
+    result = json.loads(out.read_text())
+    names = ["fid70_train_ddim2", "fid70_train_ddim3", "fid70_train_dpmpp_2m2"]
+    assert all(result[n] > 0 for n in names)
+    table = (tmp_path / "ckpt.table.md").read_text().splitlines()
+    assert table[0].startswith("| sampler | steps | FID (70 samples vs train)")
+    assert [row.split("|")[1:3] for row in table[2:]] == [
+        [" ddim ", " 2 "],
+        [" ddim ", " 3 "],
+        [" dpmpp_2m ", " 2 "],
+    ]
+    assert len((tmp_path / "ckpt.table.csv").read_text().splitlines()) == 4

@@ -94,6 +94,17 @@ def test_images_are_checked_and_converted():
         as_uint8_rgb(torch.zeros(3, 4, 4, dtype=torch.uint8))
 
 
+def test_no_weights_and_no_network_is_a_clear_error(monkeypatch):
+    import torch_fidelity.feature_extractor_inceptionv3 as fe
+
+    def offline(*args, **kwargs):
+        raise OSError("Name or service not known")
+
+    monkeypatch.setattr(fe, "load_state_dict_from_url", offline)
+    with pytest.raises(RuntimeError, match="cannot get the Inception weights .* weights=PATH"):
+        build_fid(None, features=64)
+
+
 def test_weights_files_are_checked(tmp_path: Path):
     with pytest.raises(FileNotFoundError, match="Inception weights not found: .*nope.pth"):
         inception_weights(tmp_path / "nope.pth")
