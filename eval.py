@@ -32,6 +32,7 @@ from ddpm.metrics import (
     metric_name,
     stats_key,
 )
+from ddpm.samplers import sampler_settings
 from sample import pick_device
 
 log = logging.getLogger(__name__)
@@ -66,13 +67,11 @@ def source_batches(
         return read(), None
     if source.suffix == ".ckpt":
         module = load_module(source, map_location=device)
-        sampler = OmegaConf.to_container(cfg.sampler, resolve=True)
-        configured = sampler.pop("name")
-        default_steps = sampler.pop("steps", None)
-        if name is not None and name != configured:
-            sampler = {}
-        name = name or configured
-        steps = steps or (cfg.steps if cfg.steps is not None else default_steps)
+        sampler = sampler_settings(OmegaConf.to_container(cfg.sampler, resolve=True), cfg.steps)
+        if name is not None and name != sampler["sampler"]:
+            sampler = {"sampler": name, "steps": None}  # another sampler: its own defaults
+        if steps is not None:
+            sampler["steps"] = steps
 
         def generate() -> Iterator[torch.Tensor]:
             for first in range(0, cfg.n, cfg.batch_size):
@@ -82,8 +81,6 @@ def source_batches(
                     labels = cycle_labels(first + count, module.num_classes)[first:]
                 images = module.generate(
                     count,
-                    sampler=name,
-                    steps=steps,
                     seed=cfg.seed,
                     first_index=first,
                     labels=labels,
@@ -92,7 +89,8 @@ def source_batches(
                 )
                 yield to_uint8(images)
 
-        return generate(), f"{name}{steps or module.schedule.num_timesteps}"
+        label = f"{sampler['sampler']}{sampler['steps'] or module.schedule.num_timesteps}"
+        return generate(), label
     raise FileNotFoundError(f"source={source}: not an .npz, a folder of images or a .ckpt")
 
 

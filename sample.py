@@ -34,7 +34,7 @@ from ddpm.render import (
     to_pil,
     wrap_words,
 )
-from ddpm.samplers import image_generators, randn
+from ddpm.samplers import image_generators, randn, sampler_settings
 
 log = logging.getLogger(__name__)
 
@@ -142,10 +142,7 @@ def sample(cfg: DictConfig) -> Path:
     start = finished_images(out, cfg.overwrite, cfg.resume)
     module = load_module(cfg.ckpt, map_location=pick_device(cfg.device))
     check_shape(module, cfg)
-    sampler = OmegaConf.to_container(cfg.sampler, resolve=True)
-    sampler["sampler"] = sampler.pop("name")
-    if cfg.steps is not None:
-        sampler["steps"] = cfg.steps
+    sampler = sampler_settings(OmegaConf.to_container(cfg.sampler, resolve=True), cfg.steps)
     sampler["use_ema"] = cfg.use_ema
     if cfg.text:
         return write_text(cfg, module, out, sampler)

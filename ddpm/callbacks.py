@@ -13,6 +13,8 @@ from PIL import Image
 from torch import Tensor
 from torchvision.utils import make_grid
 
+from ddpm.samplers import sampler_settings
+
 
 def to_uint8(x: Tensor) -> Tensor:
     """[-1, 1] float images -> uint8 [0, 255], rounding as image files store them."""
@@ -62,10 +64,7 @@ class SampleGrid(L.Callback):
         if n < 1:
             raise ValueError(f"callbacks.sample_grid.n must be >= 1, got {n}")
         # the sampler config group (name and options); the steps of a grid are set here
-        kwargs = dict(sampler or {"name": "ddpm"})
-        self.sampler = kwargs.pop("name")
-        kwargs.pop("steps", None)
-        self.sampler_kwargs = kwargs
+        self.sampler = sampler_settings(sampler)
         self.n, self.steps, self.seed, self.guidance = n, steps, seed, guidance
         self.final_steps = final_steps or steps
         self.on_validation = on_validation
@@ -81,12 +80,10 @@ class SampleGrid(L.Callback):
             )
         images = module.generate(
             self.n,
-            sampler=self.sampler,
-            steps=steps,
             seed=self.seed,
             labels=labels,
             guidance=guidance,
-            **self.sampler_kwargs,
+            **{**self.sampler, "steps": steps},
         )
         path = save_grid(images, Path(trainer.default_root_dir) / "samples" / f"{name}.png", nrow)
         grid = make_grid(images.float().cpu(), nrow=nrow, normalize=True, value_range=(-1, 1))
@@ -188,15 +185,13 @@ class FID(L.Callback):
         from ddpm.metrics import check_count, metric_name
 
         check_count(n, features)
-        kwargs = dict(sampler or {"name": "ddim"})
-        name = kwargs.pop("name")
-        kwargs.pop("steps", None)
-        self.sampler = {"sampler": name, "steps": steps, **kwargs}
+        self.sampler = sampler_settings(sampler, steps, default="ddim")
         self.n, self.guidance, self.features, self.weights = n, guidance, features, weights
         self.reference_split, self.reference_n = reference_split, reference_n
         self.batch_size, self.seed, self.cache_dir = batch_size, seed, cache_dir
         self.every = max(1, every_n_validations)
-        self.name = "val/" + metric_name(n, reference_split, f"{name}{steps or 'all'}")
+        label = f"{self.sampler['sampler']}{self.sampler['steps'] or 'all'}"
+        self.name = "val/" + metric_name(n, reference_split, label)
         self.metric = None
         self._validations = 0
 

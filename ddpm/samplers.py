@@ -11,7 +11,8 @@ seed is the same whatever batch it was drawn in.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -217,6 +218,19 @@ SAMPLERS: dict[str, Callable[..., Tensor]] = {
     "ddim": sample_ddim,
     "dpmpp_2m": sample_dpmpp_2m,
 }
+
+
+def sampler_settings(
+    config: Mapping[str, Any] | None, steps: int | None = None, default: str = "ddpm"
+) -> dict[str, Any]:
+    """A sampler config group ({name, steps, options...}) -> the keyword arguments of
+    `DiffusionModule.generate`: {"sampler": name, "steps": steps, **options}. A `steps` given
+    here wins over the config's."""
+    settings = dict(config or {"name": default})
+    settings["sampler"] = settings.pop("name")
+    configured = settings.pop("steps", None)
+    settings["steps"] = steps if steps is not None else configured
+    return settings
 
 
 def get_sampler(name: str) -> Callable[..., Tensor]:

