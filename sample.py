@@ -34,7 +34,7 @@ from ddpm.render import (
     to_pil,
     wrap_words,
 )
-from ddpm.samplers import image_generators, randn, sampler_settings
+from ddpm.samplers import sampler_settings
 
 log = logging.getLogger(__name__)
 
@@ -126,8 +126,7 @@ def write_text(cfg: DictConfig, module, out: Path, sampler: dict) -> Path:
 
     layout(to_uint8(images.cpu())).save(out / "text.png")
     if recorder is not None:
-        shape = (len(labels), *images.shape[1:])
-        x_T = randn(shape, image_generators(cfg.seed, 0, len(labels)), "cpu")
+        x_T = module.initial_noise(len(labels), cfg.seed).cpu()
         save_animation(recorder, out / "animation.gif", layout, x_T)
     log.info("wrote %s", out / "text.png")
     return out
@@ -176,7 +175,7 @@ def sample(cfg: DictConfig) -> Path:
                 save_png(img, out / "images" / f"{first + k:06d}.png")
             kept.append(images)
             if animate:
-                x_T = randn(images.shape, image_generators(cfg.seed, first, count), "cpu")
+                x_T = module.initial_noise(count, cfg.seed, first).cpu()
                 save_animation(recorder, out / "animation.gif", frame, x_T)
             bar.update(count)
             bar.set_postfix(img_per_s=f"{(bar.n - start) / (time.perf_counter() - start_time):.1f}")

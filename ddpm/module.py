@@ -228,6 +228,17 @@ class DiffusionModule(L.LightningModule):
 
         return fn
 
+    def _start(self, n: int, seed: int, first_index: int) -> tuple[Tensor, list[torch.Generator]]:
+        """x_T of images first_index.. of `seed`, and their generators, advanced past it."""
+        net = self.ema.module
+        gens = image_generators(seed, first_index, n)
+        shape = (n, net.in_channels, net.image_size, net.image_size)
+        return randn(shape, gens, self.device), gens
+
+    def initial_noise(self, n: int, seed: int = 0, first_index: int = 0) -> Tensor:
+        """The pure noise x_T (n, C, H, W) that `generate` starts these images from."""
+        return self._start(n, seed, first_index)[0]
+
     @torch.no_grad()
     def generate(
         self,
@@ -251,9 +262,7 @@ class DiffusionModule(L.LightningModule):
         was_training = net.training
         net.eval()
         try:
-            shape = (n, net.in_channels, net.image_size, net.image_size)
-            gens = image_generators(seed, first_index, n)
-            x_T = randn(shape, gens, self.device)
+            x_T, gens = self._start(n, seed, first_index)
             y = None if labels is None else torch.as_tensor(labels, device=self.device).long()
             return get_sampler(sampler)(
                 self.model_fn(net, y, guidance),

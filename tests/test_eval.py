@@ -72,8 +72,8 @@ def test_eval_py_on_an_npz(tmp_path: Path):
     assert len(list((tmp_path / "cache" / "fid_stats").glob("*.pt"))) == 1
 
 
-def test_eval_py_samples_a_checkpoint(trained_run: Path, tmp_path: Path):
-    out = tmp_path / "fid.json"
+def eval_checkpoint(trained_run: Path, tmp_path: Path, *overrides: str) -> None:
+    """eval.py on the tiny trained checkpoint: 70 samples against 100 digits, 64-d features."""
     run_script(
         "eval.py",
         f"source={trained_run / 'checkpoints' / 'last.ckpt'}",
@@ -82,6 +82,15 @@ def test_eval_py_samples_a_checkpoint(trained_run: Path, tmp_path: Path):
         "features=64",
         f"weights={fid_helper_file()}",
         f"cache_dir={tmp_path}",
+        *overrides,
+    )
+
+
+def test_eval_py_samples_a_checkpoint(trained_run: Path, tmp_path: Path):
+    out = tmp_path / "fid.json"
+    eval_checkpoint(
+        trained_run,
+        tmp_path,
         "sampler=dpmpp_2m",
         "steps=2",
         "guidance=1",
@@ -167,14 +176,9 @@ def test_train_py_logs_fid_at_validation(tmp_path: Path):
 
 def test_step_count_table(trained_run: Path, tmp_path: Path):
     out = tmp_path / "ckpt.json"
-    run_script(
-        "eval.py",
-        f"source={trained_run / 'checkpoints' / 'last.ckpt'}",
-        "n=70",
-        "reference_n=100",
-        "features=64",
-        f"weights={fid_helper_file()}",
-        f"cache_dir={tmp_path}",
+    eval_checkpoint(
+        trained_run,
+        tmp_path,
         "table=[ddim:2,ddim:3,dpmpp_2m:2]",
         f"out={out}",
     )
