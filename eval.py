@@ -1,11 +1,12 @@
-"""FID of generated images against cached statistics of a dataset, as papers report it.
+"""FID, KID and Inception Score of generated images against cached statistics of a dataset, as
+papers report them.
 
     python eval.py source=samples/c/samples.npz dataset=cifar10 n=50000 weights=PATH
     python eval.py source=runs/.../last.ckpt dataset=mnist5k n=10000 sampler=ddim steps=50
 
 The reference statistics are computed once per (dataset, split, size, count, network) and cached
-in cache_dir; the result is printed and written as JSON under a name that says how it was made,
-e.g. fid50k_train_ddim100.
+in cache_dir; the result is printed and written as JSON under names that say how it was made,
+e.g. fid50k_train_ddim100, kid50k_train_ddim100 (and _std), is50k_ddim100 (and _std).
 """
 
 from __future__ import annotations
@@ -25,11 +26,12 @@ from tqdm import tqdm
 from ddpm.callbacks import cycle_labels, to_uint8
 from ddpm.checkpoint import load_module
 from ddpm.metrics import (
-    build_fid,
+    InceptionMetrics,
     cached_reference,
     check_count,
+    has_classifier,
     inception_weights,
-    metric_name,
+    reference_subset,
     stats_key,
 )
 from ddpm.samplers import sampler_settings
@@ -98,14 +100,21 @@ def evaluate(cfg: DictConfig) -> dict:
     device = pick_device(cfg.device)
     check_count(cfg.n, cfg.features)
     weights = inception_weights(cfg.weights, cfg.cache_dir)
-    metric = build_fid(weights, device, cfg.features)
+    inception_score = cfg.inception_score
+    if inception_score == "auto":
+        inception_score = has_classifier(weights)
+        if not inception_score:
+            log.info("no Inception Score: %s has no classifier layer", weights)
+    metrics = InceptionMetrics(
+        weights, device, cfg.features, kid=cfg.kid, inception_score=bool(inception_score)
+    )
 
     datamodule = hydra.utils.instantiate(cfg.dataset, split=cfg.reference_split)
     loaded: dict[str, torch.Tensor] = {}
 
     def split_images() -> torch.Tensor:  # read at most once, and only when needed
         if "images" not in loaded:
-            loaded["images"] = datamodule.load().images[: cfg.reference_n]
+            loaded["images"] = reference_subset(datamodule.load().images, cfg.reference_n)
         return loaded["images"]
 
     # the reference count is part of the cache key: for a whole split that means reading it
@@ -115,7 +124,7 @@ def evaluate(cfg: DictConfig) -> dict:
         datamodule.name, cfg.reference_split, datamodule.image_size, key_n, weights, cfg.features
     )
     cache = cached_reference(
-        metric, key, lambda: split_images().split(cfg.batch_size), cfg.cache_dir
+        metrics, key, lambda: split_images().split(cfg.batch_size), cfg.cache_dir
     )
     log.info("reference statistics: %s", cache)
 
@@ -131,7 +140,7 @@ def evaluate(cfg: DictConfig) -> dict:
     rows = []
     for entry_name, entry_steps in entries:
         batches, sampler = source_batches(cfg, device, entry_name, entry_steps)
-        with tqdm(total=cfg.n, unit="img", desc=f"FID {sampler or ''}") as bar:
+        with tqdm(total=cfg.n, unit="img", desc=f"metrics {sampler or ''}") as bar:
             for batch in batches:
                 if batch.shape[-1] != datamodule.image_size:
                     raise ValueError(
@@ -139,12 +148,12 @@ def evaluate(cfg: DictConfig) -> dict:
                         f"is {datamodule.image_size} px: compare at one resolution "
                         "(dataset.image_size)"
                     )
-                metric.update(batch.expand(-1, 3, -1, -1).to(device), real=False)
+                metrics.update(batch, real=False)
                 bar.update(len(batch))
-        name = metric_name(cfg.n, cfg.reference_split, sampler)
-        result[name] = float(metric.compute())
-        metric.reset()  # the generated images' statistics; the reference stays
-        rows.append((entry_name, entry_steps, name, result[name]))
+        values = metrics.compute(cfg.n, cfg.reference_split, sampler)
+        metrics.reset()  # the generated images' statistics; the reference stays
+        result.update(values)
+        rows.append((entry_name, entry_steps, values))
     out = Path(cfg.out) if cfg.out else Path(str(cfg.source).rstrip("/") + ".fid.json")
     out.write_text(json.dumps(result, indent=1))
     if cfg.table:
@@ -161,12 +170,34 @@ def parse_entry(entry: str) -> tuple[str, int]:
     return name, int(steps)
 
 
+def by_kind(values: dict[str, float]) -> dict[str, float]:
+    """{'fid50k_train_ddim10': 4.1, 'kid..._std': ...} -> {'fid': 4.1, 'kid_std': ...}."""
+    out = {}
+    for name, value in values.items():
+        kind = next(k for k in ("fid", "kid", "is") if name.startswith(k))
+        out[kind + ("_std" if name.endswith("_std") else "")] = value
+    return out
+
+
 def write_table(rows: list, stem: Path, n: int, split: str) -> None:
-    """FID per (sampler, steps) as Markdown and CSV, like Table 1 of the DDIM paper."""
-    lines = [f"| sampler | steps | FID ({n} samples vs {split}) |", "|---|---|---|"]
-    lines += [f"| {name} | {steps} | {value:.2f} |" for name, steps, _, value in rows]
+    """FID (and KID, IS when measured) per (sampler, steps) as Markdown and CSV, like Table 1
+    of the DDIM paper."""
+    table = [(name, steps, by_kind(values)) for name, steps, values in rows]
+    kinds = [k for k in ("fid", "kid", "is") if k in table[0][2]]
+    heads = {"fid": f"FID ({n} samples vs {split})", "kid": "KID ×10³", "is": "IS"}
+    lines = ["| sampler | steps | " + " | ".join(heads[k] for k in kinds) + " |"]
+    lines.append("|---|---|" + "---|" * len(kinds))
+    columns = kinds + [f"{k}_std" for k in kinds[1:]]
+    csv = ["sampler,steps," + ",".join(columns)]
+    for name, steps, v in table:
+        cells = [f"{v['fid']:.2f}"]
+        if "kid" in v:
+            cells.append(f"{1e3 * v['kid']:.2f} ± {1e3 * v['kid_std']:.2f}")
+        if "is" in v:
+            cells.append(f"{v['is']:.2f} ± {v['is_std']:.2f}")
+        lines.append(f"| {name} | {steps} | " + " | ".join(cells) + " |")
+        csv.append(f"{name},{steps}," + ",".join(f"{v[c]:.6f}" for c in columns))
     Path(f"{stem}.table.md").write_text("\n".join(lines) + "\n")
-    csv = ["sampler,steps,metric,fid"] + [f"{a},{b},{c},{d:.6f}" for a, b, c, d in rows]
     Path(f"{stem}.table.csv").write_text("\n".join(csv) + "\n")
 
 

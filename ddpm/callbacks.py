@@ -159,9 +159,11 @@ class LossCurve(L.Callback):
 
 
 class FID(L.Callback):
-    """FID of `n` EMA samples at every `every_n_validations`-th validation, logged as e.g.
-    `val/fid10k_train_ddim50` (so ModelCheckpoint can monitor it), with generation sharded over
-    DDP ranks (`ddpm.metrics.sharded_fid`: the value equals a single process's).
+    """FID (and optionally KID and Inception Score) of `n` EMA samples at every
+    `every_n_validations`-th validation, logged as e.g. `val/fid10k_train_ddim50`,
+    `val/kid10k_train_ddim50`, `val/is10k_ddim50` (so ModelCheckpoint can monitor them), with
+    generation sharded over DDP ranks (`ddpm.metrics.sharded_metrics`: the values equal a
+    single process's).
 
     The reference statistics come from the datamodule's `reference_split` (papers: CIFAR-10's
     50k training images), cached on disk by `ddpm.metrics.cached_reference`.
@@ -181,6 +183,8 @@ class FID(L.Callback):
         seed: int = 0,
         cache_dir: str = ".cache/ddpm",
         every_n_validations: int = 1,
+        kid: bool = False,
+        inception_score: bool = False,
     ) -> None:
         from ddpm.metrics import check_count, metric_name
 
@@ -190,17 +194,19 @@ class FID(L.Callback):
         self.reference_split, self.reference_n = reference_split, reference_n
         self.batch_size, self.seed, self.cache_dir = batch_size, seed, cache_dir
         self.every = max(1, every_n_validations)
-        label = f"{self.sampler['sampler']}{self.sampler['steps'] or 'all'}"
-        self.name = "val/" + metric_name(n, reference_split, label)
-        self.metric = None
+        self.kid, self.inception_score = kid, inception_score
+        self.label = f"{self.sampler['sampler']}{self.sampler['steps'] or 'all'}"
+        self.name = "val/" + metric_name(n, reference_split, self.label)
+        self.metrics = None
         self._validations = 0
 
     def _build(self, trainer: L.Trainer, module: L.LightningModule) -> None:
         from ddpm.metrics import (
-            build_fid,
+            InceptionMetrics,
             check_count,
             inception_weights,
             prepare_reference,
+            reference_subset,
             stats_key,
         )
 
@@ -208,20 +214,24 @@ class FID(L.Callback):
             inception_weights(self.weights, self.cache_dir)
         trainer.strategy.barrier()
         weights = inception_weights(self.weights, self.cache_dir)
-        self.metric = build_fid(weights, module.device, self.features)
+        self.metrics = InceptionMetrics(
+            weights, module.device, self.features, self.kid, self.inception_score
+        )
         dm = trainer.datamodule
         loaded: dict[str, Tensor] = {}
 
         def images() -> Tensor:
             if "x" not in loaded:
-                loaded["x"] = dm.load(self.reference_split).images[: self.reference_n]
+                loaded["x"] = reference_subset(
+                    dm.load(self.reference_split).images, self.reference_n
+                )
             return loaded["x"]
 
         count = self.reference_n or len(images())
         check_count(count, self.features)
         key = stats_key(dm.name, self.reference_split, dm.image_size, count, weights, self.features)
         prepare_reference(
-            self.metric,
+            self.metrics,
             key,
             lambda: images().split(self.batch_size),
             self.cache_dir,
@@ -229,24 +239,27 @@ class FID(L.Callback):
         )
 
     def on_validation_epoch_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
-        from ddpm.metrics import sharded_fid
+        from ddpm.metrics import sharded_metrics
 
         if trainer.sanity_checking:
             return
         self._validations += 1
         if (self._validations - 1) % self.every:
             return
-        if self.metric is None:
+        if self.metrics is None:
             self._build(trainer, module)
-        value = sharded_fid(
-            self.metric,
+        values = sharded_metrics(
+            self.metrics,
             module,
             self.n,
+            self.reference_split,
             trainer.global_rank,
             trainer.world_size,
             batch_size=self.batch_size,
             seed=self.seed,
             guidance=self.guidance,
+            label=self.label,
             **self.sampler,
         )
-        module.log(self.name, value, rank_zero_only=False)  # already the same on every rank
+        for name, value in values.items():  # already the same on every rank
+            module.log(f"val/{name}", value, rank_zero_only=False)

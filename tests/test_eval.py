@@ -11,7 +11,7 @@ from conftest import run_script
 from ddpm.data import load_mnist5k
 from ddpm.metrics import (
     REAL_STATES,
-    build_fid,
+    InceptionMetrics,
     cached_reference,
     check_count,
     fid_helper_file,
@@ -29,21 +29,32 @@ def test_reference_statistics_are_cached_and_invalidated(weights, tmp_path: Path
         return images.split(35)
 
     key = stats_key("mnist5k", "train", 28, 70, weights, 64)
-    first = build_fid(weights, features=64)
+    first = InceptionMetrics(weights, features=64, kid=True)
     path = cached_reference(first, key, real, tmp_path)
     assert path.is_file() and len(calls) == 1
 
     def must_not_run():
         raise AssertionError("the cached statistics were not used")
 
-    second = build_fid(weights, features=64)
+    second = InceptionMetrics(weights, features=64, kid=True)
     assert cached_reference(second, key, must_not_run, tmp_path) == path
     for state in REAL_STATES:
-        assert torch.equal(getattr(first, state), getattr(second, state))
-    # any change of the key (here the count) computes them anew
+        assert torch.equal(getattr(first.fid, state), getattr(second.fid, state))
+    assert torch.equal(torch.cat(first.kid.real_features), torch.cat(second.kid.real_features))
+    # FID alone reads the same file; any change of the key (here the count) computes anew
+    assert cached_reference(InceptionMetrics(weights, features=64), key, must_not_run, tmp_path)
     fewer = stats_key("mnist5k", "train", 28, 65, weights, 64)
-    cached_reference(build_fid(weights, features=64), fewer, lambda: [images[:65]], tmp_path)
+    cached_reference(InceptionMetrics(weights, features=64), fewer, lambda: [images[:65]], tmp_path)
     assert len(calls) == 1 and len(list((tmp_path / "fid_stats").glob("*.pt"))) == 2
+
+    # a file cached without KID's features is recomputed when KID is asked for
+    def real65():
+        calls.append(1)
+        return [images[:65]]
+
+    with_kid = InceptionMetrics(weights, features=64, kid=True)
+    cached_reference(with_kid, fewer, real65, tmp_path)
+    assert len(calls) == 2 and len(torch.cat(with_kid.kid.real_features)) == 65
 
 
 def test_too_few_images_and_names():
@@ -54,7 +65,10 @@ def test_too_few_images_and_names():
 
 
 def test_eval_py_on_an_npz(tmp_path: Path):
-    digits = load_mnist5k().images[-70:]  # not among the 100 reference images
+    # eval.py's 100 reference images are reference_subset's: order[:100] of a seed-0
+    # permutation (mnist5k is sorted by class); these 70 are others, of the same mix
+    order = torch.randperm(5000, generator=torch.Generator().manual_seed(0))
+    digits = load_mnist5k().images[order[100:170]]
     npz = tmp_path / "samples.npz"
     np.savez(npz, arr_0=digits.permute(0, 2, 3, 1).numpy())
     args = [
@@ -68,7 +82,10 @@ def test_eval_py_on_an_npz(tmp_path: Path):
     run_script("eval.py", *args)
     result = json.loads((tmp_path / "samples.npz.fid.json").read_text())
     assert result["reference"]["n"] == 100 and result["reference"]["split"] == "train"
-    assert 0 <= result["fid70_train"] < 5  # real digits against real digits
+    # real digits against other real digits of the same mix of classes: close
+    assert 0 <= result["fid70_train"] < 1.0
+    assert abs(result["kid70_train"]) < 0.02 and result["kid70_train_std"] >= 0
+    assert "is70" not in result  # fid-helper's weights have no classifier: IS is left out
     assert len(list((tmp_path / "cache" / "fid_stats").glob("*.pt"))) == 1
 
 
@@ -101,7 +118,9 @@ def test_eval_py_samples_a_checkpoint(trained_run: Path, tmp_path: Path):
     assert result["fid70_train_dpmpp_2m2"] > 1.0
 
 
-def test_fid_sharded_over_two_processes_equals_one(trained_run: Path, weights: str, tmp_path: Path):
+def test_metrics_sharded_over_two_processes_equal_one(
+    trained_run: Path, weights_with_classifier: str, tmp_path: Path
+):
     import subprocess
     import sys
 
@@ -128,7 +147,7 @@ def test_fid_sharded_over_two_processes_equals_one(trained_run: Path, weights: s
     ):
         out = tmp_path / f"fid{world}.json"
         proc = subprocess.run(
-            [*launcher, str(ckpt), weights, str(tmp_path / "cache"), str(out)],
+            [*launcher, str(ckpt), weights_with_classifier, str(tmp_path / "cache"), str(out)],
             cwd=ROOT,
             env=env,
             capture_output=True,
@@ -137,8 +156,17 @@ def test_fid_sharded_over_two_processes_equals_one(trained_run: Path, weights: s
         )
         assert proc.returncode == 0, proc.stderr[-3000:]
         results[world] = json.loads(out.read_text())
-    assert results[2]["world_size"] == 2 and results[1]["fid"] > 1.0  # noise vs digits: far
-    assert results[2]["fid"] == pytest.approx(results[1]["fid"], rel=1e-4)
+    one, two = results[1], results[2]
+    assert two.pop("world_size") == 2 and one.pop("world_size") == 1
+    assert set(one) == {
+        "fid70_train_ddim3",
+        "kid70_train_ddim3",
+        "kid70_train_ddim3_std",
+        "is70_ddim3",
+        "is70_ddim3_std",
+    }
+    assert one["fid70_train_ddim3"] > 1.0  # noise vs digits: far
+    assert two == pytest.approx(one, rel=1e-4)
 
 
 def test_train_py_logs_fid_at_validation(tmp_path: Path):
@@ -157,6 +185,7 @@ def test_train_py_logs_fid_at_validation(tmp_path: Path):
         f"callbacks.fid.weights={fid_helper_file()}",
         "callbacks.fid.steps=2",
         "callbacks.fid.every_n_validations=2",
+        "callbacks.fid.kid=true",
         f"callbacks.fid.cache_dir={tmp_path / 'cache'}",
         f"hydra.run.dir={run}",
     )
@@ -171,6 +200,8 @@ def test_train_py_logs_fid_at_validation(tmp_path: Path):
     ]
     assert [step for step, _ in fid] == [1], rows
     assert fid[0][1] > 1.0
+    kid = [float(r["val/kid70_train_ddpm2"]) for r in rows if r.get("val/kid70_train_ddpm2")]
+    assert len(kid) == 1 and kid[0] > 0.01
     assert len([r for r in rows if r.get("val/loss")]) == 2
 
 
@@ -186,10 +217,14 @@ def test_step_count_table(trained_run: Path, tmp_path: Path):
     names = ["fid70_train_ddim2", "fid70_train_ddim3", "fid70_train_dpmpp_2m2"]
     assert all(result[n] > 0 for n in names)
     table = (tmp_path / "ckpt.table.md").read_text().splitlines()
-    assert table[0].startswith("| sampler | steps | FID (70 samples vs train)")
+    assert table[0] == "| sampler | steps | FID (70 samples vs train) | KID ×10³ |"
     assert [row.split("|")[1:3] for row in table[2:]] == [
         [" ddim ", " 2 "],
         [" ddim ", " 3 "],
         [" dpmpp_2m ", " 2 "],
     ]
-    assert len((tmp_path / "ckpt.table.csv").read_text().splitlines()) == 4
+    kid = float(table[2].split("|")[4].split("±")[0])
+    assert kid == pytest.approx(1e3 * result["kid70_train_ddim2"], abs=0.01)
+    csv = (tmp_path / "ckpt.table.csv").read_text().splitlines()
+    assert csv[0] == "sampler,steps,fid,kid,kid_std" and len(csv) == 4
+    assert float(csv[1].split(",")[2]) == pytest.approx(result["fid70_train_ddim2"], rel=1e-5)

