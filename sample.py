@@ -141,6 +141,11 @@ def sample(cfg: DictConfig) -> Path:
     start = finished_images(out, cfg.overwrite, cfg.resume)
     module = load_module(cfg.ckpt, map_location=pick_device(cfg.device))
     check_shape(module, cfg)
+    if cfg.guidance and not module.num_classes:
+        raise ValueError(
+            f"guidance={cfg.guidance} needs a class-conditional model, and {cfg.ckpt} is "
+            "unconditional (trained with model.num_classes=null); drop guidance="
+        )
     sampler = sampler_settings(OmegaConf.to_container(cfg.sampler, resolve=True), cfg.steps)
     sampler["use_ema"] = cfg.use_ema
     if cfg.text:

@@ -3,11 +3,14 @@
     python train.py                                  # the quickstart (MNIST digits, CPU)
     python train.py schedule=cosine trainer.max_steps=10000
     python train.py debug=fast                       # a few steps of everything
-    python train.py ckpt_path=runs/quickstart/<date>/checkpoints/last.ckpt   # resume
+    python train.py hydra.run.dir=runs/cifar/a       # rerun it: it continues (resume=auto)
+    python train.py resume=runs/x/checkpoints/step_0004000.ckpt hydra.run.dir=runs/x2  # from a file
     python train.py --cfg job                        # print the composed config
 
-Each run writes to runs/<name>/<date_time>/: config.yaml (resolved), checkpoints/ (last.ckpt and
-every N steps), samples/ (grids during training and final.png), loss_curve.png, logs.
+Each run writes to runs/<name>/<date_time>/ (on SLURM runs/<name>/<job id>, which a requeued job
+keeps): config.yaml (resolved), checkpoints/ (last.ckpt and every N steps), samples/ (grids
+during training and final.png), loss_curve.png, logs. resume=auto (the default) continues from
+the newest checkpoint of that directory that loads, skipping corrupt ones by name.
 """
 
 from __future__ import annotations
@@ -18,33 +21,129 @@ from typing import Any
 
 import hydra
 import lightning as L
+from hydra.errors import InstantiationException
 from omegaconf import DictConfig, OmegaConf
 
-from ddpm.checkpoint import load_checkpoint
+from ddpm.checkpoint import CheckpointError, load_checkpoint
+from ddpm.resume import AtomicCheckpointIO, check_writable, checkpoint_files, find_checkpoint
 
 log = logging.getLogger(__name__)
+
+
+def resume_from(resume: str | None, out: Path) -> Path | None:
+    """The checkpoint to continue from: resume=auto the newest one of this run directory that
+    loads (none: a fresh start), resume=PATH that file, resume=null none (refused when the
+    directory already holds checkpoints, which a fresh run would overwrite)."""
+    existing = checkpoint_files(out)
+    if resume is None or str(resume).lower() in ("null", "none", "never", "false"):
+        if existing:
+            raise FileExistsError(
+                f"the run directory {out} already holds checkpoints ({existing[0].name}, ...), "
+                "which a fresh run would overwrite: resume=auto continues that run; a new "
+                "hydra.run.dir starts another"
+            )
+        return None
+    if str(resume) == "auto":
+        path = find_checkpoint(out)
+        if path is None and existing:
+            raise CheckpointError(
+                f"none of the {len(existing)} checkpoints in {out} loads (see the warnings "
+                "above); give one with resume=PATH, or a new hydra.run.dir to start afresh"
+            )
+        return path
+    load_checkpoint(resume)  # a missing, corrupt or unsafe file: a clear error, now
+    return Path(resume)
+
+
+def check_same_network(path: Path, net: dict) -> None:
+    """A checkpoint of another architecture, named with what differs (Lightning would fail
+    later with a long list of mismatched tensor shapes)."""
+    saved = (load_checkpoint(path).get("hyper_parameters") or {}).get("net")
+    if saved is None or saved == net:
+        return
+    diff = ", ".join(
+        f"{k} {saved.get(k)!r} (this run's {net.get(k)!r})"
+        for k in sorted(set(saved) | set(net))
+        if saved.get(k) != net.get(k)
+    )
+    raise CheckpointError(
+        f"{path} was trained with another network: {diff}. Resume with the same model "
+        "settings (model.<key>=<value>), or start a new run directory (hydra.run.dir=DIR)"
+    )
+
+
+def save_config(cfg: DictConfig, out: Path) -> None:
+    """config.yaml, resolved; a resumed run with other settings keeps the first one and adds
+    config.resume<k>.yaml beside it."""
+    text = OmegaConf.to_yaml(cfg, resolve=True)
+    path = out / "config.yaml"
+    if path.is_file() and path.read_text() != text:
+        k = 1
+        while (out / f"config.resume{k}.yaml").exists():
+            k += 1
+        path = out / f"config.resume{k}.yaml"
+        log.info("resumed with changed settings: %s", path)
+    path.write_text(text)
+
+
+def build_loggers(cfg: DictConfig, out: Path, resuming: bool) -> list:
+    """The configured loggers. Lightning's CSVLogger deletes an existing metrics.csv; a resumed
+    run logs to logs/resume<k>/ instead, so the first part stays."""
+    loggers = []
+    for node in (cfg.get("logger") or {}).values():
+        overrides = {}
+        if resuming and str(node.get("_target_", "")).endswith("CSVLogger"):
+            base = Path(node.save_dir) / node.name
+            if (base / "metrics.csv").exists():
+                k = 1
+                while (base / f"resume{k}").exists():
+                    k += 1
+                overrides["version"] = f"resume{k}"
+        loggers.append(build(node, **overrides))
+    return loggers
+
+
+def build(node: Any, **kwargs: Any) -> Any:
+    """hydra.utils.instantiate, raising the underlying error itself: Hydra wraps a bad value's
+    message in one repr per nesting level (escaped quotes and all)."""
+    try:
+        return hydra.utils.instantiate(node, **kwargs)
+    except InstantiationException as e:
+        root: BaseException = e
+        while isinstance(root, InstantiationException) and root.__cause__ is not None:
+            root = root.__cause__
+        if root is e:
+            raise
+        raise root from e
 
 
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Fit the configured module on the configured data; returns the final logged metrics."""
     L.seed_everything(cfg.seed, workers=True)
     out = Path(cfg.paths.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    OmegaConf.save(cfg, out / "config.yaml", resolve=True)
+    check_writable(out)
+    # before building anything: a missing, corrupt or unsafe checkpoint fails now
+    ckpt_path = resume_from(cfg.resume, out)
+    if ckpt_path is not None:
+        check_same_network(ckpt_path, OmegaConf.to_container(cfg.module.net, resolve=True))
+    save_config(cfg, out)
 
-    if cfg.ckpt_path:  # fail before building anything if the checkpoint is missing or unsafe
-        load_checkpoint(cfg.ckpt_path)
-
-    datamodule: L.LightningDataModule = hydra.utils.instantiate(cfg.dataset)
-    module: L.LightningModule = hydra.utils.instantiate(cfg.module)
-    callbacks = [hydra.utils.instantiate(c) for c in (cfg.get("callbacks") or {}).values()]
-    loggers = [hydra.utils.instantiate(c) for c in (cfg.get("logger") or {}).values()]
-    trainer: L.Trainer = hydra.utils.instantiate(
-        cfg.trainer, callbacks=callbacks, logger=loggers or False
+    datamodule: L.LightningDataModule = build(cfg.dataset, seed=cfg.seed)
+    module: L.LightningModule = build(cfg.module)
+    callbacks = [build(c) for c in (cfg.get("callbacks") or {}).values()]
+    loggers = build_loggers(cfg, out, resuming=ckpt_path is not None)
+    plugins = [build(p) for p in cfg.trainer.get("plugins") or []]
+    trainer: L.Trainer = build(
+        cfg.trainer,
+        callbacks=callbacks,
+        logger=loggers or False,
+        plugins=[*plugins, AtomicCheckpointIO()],
     )
 
     log.info("run directory: %s", out)
-    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path, weights_only=True)
+    if ckpt_path is not None:
+        log.info("resuming from %s", ckpt_path)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
     log.info("finished at step %d: %s", trainer.global_step, metrics)
     return metrics

@@ -32,10 +32,16 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
+        # torch's message is long (and colored); its "Unsupported global: ..." line says what
+        found = [ln.strip() for ln in str(e).splitlines() if "Unsupported global" in ln]
+        name = (
+            found[0].removeprefix("WeightsUnpickler error: ").split(" was not")[0] if found else ""
+        )
+        what = f" ({name})" if name else ""
         raise CheckpointError(
             f"refused to load {path}: it holds objects other than plain tensors and numbers, "
-            f"which could run code when unpickled ({str(e).splitlines()[0]}). Only load "
-            "checkpoints written by this project or from a source you trust."
+            f"which could run code when unpickled{what}. Only load checkpoints written by this "
+            "project or from a source you trust."
         ) from e
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as e:
         raise CheckpointError(

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 import torchvision.transforms.v2.functional as TF
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision.datasets.utils import check_integrity
 
 from ddpm.folder import load_image_folder
@@ -315,6 +315,65 @@ def _keep_batch(batch: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
     return batch
 
 
+class EpochSampler(Sampler[int]):
+    """This rank's share of a permutation drawn from (seed, epoch) alone, able to start
+    mid-epoch.
+
+    Hand-written because an exact resume needs both, and neither torch sampler has them:
+    RandomSampler draws each epoch's order from the global RNG, and neither it nor
+    DistributedSampler can skip what a killed run already consumed. Lightning calls
+    `set_epoch`; `position` counts the indices of this epoch that reached the module
+    (ImageDataModule.on_after_batch_transfer advances it), and `resume_at` makes the next
+    iteration of that same epoch start there. Rank r takes every W-th index (of the first
+    n // W · W of the permutation, so every rank makes the same number of steps).
+    """
+
+    def __init__(
+        self, n: int, seed: int = 0, shuffle: bool = True, rank: int = 0, world_size: int = 1
+    ) -> None:
+        self.n, self.seed, self.shuffle = n, seed, shuffle
+        self.rank, self.world_size = rank, world_size
+        self.epoch = 0
+        self.position = 0
+        self._resume: tuple[int, int] | None = None
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def resume_at(self, epoch: int, position: int) -> None:
+        self._resume = (epoch, position)
+
+    def __len__(self) -> int:
+        return self.n // self.world_size
+
+    def __iter__(self):
+        # a generator: this runs at the first batch, after Lightning's set_epoch
+        start = 0
+        if self._resume is not None and self._resume[0] == self.epoch:
+            start = self._resume[1]  # the saved epoch: continue it (another: it had ended)
+        self._resume = None
+        self.position = start
+        if self.shuffle:
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+            order = torch.randperm(self.n, generator=g)
+        else:
+            order = torch.arange(self.n)
+        mine = order[self.rank : len(self) * self.world_size : self.world_size]
+        yield from mine[start:].tolist()
+
+
+class ResumableLoader(DataLoader):
+    """A DataLoader that Lightning saves in checkpoints and restores (it calls `state_dict` /
+    `load_state_dict` on loaders that have them): the epoch and how much of it was consumed,
+    so a resumed run continues with the very next batch."""
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.sampler.epoch, "position": self.sampler.position}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.sampler.resume_at(int(state["epoch"]), int(state["position"]))
+
+
 class ImageDataModule(L.LightningDataModule):
     """Serves one dataset of `LOADERS` with a fixed train/validation split.
 
@@ -339,6 +398,7 @@ class ImageDataModule(L.LightningDataModule):
         hflip: bool = False,
         num_workers: int = 0,
         split_seed: int = 0,
+        seed: int = 0,
         split: str = "train",
         subset: str | None = None,
         class_folders: bool = True,
@@ -359,7 +419,8 @@ class ImageDataModule(L.LightningDataModule):
         self.name, self.data_dir, self.download = name, data_dir, download
         self.image_size, self.channels, self.num_classes = image_size, channels, num_classes
         self.batch_size, self.val_fraction, self.hflip = batch_size, val_fraction, hflip
-        self.num_workers, self.split_seed = num_workers, split_seed
+        self.num_workers, self.split_seed, self.seed = num_workers, split_seed, seed
+        self._train_loader: ResumableLoader | None = None
         self.options = {"split": split, "class_folders": class_folders, "skip_bad": skip_bad}
         if subset is not None:
             self.options["subset"] = subset
@@ -419,10 +480,18 @@ class ImageDataModule(L.LightningDataModule):
             )
 
     def _loader(self, dataset: TensorImages, train: bool) -> DataLoader:
-        return DataLoader(
+        rank, world = 0, 1
+        if train and self.trainer is not None:  # validation: every rank sees the whole set
+            rank, world = self.trainer.global_rank, self.trainer.world_size
+        # the sampler shards over DDP ranks itself (trainer.use_distributed_sampler=false)
+        sampler = EpochSampler(len(dataset), self.seed, shuffle=train, rank=rank, world_size=world)
+        return ResumableLoader(
             dataset,
             batch_size=self.batch_size,
-            shuffle=train,
+            sampler=sampler,
+            # each iter() draws a worker seed from this, not from the global RNG (which a
+            # resumed run would then draw from at another point than the original)
+            generator=torch.Generator().manual_seed(self.seed),
             drop_last=train,
             num_workers=self.num_workers,
             collate_fn=_keep_batch,
@@ -430,13 +499,16 @@ class ImageDataModule(L.LightningDataModule):
         )
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_set, train=True)
+        self._train_loader = self._loader(self.train_set, train=True)
+        return self._train_loader
 
     def val_dataloader(self) -> DataLoader:
         return self._loader(self.val_set, train=False)
 
     def on_after_batch_transfer(self, batch: tuple[Tensor, Tensor], dataloader_idx: int):
         images, labels = batch
+        if self.trainer is not None and self.trainer.training and self._train_loader is not None:
+            self._train_loader.sampler.position += len(images)  # saved in checkpoints
         x = images.float().div_(127.5).sub_(1.0)  # uint8 [0, 255] -> [-1, 1]
         if self.hflip and self.trainer is not None and self.trainer.training:
             flip = torch.rand(x.shape[0], device=x.device) < 0.5

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import logging
+import random
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import hydra
 import lightning as L
+import numpy as np
 import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
@@ -19,6 +22,36 @@ from ddpm.schedule import NoiseSchedule
 OBJECTIVES = ("eps", "x0", "v")
 LOSSES = {"mse": F.mse_loss, "l1": F.l1_loss}
 WEIGHTINGS = ("none", "min_snr")
+NONFINITE = ("stop", "skip")
+
+log = logging.getLogger(__name__)
+
+
+class DivergenceError(FloatingPointError):
+    """The loss or a gradient stopped being finite."""
+
+
+def rng_state() -> dict[str, Any]:
+    """Every RNG that training draws from, as plain data (tensors, ints) for weights_only."""
+    numpy = np.random.get_state()
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": [numpy[0], torch.from_numpy(numpy[1].astype(np.int64)), *numpy[2:]],
+        "python": random.getstate(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    name, keys, *rest = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
 
 
 class EMA(AveragedModel):
@@ -73,6 +106,11 @@ class DiffusionModule(L.LightningModule):
         ema_decay / ema_warmup: see `EMA`.
         cond_drop_prob: for class-conditional nets, how often a label is replaced by the null
             label during training (classifier-free guidance, Ho & Salimans 2022).
+        nonfinite: what a non-finite loss or gradient does: "stop" raises DivergenceError
+            naming the step (checked every `nonfinite_check_every` steps without a device sync
+            in between, and always before a checkpoint is written, so none holds a diverged
+            state); "skip" drops that batch's update and goes on (one device sync per step),
+            until `nonfinite_max_skips` batches in a row were dropped.
     """
 
     def __init__(
@@ -88,6 +126,9 @@ class DiffusionModule(L.LightningModule):
         ema_decay: float = 0.9999,
         ema_warmup: bool = True,
         cond_drop_prob: float = 0.1,
+        nonfinite: str = "stop",
+        nonfinite_check_every: int = 1,
+        nonfinite_max_skips: int = 100,
     ) -> None:
         super().__init__()
         net, schedule, optimizer, lr_scheduler = map(
@@ -103,22 +144,104 @@ class DiffusionModule(L.LightningModule):
             )
         if not 0 <= cond_drop_prob <= 1:
             raise ValueError(f"module.cond_drop_prob must be in [0, 1], got {cond_drop_prob}")
+        if nonfinite not in NONFINITE:
+            raise ValueError(f"module.nonfinite must be one of {NONFINITE}, got {nonfinite!r}")
+        if nonfinite_check_every < 1:
+            raise ValueError(
+                f"module.nonfinite_check_every must be >= 1, got {nonfinite_check_every}"
+            )
         self.save_hyperparameters()
         self.net: nn.Module = hydra.utils.instantiate(net)
         self.schedule: NoiseSchedule = hydra.utils.instantiate(schedule)
         self.ema = EMA(self.net, decay=ema_decay, warmup=ema_warmup)
-        self._ema_seen_step = 0
         self.class_names: list[str] = []  # from the datamodule; saved in every checkpoint
+        self._first_bad: Tensor | None = None  # step of the first non-finite loss/grad, or -1
+        self.skipped_steps = 0
+        self._skips_in_a_row = 0
 
     def on_fit_start(self) -> None:
         datamodule = getattr(self.trainer, "datamodule", None)
         self.class_names = list(getattr(datamodule, "class_names", None) or self.class_names)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.check_finite()  # never write a diverged state over a good one
         checkpoint["class_names"] = list(self.class_names)
+        # every rank's RNG (each draws its own noise), so a resumed run draws what this one
+        # would have; Lightning itself keeps none of them
+        states = [rng_state()]
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            states = [None] * torch.distributed.get_world_size()
+            torch.distributed.all_gather_object(states, rng_state())
+        checkpoint["rng_states"] = states
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.class_names = list(checkpoint.get("class_names", []))
+        # applied in on_train_start, right before the first batch: whatever draws from the
+        # RNGs while Lightning sets up (after this hook) must not shift the streams
+        self._rng_to_restore = (checkpoint.get("rng_states"), checkpoint.get("global_step", 0))
+
+    def on_train_start(self) -> None:
+        states, step = getattr(self, "_rng_to_restore", None) or (None, 0)
+        self._rng_to_restore = None
+        if not states:
+            return
+        rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+        if rank < len(states):
+            set_rng_state(states[rank])
+        else:  # more ranks than saved: a distinct, reproducible stream per new rank
+            torch.manual_seed(int(step) * 1_000_003 + rank)
+
+    # ---------------------------------------------------------------- divergence
+    def _note_finite(self, finite: Tensor) -> None:
+        """Remember the first step at which `finite` was False, on the device (no sync)."""
+        if self._first_bad is None or self._first_bad.device != finite.device:
+            self._first_bad = torch.full((), -1, dtype=torch.long, device=finite.device)
+        first = (~finite) & (self._first_bad < 0)
+        # the step being computed is number global_step + 1 (checkpoint step_N follows it)
+        self._first_bad = torch.where(first, self.global_step + 1, self._first_bad)
+
+    def check_finite(self) -> None:
+        """Raise DivergenceError if a non-finite loss or gradient was seen (one device sync)."""
+        if self._first_bad is None or self.hparams.nonfinite != "stop":
+            return
+        step = int(self._first_bad)
+        if step >= 0:
+            raise DivergenceError(
+                f"the loss or a gradient became non-finite at step {step}: training stopped and "
+                "no checkpoint was written after it, so the last good one is intact. Rerun to "
+                "resume from it with a smaller trainer.gradient_clip_val or module.nonfinite=skip "
+                "(which drops such updates), or start again with a lower module.optimizer.lr "
+                "(a resumed run keeps the checkpoint's)"
+            )
+
+    def _skip(self, what: str) -> None:
+        self.skipped_steps += 1
+        self._skips_in_a_row += 1
+        log.warning("step %d: non-finite %s, update skipped", self.global_step + 1, what)
+        if self._skips_in_a_row >= self.hparams.nonfinite_max_skips:
+            raise DivergenceError(
+                f"{self._skips_in_a_row} updates in a row had a non-finite {what} (at step "
+                f"{self.global_step + 1}); the run has diverged: resume from an earlier "
+                "checkpoint (resume=PATH) with a smaller trainer.gradient_clip_val, or start "
+                "again with a lower module.optimizer.lr"
+            )
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        precision = str(self._trainer.precision) if self._trainer is not None else ""
+        if "16-mixed" in precision and "bf16" not in precision:
+            return  # fp16's GradScaler finds and skips inf gradients itself
+        grads = [p.grad for p in self.net.parameters() if p.grad is not None]
+        if not grads:
+            return
+        finite = torch.stack(torch._foreach_norm(grads)).isfinite().all()
+        if self.hparams.nonfinite == "stop":
+            self._note_finite(finite)
+        elif not finite:  # skip: one sync per step
+            for p in self.net.parameters():
+                p.grad = None  # the optimizer leaves parameters without a gradient alone
+            self._skip("gradient")
+        else:
+            self._skips_in_a_row = 0
 
     # ---------------------------------------------------------------- objective
     @property
@@ -168,23 +291,32 @@ class DiffusionModule(L.LightningModule):
             )
         return losses
 
-    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor | None:
         x0, y = batch
         loss = self.loss_fn(x0, y).mean()
+        if self.hparams.nonfinite == "skip":
+            if not torch.isfinite(loss):  # returning None: Lightning skips backward and step
+                self._skip("loss")
+                return None
+        else:
+            self._note_finite(torch.isfinite(loss.detach()))
         self.log("train/loss", loss, prog_bar=True)
         if self._trainer is not None:  # a Python float: logging it costs no device sync
             self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"])
         return loss
 
-    def on_train_start(self) -> None:
-        self._ema_seen_step = self.global_step
+    def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
+        super().optimizer_step(*args, **kwargs)
+        # Here, not in on_train_batch_end: checkpoint callbacks save in on_train_batch_end
+        # before the module's own hook runs, so an EMA moved there would miss the saved
+        # step's update and a resumed run would drift from an uninterrupted one.
+        # Lightning calls this once per optimizer step (not per micro-batch under gradient
+        # accumulation) and counts the step in global_step only after it returns.
+        self.ema.step(self.net, self.global_step + 1)
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-        # global_step counts optimizer steps, so with gradient accumulation the EMA moves
-        # once per step, not per micro-batch.
-        if self.global_step != self._ema_seen_step:
-            self._ema_seen_step = self.global_step
-            self.ema.step(self.net, self.global_step)
+        if self.global_step % self.hparams.nonfinite_check_every == 0:
+            self.check_finite()
 
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         x0, y = batch

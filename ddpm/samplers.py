@@ -10,6 +10,7 @@ seed is the same whatever batch it was drawn in.
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -230,6 +231,15 @@ def sampler_settings(
     settings["sampler"] = settings.pop("name")
     configured = settings.pop("steps", None)
     settings["steps"] = steps if steps is not None else configured
+    # a misspelt option fails here, by name, not as a TypeError deep inside sampling
+    fixed = {"model_fn", "schedule", "x_T", "steps", "generator", "callback"}
+    known = set(inspect.signature(get_sampler(settings["sampler"])).parameters) - fixed
+    unknown = set(settings) - known - {"sampler", "steps"}
+    if unknown:
+        raise ValueError(
+            f"sampler option {sorted(unknown)[0]!r} is not one of {settings['sampler']}'s: "
+            f"{sorted(known)}"
+        )
     return settings
 
 

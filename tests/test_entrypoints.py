@@ -39,7 +39,7 @@ def test_resume_continues_at_saved_step(trained_run: Path, tmp_path: Path):
         *FAST,
         f"hydra.run.dir={resumed}",
         "trainer.max_steps=6",
-        f"ckpt_path={trained_run / 'checkpoints' / 'last.ckpt'}",
+        f"resume={trained_run / 'checkpoints' / 'last.ckpt'}",
     )
     ckpt = torch.load(resumed / "checkpoints" / "last.ckpt", weights_only=True)
     assert ckpt["global_step"] == 6
@@ -84,7 +84,7 @@ def test_missing_checkpoint_is_named(tmp_path: Path):
     assert proc.returncode != 0
     assert f"checkpoint not found: {missing}" in proc.stderr
     proc = run_script(
-        "train.py", *FAST, f"ckpt_path={missing}", f"hydra.run.dir={tmp_path / 'r'}", check=False
+        "train.py", *FAST, f"resume={missing}", f"hydra.run.dir={tmp_path / 'r'}", check=False
     )
     assert proc.returncode != 0 and f"checkpoint not found: {missing}" in proc.stderr
 

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from ddpm.module import EMA, DiffusionModule
+from ddpm.module import EMA, DiffusionModule, DivergenceError
 
 NET = {
     "_target_": "ddpm.unet.UNet",
@@ -70,14 +70,54 @@ def test_ema_follows_the_warmed_up_decay():
 
 
 def test_ema_moves_once_per_optimizer_step():
-    module = make()
-    module._ema_seen_step = 0
-    w0 = module.ema.module.conv_in.weight.clone()
-    with torch.no_grad():
-        module.net.conv_in.weight.add_(1.0)
-    # no optimizer step happened (global_step unchanged): the EMA must not move
-    module.on_train_batch_end(None, None, 0)
-    assert torch.equal(module.ema.module.conv_in.weight, w0)
+    """With gradient accumulation over 2 batches, 6 batches are 3 optimizer steps: 3 EMA
+    updates, made in optimizer_step (so a checkpoint saved at a step holds its update)."""
+    import lightning as L
+    from torch.utils.data import DataLoader, TensorDataset
+
+    module = make(ema_warmup=False)
+    x = images()
+    loader = DataLoader(TensorDataset(x, torch.zeros(8, dtype=torch.long)), batch_size=4)
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_steps=3,
+        accumulate_grad_batches=2,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    trainer.fit(module, train_dataloaders=loader)
+    assert trainer.global_step == 3
+    assert int(module.ema.n_averaged) == 3
+
+
+def test_nonfinite_loss_is_skipped_or_stops():
+    module = make(nonfinite="skip", nonfinite_max_skips=2)
+    bad = torch.full((4, 1, 8, 8), float("nan"))
+    assert module.training_step((bad, None), 0) is None and module.skipped_steps == 1
+    with pytest.raises(DivergenceError, match="2 updates in a row had a non-finite loss"):
+        module.training_step((bad, None), 1)
+
+    module = make(nonfinite="stop")
+    module.check_finite()  # nothing seen yet
+    module._note_finite(torch.tensor(True))
+    module.check_finite()
+    module._note_finite(torch.tensor(False))
+    module._note_finite(torch.tensor(False))  # the first bad step is the one reported
+    with pytest.raises(DivergenceError, match="non-finite at step 1: .* last good one is intact"):
+        module.check_finite()
+    with pytest.raises(DivergenceError):  # nor is a diverged state ever written
+        module.on_save_checkpoint({})
+
+
+def test_nonfinite_gradient_skips_the_update():
+    module = make(nonfinite="skip")
+    for p in module.net.parameters():
+        p.grad = torch.zeros_like(p)
+    next(module.net.parameters()).grad[0] = float("inf")
+    module.on_before_optimizer_step(None)
+    assert all(p.grad is None for p in module.net.parameters()) and module.skipped_steps == 1
 
 
 def test_bad_module_options_are_named():

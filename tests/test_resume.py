@@ -1,0 +1,235 @@
+"""Never lose a run: exact resume after SIGKILL, corrupt-checkpoint fallback, saving on
+SIGTERM / SLURM's SIGUSR1, divergence stops, atomic writes, unwritable outputs."""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import FAST, ROOT, run_script
+
+from ddpm.checkpoint import CheckpointError
+from ddpm.resume import AtomicCheckpointIO, check_creatable, check_writable, find_checkpoint
+
+# 40 tiny steps over 5-batch epochs (so runs cross epoch boundaries), a checkpoint every 4
+RUN = [
+    *FAST,
+    "trainer.max_steps=40",
+    "+trainer.limit_train_batches=5",
+    "trainer.val_check_interval=4",
+    "callbacks.model_checkpoint.every_n_train_steps=4",
+]
+
+
+def start(run_dir: Path, *overrides: str, env: dict | None = None) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, str(ROOT / "train.py"), *RUN, f"hydra.run.dir={run_dir}", *overrides],
+        cwd=ROOT,
+        env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def wait_for(path: Path, proc: subprocess.Popen, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        if proc.poll() is not None:
+            raise AssertionError(f"run ended before {path.name}:\n{proc.stderr.read()[-3000:]}")
+        if time.monotonic() > deadline:
+            proc.kill()
+            raise AssertionError(f"no {path} after {timeout} s")
+        time.sleep(0.01)
+
+
+def final_state(run_dir: Path) -> tuple[list, list, dict]:
+    ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
+    assert ckpt["global_step"] == 40
+    curve = ckpt["callbacks"]["LossCurve"]
+    return curve["steps"], curve["losses"], ckpt["state_dict"]
+
+
+def test_sigkill_then_resume_equals_an_uninterrupted_run(tmp_path: Path):
+    """The same losses for every step and the same final weights (network and EMA), whether
+    the run was killed at a random point and rerun, or never interrupted."""
+    whole = tmp_path / "whole"
+    proc = start(whole)
+    assert proc.wait(timeout=300) == 0, proc.stderr.read()[-3000:]
+
+    killed = tmp_path / "killed"
+    proc = start(killed)
+    k = random.choice([8, 12, 16, 20, 24])
+    wait_for(killed / "checkpoints" / f"step_{k:07d}.ckpt", proc)
+    time.sleep(random.uniform(0, 0.3))  # anywhere in the steps that follow
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait(timeout=60) == -signal.SIGKILL
+    saved = torch.load(find_checkpoint(killed), weights_only=True)["global_step"]
+    assert saved < 40, f"the run finished before the kill (step {k})"
+    proc = start(killed)  # the same command: resume=auto
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-3000:]
+    assert "resuming from" in out  # Hydra logs to stdout
+
+    steps, losses, weights = final_state(whole)
+    steps2, losses2, weights2 = final_state(killed)
+    assert steps2 == steps == list(range(1, 41)), (steps2, saved)
+    torch.testing.assert_close(losses2, losses, msg=f"killed after step {saved}")
+    assert weights.keys() == weights2.keys() and any(k.startswith("ema.") for k in weights)
+    for name in weights:
+        torch.testing.assert_close(weights2[name], weights[name], msg=name)
+    # the logs of both parts are kept: logs/metrics.csv and logs/resume1/metrics.csv
+    assert (killed / "logs" / "metrics.csv").is_file()
+    assert (killed / "logs" / "resume1" / "metrics.csv").is_file()
+
+
+def test_truncated_checkpoint_is_skipped_by_name(trained_run: Path, tmp_path: Path):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run)
+    last = run / "checkpoints" / "last.ckpt"
+    last.write_bytes(last.read_bytes()[:1000])  # as if killed mid-write by an unsafe writer
+    proc = run_script("train.py", *FAST, f"hydra.run.dir={run}", "trainer.max_steps=6")
+    assert f"skipping checkpoint {last}" in proc.stdout  # Hydra logs to stdout
+    assert f"resuming from {run / 'checkpoints' / 'step_0000004.ckpt'}" in proc.stdout
+    # set aside, not deleted; the resumed run wrote a whole last.ckpt of its own
+    assert (run / "checkpoints" / "last.ckpt.corrupt").stat().st_size == 1000
+    assert torch.load(last, weights_only=True)["global_step"] == 6
+
+
+def test_fresh_run_never_overwrites_checkpoints(trained_run: Path):
+    before = {p: p.read_bytes() for p in (trained_run / "checkpoints").glob("*.ckpt")}
+    proc = run_script("train.py", *FAST, f"hydra.run.dir={trained_run}", "resume=null", check=False)
+    assert proc.returncode != 0
+    assert "already holds checkpoints" in proc.stderr and "resume=auto" in proc.stderr
+    assert {p: p.read_bytes() for p in before} == before
+
+
+def test_all_checkpoints_corrupt_is_an_error_not_a_fresh_start(tmp_path: Path):
+    (tmp_path / "checkpoints").mkdir()
+    bad = tmp_path / "checkpoints" / "last.ckpt"
+    bad.write_bytes(b"not a checkpoint")
+    proc = run_script("train.py", *FAST, f"hydra.run.dir={tmp_path}", check=False)
+    assert proc.returncode != 0 and "none of the 1 checkpoints" in proc.stderr
+    assert bad.read_bytes() == b"not a checkpoint"
+
+
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGUSR1"])
+def test_signal_saves_a_checkpoint_and_exits(tmp_path: Path, sig: str):
+    run = tmp_path / "run"
+    proc = start(run, "trainer.max_steps=100000")
+    wait_for(run / "checkpoints" / "step_0000004.ckpt", proc)
+    proc.send_signal(signal.Signals[sig])
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.Signals[sig], err[-3000:]
+    assert f"stopped by {sig} at step" in out and "rerun the same command" in out
+    step = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["global_step"]
+    assert 4 <= step < 100000
+    # and the rerun continues from there
+    proc = run_script("train.py", *RUN, f"hydra.run.dir={run}", f"trainer.max_steps={step + 2}")
+    assert f"resuming from {run / 'checkpoints' / 'last.ckpt'}" in proc.stdout
+    assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == (
+        step + 2
+    )
+
+
+def test_slurm_sigusr1_saves_and_requeues(tmp_path: Path):
+    """Under SLURM (its variables set, a stand-in scontrol on PATH that records its arguments),
+    SIGUSR1 saves the checkpoint and runs `scontrol requeue <job id>`."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    record = tmp_path / "scontrol.txt"
+    scontrol = bin_dir / "scontrol"
+    scontrol.write_text(f'#!/bin/sh\necho "$@" > {record}\n')
+    scontrol.chmod(0o755)
+    slurm = {
+        "PATH": f"{bin_dir}:{os.environ['PATH']}",
+        "SLURM_JOB_ID": "4242",
+        "SLURM_JOB_NAME": "train",
+        "SLURM_NTASKS": "1",
+        "SLURM_NTASKS_PER_NODE": "1",
+        "SLURM_PROCID": "0",
+        "SLURM_LOCALID": "0",
+        "SLURM_NODEID": "0",
+    }
+    run = tmp_path / "run"
+    proc = start(run, "trainer.max_steps=100000", env=slurm)
+    wait_for(run / "checkpoints" / "step_0000004.ckpt", proc)
+    proc.send_signal(signal.SIGUSR1)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGUSR1, err[-3000:]
+    assert record.read_text().split() == ["requeue", "4242"]
+    assert "scontrol requeue 4242: done" in out
+    assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] >= 4
+
+
+def test_slurm_run_directory_is_the_job_id():
+    """A requeued job reruns the same command: its run directory must not depend on the time."""
+    from conftest import compose_config
+
+    os.environ["SLURM_JOB_ID"] = "777"
+    try:
+        cfg = compose_config()
+        assert cfg.hydra.run.dir.endswith("quickstart/777")
+    finally:
+        del os.environ["SLURM_JOB_ID"]
+
+
+def test_divergence_stops_and_keeps_the_last_good_checkpoint(tmp_path: Path):
+    """An absurd learning rate: step 1 is finite, step 2's loss is not. The run stops naming
+    step 2, and nothing is written after step 1's checkpoint."""
+    proc = run_script(
+        "train.py",
+        *FAST,
+        f"hydra.run.dir={tmp_path}",
+        "module.optimizer.lr=1e38",
+        "callbacks.model_checkpoint.every_n_train_steps=1",
+        check=False,
+    )
+    assert proc.returncode != 0
+    assert "DivergenceError" in proc.stderr and "non-finite at step 2" in proc.stderr
+    names = sorted(p.name for p in (tmp_path / "checkpoints").glob("*.ckpt"))
+    assert names == ["last.ckpt", "step_0000001.ckpt"]
+    for name in names:
+        ckpt = torch.load(tmp_path / "checkpoints" / name, weights_only=True)
+        assert ckpt["global_step"] == 1
+        assert all(v.isfinite().all() for v in ckpt["state_dict"].values() if v.is_floating_point())
+
+
+def test_atomic_save_keeps_the_old_file_when_writing_fails(tmp_path: Path, monkeypatch):
+    io = AtomicCheckpointIO()
+    path = tmp_path / "last.ckpt"
+    io.save_checkpoint({"state_dict": {"w": torch.ones(2)}, "global_step": 1}, path)
+
+    def disk_full(obj, f, *args, **kwargs):
+        f.write(b"partial")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", disk_full)
+    with pytest.raises(CheckpointError, match="No space left on device.*untouched"):
+        io.save_checkpoint({"state_dict": {"w": torch.zeros(2)}, "global_step": 2}, path)
+    monkeypatch.undo()
+    assert torch.load(path, weights_only=True)["global_step"] == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]  # no temporary file left
+
+
+def test_unwritable_run_directory_fails_at_start(tmp_path: Path):
+    blocker = tmp_path / "file"
+    blocker.write_text("a file where the run directory should go")
+    for check in (check_writable, check_creatable):
+        with pytest.raises(
+            PermissionError, match=f"cannot write to the run directory .* {blocker} is"
+        ):
+            check(blocker / "run")
+    proc = run_script("train.py", *FAST, f"hydra.run.dir={blocker / 'run'}", check=False)
+    assert proc.returncode != 0
+    assert proc.stderr.strip().startswith("Error: cannot write to the run directory")
+    assert "Traceback" not in proc.stderr
