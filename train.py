@@ -15,19 +15,26 @@ the newest checkpoint of that directory that loads, skipping corrupt ones by nam
 
 from __future__ import annotations
 
+import json
 import logging
+import os
+import sys
 from pathlib import Path
 from typing import Any
 
 import hydra
 import lightning as L
+import torch
 from hydra.errors import InstantiationException
 from omegaconf import DictConfig, OmegaConf
 
 from ddpm.checkpoint import CheckpointError, load_checkpoint
 from ddpm.resume import AtomicCheckpointIO, check_writable, checkpoint_files, find_checkpoint
+from ddpm.tracking import dirname, record_run, use_ddp_child_command
 
 log = logging.getLogger(__name__)
+
+DDP_VARIABLES = ("LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "RANK")
 
 
 def resume_from(resume: str | None, out: Path) -> Path | None:
@@ -140,20 +147,47 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         plugins=[*plugins, AtomicCheckpointIO()],
     )
 
+    record_run(cfg, trainer, loggers, out)  # run.json; config and scale to every logger
     log.info("run directory: %s", out)
     if ckpt_path is not None:
         log.info("resuming from %s", ckpt_path)
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
     log.info("finished at step %d: %s", trainer.global_step, metrics)
+    if trainer.is_global_zero:  # what `python -m ddpm.results` tabulates over a sweep
+        final = {"step": trainer.global_step, **metrics}
+        (out / "metrics.json").write_text(json.dumps(final, indent=1) + "\n")
     return metrics
+
+
+OmegaConf.register_new_resolver("ddpm_dirname", dirname, replace=True)  # hydra/default.yaml
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg: DictConfig) -> float | None:
-    metrics = train(cfg)
-    # the value a Hydra sweeper (e.g. Optuna) minimises
-    return metrics.get("val/loss")
+    use_ddp_child_command()  # DDP children rerun this job, not the whole sweep
+    environment = {k: os.environ.get(k) for k in DDP_VARIABLES}
+    try:
+        metrics = train(cfg)
+    finally:
+        # the next job of a multirun starts clean: Lightning leaves the process group and its
+        # LOCAL_RANK / MASTER_PORT ... set, after which it would wait for ranks never started
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+        # and its own W&B run: Lightning's WandbLogger reuses a run still open in the process
+        wandb = sys.modules.get("wandb")
+        if wandb is not None and wandb.run is not None:
+            wandb.finish()
+        for key, value in environment.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+    # the value a Hydra sweeper (hparams_search=optuna) minimises
+    name = cfg.get("optimized_metric") or "val/loss"
+    if name not in metrics:
+        raise KeyError(f"optimized_metric={name} was not logged; logged: {sorted(metrics)}")
+    return metrics[name]
 
 
 if __name__ == "__main__":

@@ -60,6 +60,7 @@ class SampleGrid(L.Callback):
         seed: int = 0,
         guidance: float = 0.0,
         on_validation: bool = True,
+        animate: bool = False,
     ) -> None:
         if n < 1:
             raise ValueError(f"callbacks.sample_grid.n must be >= 1, got {n}")
@@ -68,9 +69,19 @@ class SampleGrid(L.Callback):
         self.n, self.steps, self.seed, self.guidance = n, steps, seed, guidance
         self.final_steps = final_steps or steps
         self.on_validation = on_validation
+        self.animate = animate  # the final grid's denoising as samples/final.gif, also to W&B
         self._last: tuple[int, int | None, Path] | None = None  # (step, steps, path) of last grid
 
-    def _draw(self, trainer: L.Trainer, module: L.LightningModule, steps: int | None, name: str):
+    def _draw(
+        self,
+        trainer: L.Trainer,
+        module: L.LightningModule,
+        steps: int | None,
+        name: str,
+        animate: bool = False,
+    ):
+        from ddpm.render import Recorder
+
         labels, guidance, nrow = None, 0.0, int(self.n**0.5)
         if module.num_classes:
             labels, guidance, nrow = (
@@ -78,14 +89,18 @@ class SampleGrid(L.Callback):
                 self.guidance,
                 module.num_classes,
             )
+        recorder = Recorder(steps or module.schedule.num_timesteps) if animate else None
         images = module.generate(
             self.n,
             seed=self.seed,
             labels=labels,
             guidance=guidance,
+            callback=recorder,
             **{**self.sampler, "steps": steps},
         )
         path = save_grid(images, Path(trainer.default_root_dir) / "samples" / f"{name}.png", nrow)
+        if recorder is not None:
+            self._animation(trainer, module, recorder, path.with_suffix(".gif"), nrow)
         grid = make_grid(images.float().cpu(), nrow=nrow, normalize=True, value_range=(-1, 1))
         for logger in trainer.loggers:
             experiment = getattr(logger, "experiment", None)
@@ -96,6 +111,15 @@ class SampleGrid(L.Callback):
         self._last = (trainer.global_step, steps, path)
         return path
 
+    def _animation(self, trainer, module, recorder, path: Path, nrow: int) -> None:
+        from ddpm.render import save_animation, to_pil
+
+        x_T = module.initial_noise(self.n, self.seed).cpu()
+        save_animation(recorder, path, lambda images: to_pil(images, nrow), x_T)
+        for logger in trainer.loggers:
+            if hasattr(logger, "log_video"):  # W&B
+                logger.log_video("denoising", [str(path)], step=trainer.global_step)
+
     @rank_zero_only
     def on_validation_epoch_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
         if self.on_validation and not trainer.sanity_checking:
@@ -104,11 +128,12 @@ class SampleGrid(L.Callback):
     @rank_zero_only
     def on_train_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
         final = Path(trainer.default_root_dir) / "samples" / "final.png"
-        if self._last is not None and self._last[:2] == (trainer.global_step, self.final_steps):
+        same = self._last is not None and self._last[:2] == (trainer.global_step, self.final_steps)
+        if same and not self.animate:
             # the last validation drew this very grid (same weights, seed and steps)
             shutil.copyfile(self._last[2], final)
         else:
-            self._draw(trainer, module, self.final_steps, "final")
+            self._draw(trainer, module, self.final_steps, "final", animate=self.animate)
 
 
 class LossCurve(L.Callback):

@@ -262,8 +262,10 @@ class DiffusionModule(L.LightningModule):
         y: Tensor | None,
         net: nn.Module | None = None,
         generator: torch.Generator | None = None,
-    ) -> Tensor:
-        """Per-sample losses (B,) of the training objective at random t and ε (net: self.net)."""
+        return_t: bool = False,
+    ) -> Tensor | tuple[Tensor, Tensor]:
+        """Per-sample losses (B,) of the training objective at random t and ε (net: self.net),
+        and with `return_t` the timesteps they were drawn at."""
         net = net if net is not None else self.net
         B = x0.shape[0]
         T = self.schedule.num_timesteps
@@ -289,11 +291,12 @@ class DiffusionModule(L.LightningModule):
                     self.hparams.objective
                 ]
             )
-        return losses
+        return (losses, t) if return_t else losses
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor | None:
         x0, y = batch
-        loss = self.loss_fn(x0, y).mean()
+        losses, t = self.loss_fn(x0, y, return_t=True)
+        loss = losses.mean()
         if self.hparams.nonfinite == "skip":
             if not torch.isfinite(loss):  # returning None: Lightning skips backward and step
                 self._skip("loss")
@@ -301,6 +304,12 @@ class DiffusionModule(L.LightningModule):
         else:
             self._note_finite(torch.isfinite(loss.detach()))
         self.log("train/loss", loss, prog_bar=True)
+        # per quarter of t, as improved-diffusion logs it (NaN for a quarter with no sample)
+        quarter = (4 * t) // self.schedule.num_timesteps
+        for q in range(4):
+            mask = quarter == q
+            mean = (losses.detach() * mask).sum() / mask.sum()
+            self.log(f"train/loss_q{q}", mean)
         if self._trainer is not None:  # a Python float: logging it costs no device sync
             self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"])
         return loss

@@ -87,6 +87,9 @@ def find_checkpoint(run_dir: str | Path) -> Path | None:
             log.warning("skipping checkpoint %s: %s", path, e)
             corrupt.append(path)
             continue
+        # under DDP every rank looks; only the first renames
+        if int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0"))) != 0:
+            corrupt = []
         for bad in corrupt:
             target, k = bad.with_name(bad.name + ".corrupt"), 1
             while target.exists():

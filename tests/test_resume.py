@@ -225,9 +225,7 @@ def test_unwritable_run_directory_fails_at_start(tmp_path: Path):
     blocker = tmp_path / "file"
     blocker.write_text("a file where the run directory should go")
     for check in (check_writable, check_creatable):
-        with pytest.raises(
-            PermissionError, match=f"cannot write to the run directory .* {blocker} is"
-        ):
+        with pytest.raises(PermissionError, match=f"cannot write to the run directory {blocker}"):
             check(blocker / "run")
     proc = run_script("train.py", *FAST, f"hydra.run.dir={blocker / 'run'}", check=False)
     assert proc.returncode != 0

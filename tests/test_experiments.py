@@ -1,0 +1,252 @@
+"""Experiments at scale, offline: a Hydra sweep with offline W&B runs and its results table,
+DDP on CPU (2 gloo processes) inside a multirun, Optuna, every paper preset for one step,
+and the same seed giving the same losses."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import CONF, FAST, ROOT, compose_config, run_script
+from omegaconf import open_dict
+from test_datasets import _fake_emnist, _fake_ffhq, fake_cifar, fake_mnist, fake_stl10  # noqa: F401
+from wandb_records import summary
+
+from ddpm.metrics import fid_helper_file
+from ddpm.results import main as results_main
+
+sys.path.insert(0, str(ROOT))
+train_script = importlib.import_module("train")
+eval_script = importlib.import_module("eval")
+
+
+def job_dirs(sweep: Path) -> list[Path]:
+    return sorted(p for p in sweep.iterdir() if (p / "run.json").is_file())
+
+
+def test_sweep_over_schedules_with_offline_wandb_and_results_table(tmp_path: Path):
+    sweep = tmp_path / "sweep"
+    env_free = run_script(
+        "train.py",
+        "-m",
+        *FAST,
+        "logger=csv_wandb",
+        "schedule=linear,cosine,sigmoid",
+        "callbacks.sample_grid.animate=true",
+        f"hydra.sweep.dir={sweep}",
+    )
+    assert "logging offline" in env_free.stdout and "wandb sync" in env_free.stdout
+    jobs = job_dirs(sweep)
+    common = "callbacks.sample_grid.animate=True,debug=fast,logger=csv_wandb"
+    assert [p.name for p in jobs] == [
+        f"{k}_{common},schedule={s}" for k, s in enumerate(["linear", "cosine", "sigmoid"])
+    ]
+    runs = [summary(p) for p in jobs]
+    # one W&B run each, grouped by the sweep, named by its overrides
+    assert len({r["run"][0] for r in runs}) == 3
+    assert {r["run"][1] for r in runs} == {"sweep"}
+    assert [r["run"][2] for r in runs] == [p.name.split("_", 1)[1] for p in jobs]
+    # the logged config says which schedule each used, and how the run was made
+    targets = [r["config"]["schedule"]["_target_"].rsplit(".", 1)[1] for r in runs]
+    assert targets == ["linear", "cosine", "sigmoid"]
+    assert all(r["config"]["run"]["effective_batch_size"] == 8 for r in runs)
+    assert all(len(r["config"]["run"]["git"]["commit"] or "x" * 40) == 40 for r in runs)
+    # the logged metrics: losses per step (also per quarter of t), which differ by schedule
+    losses = [[h["train/loss"] for h in r["history"] if "train/loss" in h] for r in runs]
+    assert all(len(x) == 4 for x in losses) and len({tuple(x) for x in losses}) == 3
+    assert all(any("train/loss_q3" in h for h in r["history"]) for r in runs)
+    assert all(any("val/loss" in h for h in r["history"]) for r in runs)
+    # media: the grids at each validation and the final denoising animation
+    assert all(sum("samples/filenames" in h for h in r["history"]) == 3 for r in runs)
+    assert all(any(h.get("denoising/_type") == "videos" for h in r["history"]) for r in runs)
+
+    markdown = results_main([str(sweep), "--metrics", "val/loss", "train/loss"])
+    table = (sweep / "results.md").read_text()
+    assert table == markdown
+    rows = table.splitlines()[2:]
+    assert [r.split("|")[1].strip() for r in rows] == [
+        f"{common.replace(',', ' ')} schedule={s}" for s in ["cosine", "linear", "sigmoid"]
+    ]
+    val = sorted(json.loads((p / "metrics.json").read_text())["val/loss"] for p in jobs)
+    assert sorted(float(r.split("|")[3]) for r in rows) == pytest.approx(val, rel=1e-3)
+    assert len((sweep / "results.csv").read_text().splitlines()) == 4
+
+
+def test_resumed_run_continues_its_wandb_run(trained_run: Path, tmp_path: Path):
+    run = tmp_path / "run"
+    run_script("train.py", *FAST, "logger=csv_wandb", f"hydra.run.dir={run}")
+    run_script("train.py", *FAST, "logger=csv_wandb", f"hydra.run.dir={run}", "trainer.max_steps=6")
+    files = sorted(run.glob("wandb/offline-run-*/run-*.wandb"))
+    assert len(files) == 2 and len({f.name for f in files}) == 1  # one run id, two sessions
+    assert files[0].name == f"run-{(run / 'wandb_run_id').read_text().strip()}.wandb"
+
+
+def test_results_mean_and_std_over_seeds(tmp_path: Path):
+    for k, (schedule, seed, loss) in enumerate(
+        [("linear", 0, 1.0), ("linear", 1, 3.0), ("cosine", 0, 2.0), ("cosine", 1, 2.0)]
+    ):
+        job = tmp_path / str(k)
+        job.mkdir()
+        overrides = [f"schedule={schedule}", f"seed={seed}", "debug=fast"]
+        (job / "run.json").write_text(json.dumps({"overrides": overrides, "seed": seed}))
+        (job / "metrics.json").write_text(json.dumps({"val/loss": loss}))
+    results_main([str(tmp_path)])
+    csv = (tmp_path / "results.csv").read_text().splitlines()
+    assert csv[0] == "configuration,seeds,val/loss,val/loss_std"
+    assert csv[1] == '"debug=fast schedule=cosine",2,2,0'
+    assert csv[2] == f'"debug=fast schedule=linear",2,2,{math.sqrt(2):.6g}'
+    with pytest.raises(FileNotFoundError, match="no finished runs"):
+        results_main([str(tmp_path / "0" / "nothing")])
+
+
+def test_ddp_cpu_trains_checkpoints_and_measures_fid_inside_a_multirun(tmp_path: Path):
+    """trainer=ddp_cpu: 2 gloo processes per job, 2 jobs in one Hydra multirun. Each job
+    trains, checkpoints and measures FID/KID sharded over both ranks, in its own directory
+    (Lightning's own DDP launcher would restart the whole sweep in every child)."""
+    sweep = tmp_path / "sweep"
+    proc = run_script(
+        "train.py",
+        "-m",
+        *FAST,
+        "trainer=ddp_cpu",
+        "seed=0,1",
+        "callbacks=fid",
+        "callbacks.fid.n=70",
+        "callbacks.fid.features=64",
+        "callbacks.fid.reference_n=100",
+        f"callbacks.fid.weights={fid_helper_file()}",
+        "callbacks.fid.steps=2",
+        "callbacks.fid.kid=true",
+        "callbacks.fid.every_n_validations=2",
+        f"callbacks.fid.cache_dir={tmp_path / 'cache'}",
+        f"hydra.sweep.dir={sweep}",
+    )
+    assert proc.stdout.count("Launching 2 jobs") == 1  # no child restarted the sweep
+    jobs = job_dirs(sweep)
+    assert len(jobs) == 2
+    fids = []
+    for job in jobs:
+        info = json.loads((job / "run.json").read_text())
+        assert info["world_size"] == 2 and info["effective_batch_size"] == 16
+        ckpt = torch.load(job / "checkpoints" / "last.ckpt", weights_only=True)
+        assert ckpt["global_step"] == 4 and len(ckpt["rng_states"]) == 2  # both ranks' RNG
+        metrics = json.loads((job / "metrics.json").read_text())
+        fids.append(metrics["val/fid70_train_ddpm2"])
+        assert metrics["val/kid70_train_ddpm2"] > 0
+    assert all(f > 1 for f in fids) and fids[0] != fids[1]  # seeds 0 and 1 differ
+
+
+def test_optuna_search_runs_trials_and_reports_the_best(tmp_path: Path):
+    sweep = tmp_path / "optuna"
+    run_script(
+        "train.py",
+        "hparams_search=optuna",
+        *FAST,
+        "hydra.sweeper.n_trials=2",
+        f"hydra.sweep.dir={sweep}",
+    )
+    assert len(job_dirs(sweep)) == 2
+    best = (sweep / "optimization_results.yaml").read_text()
+    assert "best_params" in best and "module.optimizer.lr" in best and "best_value" in best
+
+
+def test_launcher_and_search_configs_compose():
+    cfg = compose_config(["hydra/launcher=slurm", "trainer=ddp", "trainer.devices=4"])
+    launcher = cfg.hydra.launcher
+    assert launcher._target_.endswith("SlurmLauncher")
+    assert launcher.tasks_per_node == 4 and launcher.nodes == 1
+    cfg = compose_config(["hparams_search=optuna"])
+    assert cfg.hydra.sweeper._target_.endswith("OptunaSweeper")
+    assert set(cfg.hydra.sweeper.params) == {"module.optimizer.lr", "module.ema_decay", "schedule"}
+
+
+def test_same_seed_same_losses(tmp_path: Path):
+    curves = []
+    for k in range(2):
+        run = tmp_path / str(k)
+        run_script("train.py", *FAST, f"hydra.run.dir={run}")
+        curves.append(torch.load(run / "checkpoints" / "last.ckpt", weights_only=True))
+    assert curves[0]["callbacks"]["LossCurve"] == curves[1]["callbacks"]["LossCurve"]
+    for name, value in curves[0]["state_dict"].items():
+        assert torch.equal(value, curves[1]["state_dict"][name]), name
+    info = json.loads((tmp_path / "0" / "run.json").read_text())
+    assert info["seed"] == 0 and "train.py" in info["command"]  # what reruns it
+    assert (tmp_path / "0" / "config.yaml").is_file()
+
+
+PRESETS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
+TRAINING_PRESETS = [p for p in PRESETS if p != "ddim_cifar10_eval"]
+# the reduced size: a tiny network, batch 2, one step, grids of 2 images in 2 steps
+REDUCED = [
+    "model.ch=8",
+    "model.num_res_blocks=1",
+    "dataset.batch_size=2",
+    "dataset.val_fraction=0.2",
+    "+trainer.fast_dev_run=1",
+    "trainer.accelerator=cpu",
+    "trainer.devices=1",
+    "trainer.precision=32-true",
+    "+trainer.enable_progress_bar=false",
+    "logger=none",
+    "callbacks.sample_grid.n=2",
+    "callbacks.sample_grid.steps=2",
+    "callbacks.sample_grid.final_steps=2",
+]
+
+
+@pytest.mark.parametrize("preset", TRAINING_PRESETS)
+def test_every_preset_runs_one_step(preset, fake_cifar, fake_stl10, tmp_path):  # noqa: F811
+    fake_mnist(tmp_path, n=40)
+    _fake_emnist(tmp_path)
+    _fake_ffhq(tmp_path)
+    base = compose_config([f"experiment={preset}", "hydra.runtime.output_dir=/tmp/x"])
+    extra = ["~callbacks.fid"] if "fid" in base.callbacks else []  # FID: its own tests
+    if base.dataset.name == "ffhq":  # the fake FFHQ images are 64 px
+        extra.append("dataset.image_size=64")
+    cfg = compose_config(
+        [
+            f"experiment={preset}",
+            *REDUCED,
+            *extra,
+            f"paths.data_dir={tmp_path}",
+            f"hydra.runtime.output_dir={tmp_path / 'run'}",
+        ]
+    )
+    with open_dict(cfg):
+        del cfg["hydra"]
+    metrics = train_script.train(cfg)
+    assert math.isfinite(metrics["train/loss"])
+    assert (tmp_path / "run" / "samples" / "final.png").is_file()
+
+
+def test_ddim_table_preset_on_a_checkpoint(trained_run: Path, tmp_path: Path):
+    """ddim_cifar10_eval for eval.py: DDIM, eta 0, quadratic steps, the paper's step counts;
+    run here on the tiny checkpoint with fewer images and steps (overrides)."""
+    cfg = compose_config(["+experiment=ddim_cifar10_eval", "source=x.ckpt"], name="eval")
+    assert list(cfg.table) == ["ddim:10", "ddim:20", "ddim:50", "ddim:100", "ddpm:1000"]
+    assert cfg.sampler.name == "ddim" and cfg.sampler.spacing == "quadratic"
+    assert cfg.dataset.name == "cifar10" and cfg.n == 50000
+    cfg = compose_config(
+        [
+            "+experiment=ddim_cifar10_eval",
+            f"source={trained_run / 'checkpoints' / 'last.ckpt'}",
+            "dataset=mnist5k",
+            "n=70",
+            "reference_n=100",
+            "features=64",
+            f"weights={fid_helper_file()}",
+            "table=[ddim:2,ddim:3]",
+            "batch_size=35",
+            f"cache_dir={tmp_path}",
+            f"out={tmp_path / 'table.json'}",
+        ],
+        name="eval",
+    )
+    result = eval_script.evaluate(cfg)
+    assert result["fid70_train_ddim2"] > 0 and result["fid70_train_ddim3"] > 0
+    assert (tmp_path / "table.table.md").read_text().count("| ddim |") == 2
