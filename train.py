@@ -186,8 +186,22 @@ def main(cfg: DictConfig) -> float | None:
     # the value a Hydra sweeper (hparams_search=optuna) minimises
     name = cfg.get("optimized_metric") or "val/loss"
     if name not in metrics:
-        raise KeyError(f"optimized_metric={name} was not logged; logged: {sorted(metrics)}")
+        message = f"optimized_metric={name} was not logged; logged: {sorted(metrics)}"
+        if _optimizing():
+            raise KeyError(message)  # a sweeper would minimise nothing
+        log.warning(message)
+        return None
     return metrics[name]
+
+
+def _optimizing() -> bool:
+    """Whether a sweeper that uses the returned value (Optuna) runs this job."""
+    from hydra.core.hydra_config import HydraConfig
+
+    try:
+        return "optuna" in str(HydraConfig.get().sweeper.get("_target_", "")).lower()
+    except ValueError:
+        return False
 
 
 if __name__ == "__main__":

@@ -19,7 +19,6 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
-
 IGNORED = ("seed", "resume", "trainer.enable_progress_bar")
 
 
