@@ -2,13 +2,14 @@
 #   make train            the quickstart (python train.py), then the readability score of its grid
 #   make test             the test suite (fast tests; `make test-all` adds the slow ones)
 #   make lint             ruff
+#   make bench            training / sampling speed beside lucidrains and diffusers (bench/speed.py)
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 ARGS ?=
 
-.PHONY: install train test test-all lint clean-venv
+.PHONY: install train test test-all lint bench clean-venv
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -33,6 +34,10 @@ test-all: $(STAMP)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
+
+bench: $(STAMP)
+	$(PY) -m pip install --quiet --disable-pip-version-check -e ".[dev,bench]"
+	$(PY) -m bench.speed --json bench/results/speed_$$($(PY) -c "import torch; print('cuda' if torch.cuda.is_available() else 'cpu')").json $(ARGS)
 
 clean-venv:
 	rm -rf $(VENV)

@@ -111,6 +111,10 @@ class DiffusionModule(L.LightningModule):
             in between, and always before a checkpoint is written, so none holds a diverged
             state); "skip" drops that batch's update and goes on (one device sync per step),
             until `nonfinite_max_skips` batches in a row were dropped.
+        channels_last: keep the network's weights and activations in NHWC (faster
+            convolutions on tensor cores).
+        compile: train through `torch.compile(net)`; if compiling fails (no compiler, an
+            unsupported op), a warning says why and training goes on eagerly.
     """
 
     def __init__(
@@ -129,6 +133,8 @@ class DiffusionModule(L.LightningModule):
         nonfinite: str = "stop",
         nonfinite_check_every: int = 1,
         nonfinite_max_skips: int = 100,
+        channels_last: bool = False,
+        compile: bool = False,
     ) -> None:
         super().__init__()
         net, schedule, optimizer, lr_scheduler = map(
@@ -155,6 +161,11 @@ class DiffusionModule(L.LightningModule):
         self.schedule: NoiseSchedule = hydra.utils.instantiate(schedule)
         self.ema = EMA(self.net, decay=ema_decay, warmup=ema_warmup)
         self.class_names: list[str] = []  # from the datamodule; saved in every checkpoint
+        if channels_last:
+            self.net.to(memory_format=torch.channels_last)
+        # the compiled view of self.net used for training steps (same parameters, same state
+        # dict); a plain list so it isn't registered as a second copy of the network
+        self._compiled: list[nn.Module] = [torch.compile(self.net)] if compile else []
         self._first_bad: Tensor | None = None  # step of the first non-finite loss/grad, or -1
         self.skipped_steps = 0
         self._skips_in_a_row = 0
@@ -275,7 +286,9 @@ class DiffusionModule(L.LightningModule):
         if self.num_classes and y is not None and self.training and self.hparams.cond_drop_prob:
             drop = torch.rand(B, device=x0.device) < self.hparams.cond_drop_prob
             y = torch.where(drop, torch.full_like(y, self.num_classes), y)
-        out = net(x_t, t, y if self.num_classes else None)
+        if self.hparams.channels_last:
+            x_t = x_t.contiguous(memory_format=torch.channels_last)
+        out = self._forward(net, x_t, t, y if self.num_classes else None)
         target = {"eps": noise, "x0": x0, "v": None}[self.hparams.objective]
         if target is None:
             target = self.schedule.velocity(x0, t, noise)
@@ -292,6 +305,16 @@ class DiffusionModule(L.LightningModule):
                 ]
             )
         return (losses, t) if return_t else losses
+
+    def _forward(self, net: nn.Module, x_t: Tensor, t: Tensor, y: Tensor | None) -> Tensor:
+        if net is not self.net or not self._compiled or not self.training:
+            return net(x_t, t, y)
+        try:
+            return self._compiled[0](x_t, t, y)
+        except Exception as e:  # compilation happens at the first call: fall back for good
+            log.warning("torch.compile failed (%s: %s); training eagerly", type(e).__name__, e)
+            self._compiled = []
+            return net(x_t, t, y)
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor | None:
         x0, y = batch

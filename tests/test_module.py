@@ -170,3 +170,24 @@ def test_eps_from_output_inverts_each_objective():
         x_t = s.q_sample(x0, t, eps)
         target = {"eps": eps, "x0": x0, "v": s.velocity(x0, t, eps)}[objective]
         assert torch.allclose(module.eps_from_output(target, x_t, t), eps, atol=2e-3), objective
+
+
+def test_channels_last_gives_the_same_loss():
+    x = images()
+    plain, nhwc = make(), make(channels_last=True)
+    assert nhwc.net.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(eval_loss(nhwc, x), eval_loss(plain, x), rtol=1e-4, atol=1e-5)
+
+
+def test_compile_failure_falls_back_to_eager(caplog):
+    module = make(compile=True)
+
+    def broken(*args):
+        raise RuntimeError("no C compiler")
+
+    module._compiled = [broken]
+    module.train()
+    with caplog.at_level("WARNING"):
+        loss = module.loss_fn(images(), None).mean()
+    assert torch.isfinite(loss) and module._compiled == []
+    assert "torch.compile failed (RuntimeError: no C compiler); training eagerly" in caplog.text

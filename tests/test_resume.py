@@ -231,3 +231,45 @@ def test_unwritable_run_directory_fails_at_start(tmp_path: Path):
     assert proc.returncode != 0
     assert proc.stderr.strip().startswith("Error: cannot write to the run directory")
     assert "Traceback" not in proc.stderr
+
+
+def test_keep_last_k_and_a_failed_save_deletes_nothing(tmp_path: Path, monkeypatch):
+    """save_top_k=2 keeps the two newest periodic checkpoints; when a save fails (disk full),
+    the exception comes before Lightning removes anything, so the older ones stay whole."""
+    import importlib
+
+    from conftest import compose_config
+    from omegaconf import open_dict
+
+    sys.path.insert(0, str(ROOT))
+    train_script = importlib.import_module("train")
+
+    def cfg(run: Path, *extra: str):
+        c = compose_config(
+            [*FAST, "callbacks.model_checkpoint.save_top_k=2", "trainer.max_steps=8", *extra]
+            + [f"hydra.runtime.output_dir={run}"]
+        )
+        with open_dict(c):
+            del c["hydra"]
+        return c
+
+    train_script.train(cfg(tmp_path / "a"))
+    names = sorted(p.name for p in (tmp_path / "a" / "checkpoints").glob("*.ckpt"))
+    assert names == ["last.ckpt", "step_0000006.ckpt", "step_0000008.ckpt"]
+
+    real_save, calls = torch.save, []
+
+    def fails_on_third(obj, f, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 5:  # step 2 (periodic + last), step 4 (periodic + last), step 6
+            raise OSError(28, "No space left on device")
+        return real_save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", fails_on_third)
+    with pytest.raises(CheckpointError, match="No space left on device"):
+        train_script.train(cfg(tmp_path / "b"))
+    monkeypatch.undo()
+    kept = sorted(p.name for p in (tmp_path / "b" / "checkpoints").iterdir())
+    assert kept == ["last.ckpt", "step_0000002.ckpt", "step_0000004.ckpt"]  # nothing half-written
+    for name in kept:
+        torch.load(tmp_path / "b" / "checkpoints" / name, weights_only=True)
