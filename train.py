@@ -19,6 +19,7 @@ import json
 import logging
 import os
 import sys
+from itertools import count
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +30,13 @@ from hydra.errors import InstantiationException
 from omegaconf import DictConfig, OmegaConf
 
 from ddpm.checkpoint import CheckpointError, load_checkpoint
-from ddpm.resume import AtomicCheckpointIO, check_writable, checkpoint_files, find_checkpoint
+from ddpm.resume import (
+    AtomicCheckpointIO,
+    check_writable,
+    checkpoint_files,
+    find_checkpoint,
+    first_unused,
+)
 from ddpm.tracking import dirname, record_run, use_ddp_child_command
 
 log = logging.getLogger(__name__)
@@ -37,10 +44,10 @@ log = logging.getLogger(__name__)
 DDP_VARIABLES = ("LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "RANK")
 
 
-def resume_from(resume: str | None, out: Path) -> Path | None:
-    """The checkpoint to continue from: resume=auto the newest one of this run directory that
-    loads (none: a fresh start), resume=PATH that file, resume=null none (refused when the
-    directory already holds checkpoints, which a fresh run would overwrite)."""
+def resume_from(resume: str | None, out: Path) -> tuple[Path, dict[str, Any]] | None:
+    """The checkpoint to continue from, and its contents: resume=auto the newest one of this
+    run directory that loads (none: a fresh start), resume=PATH that file, resume=null none
+    (refused when the directory already holds checkpoints, which a fresh run would overwrite)."""
     existing = checkpoint_files(out)
     if resume is None or str(resume).lower() in ("null", "none", "never", "false"):
         if existing:
@@ -51,21 +58,21 @@ def resume_from(resume: str | None, out: Path) -> Path | None:
             )
         return None
     if str(resume) == "auto":
-        path = find_checkpoint(out)
-        if path is None and existing:
+        found = find_checkpoint(out)
+        if found is None and existing:
             raise CheckpointError(
                 f"none of the {len(existing)} checkpoints in {out} loads (see the warnings "
                 "above); give one with resume=PATH, or a new hydra.run.dir to start afresh"
             )
-        return path
-    load_checkpoint(resume)  # a missing, corrupt or unsafe file: a clear error, now
-    return Path(resume)
+        return found
+    # a missing, corrupt or unsafe file: a clear error, now
+    return Path(resume), load_checkpoint(resume)
 
 
-def check_same_network(path: Path, net: dict) -> None:
+def check_same_network(path: Path, ckpt: dict[str, Any], net: dict) -> None:
     """A checkpoint of another architecture, named with what differs (Lightning would fail
     later with a long list of mismatched tensor shapes)."""
-    saved = (load_checkpoint(path).get("hyper_parameters") or {}).get("net")
+    saved = (ckpt.get("hyper_parameters") or {}).get("net")
     if saved is None or saved == net:
         return
     diff = ", ".join(
@@ -85,10 +92,7 @@ def save_config(cfg: DictConfig, out: Path) -> None:
     text = OmegaConf.to_yaml(cfg, resolve=True)
     path = out / "config.yaml"
     if path.is_file() and path.read_text() != text:
-        k = 1
-        while (out / f"config.resume{k}.yaml").exists():
-            k += 1
-        path = out / f"config.resume{k}.yaml"
+        path = first_unused(out / f"config.resume{k}.yaml" for k in count(1))
         log.info("resumed with changed settings: %s", path)
     path.write_text(text)
 
@@ -102,10 +106,7 @@ def build_loggers(cfg: DictConfig, out: Path, resuming: bool) -> list:
         if resuming and str(node.get("_target_", "")).endswith("CSVLogger"):
             base = Path(node.save_dir) / node.name
             if (base / "metrics.csv").exists():
-                k = 1
-                while (base / f"resume{k}").exists():
-                    k += 1
-                overrides["version"] = f"resume{k}"
+                overrides["version"] = first_unused(base / f"resume{k}" for k in count(1)).name
         loggers.append(build(node, **overrides))
     return loggers
 
@@ -130,9 +131,12 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     out = Path(cfg.paths.output_dir)
     check_writable(out)
     # before building anything: a missing, corrupt or unsafe checkpoint fails now
-    ckpt_path = resume_from(cfg.resume, out)
-    if ckpt_path is not None:
-        check_same_network(ckpt_path, OmegaConf.to_container(cfg.module.net, resolve=True))
+    found = resume_from(cfg.resume, out)
+    ckpt_path = None
+    if found is not None:
+        ckpt_path, ckpt = found
+        check_same_network(ckpt_path, ckpt, OmegaConf.to_container(cfg.module.net, resolve=True))
+        del ckpt, found  # Lightning loads it again for the restore: don't hold two copies
     save_config(cfg, out)
 
     datamodule: L.LightningDataModule = build(cfg.dataset, seed=cfg.seed)

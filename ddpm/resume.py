@@ -20,6 +20,8 @@ import re
 import signal
 import subprocess
 import uuid
+from collections.abc import Iterable
+from itertools import chain, count
 from pathlib import Path
 from typing import Any
 
@@ -74,15 +76,21 @@ def checkpoint_files(run_dir: str | Path) -> list[Path]:
     return sorted(files, key=lambda p: (p.stat().st_mtime_ns, p.name), reverse=True)
 
 
-def find_checkpoint(run_dir: str | Path) -> Path | None:
-    """The newest checkpoint of `run_dir` that loads. Corrupt ones newer than it are reported
-    by name, skipped and renamed to <name>.corrupt: kept for a look, but out of the way of the
+def first_unused(candidates: Iterable[Path]) -> Path:
+    """The first of `candidates` that doesn't exist: a name that overwrites nothing."""
+    return next(path for path in candidates if not path.exists())
+
+
+def find_checkpoint(run_dir: str | Path) -> tuple[Path, dict[str, Any]] | None:
+    """The newest checkpoint of `run_dir` that loads, and its contents (loaded once: a resumed
+    run reads it for checks before Lightning does). Corrupt ones newer than it are reported by
+    name, skipped and renamed to <name>.corrupt: kept for a look, but out of the way of the
     resumed run (which would otherwise write its last.ckpt as last-v1.ckpt). When none loads,
     nothing is renamed."""
     corrupt = []
     for path in checkpoint_files(run_dir):
         try:
-            load_checkpoint(path)
+            ckpt = load_checkpoint(path)
         except CheckpointError as e:
             log.warning("skipping checkpoint %s: %s", path, e)
             corrupt.append(path)
@@ -91,12 +99,11 @@ def find_checkpoint(run_dir: str | Path) -> Path | None:
         if int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0"))) != 0:
             corrupt = []
         for bad in corrupt:
-            target, k = bad.with_name(bad.name + ".corrupt"), 1
-            while target.exists():
-                target, k = bad.with_name(f"{bad.name}.corrupt{k}"), k + 1
+            names = chain([f"{bad.name}.corrupt"], (f"{bad.name}.corrupt{k}" for k in count(1)))
+            target = first_unused(bad.with_name(name) for name in names)
             bad.rename(target)
             log.warning("renamed %s to %s", bad.name, target.name)
-        return path
+        return path, ckpt
     return None
 
 

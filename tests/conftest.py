@@ -51,6 +51,24 @@ def run_script(script: str, *overrides: str, check: bool = True) -> subprocess.C
 FAST = ["debug=fast", "+trainer.enable_progress_bar=false"]
 
 
+def tiny_fid(cache_dir: Path) -> list[str]:
+    """callbacks=fid at test size: FID and KID of 70 samples (2 steps) on the 64-d features
+    against 100 digits, at every second validation, on fid-helper's offline weights."""
+    from ddpm.metrics import fid_helper_file
+
+    return [
+        "callbacks=fid",
+        "callbacks.fid.n=70",
+        "callbacks.fid.features=64",
+        "callbacks.fid.reference_n=100",
+        f"callbacks.fid.weights={fid_helper_file()}",
+        "callbacks.fid.steps=2",
+        "callbacks.fid.every_n_validations=2",
+        "callbacks.fid.kid=true",
+        f"callbacks.fid.cache_dir={cache_dir}",
+    ]
+
+
 @pytest.fixture(scope="session")
 def trained_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """One tiny training run (4 steps) shared by the tests that need a checkpoint."""

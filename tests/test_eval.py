@@ -172,21 +172,13 @@ def test_metrics_sharded_over_two_processes_equal_one(
 def test_train_py_logs_fid_at_validation(tmp_path: Path):
     import csv
 
-    from conftest import FAST
+    from conftest import FAST, tiny_fid
 
     run = tmp_path / "run"
     run_script(
         "train.py",
         *FAST,
-        "callbacks=fid",
-        "callbacks.fid.n=70",
-        "callbacks.fid.features=64",
-        "callbacks.fid.reference_n=100",
-        f"callbacks.fid.weights={fid_helper_file()}",
-        "callbacks.fid.steps=2",
-        "callbacks.fid.every_n_validations=2",
-        "callbacks.fid.kid=true",
-        f"callbacks.fid.cache_dir={tmp_path / 'cache'}",
+        *tiny_fid(tmp_path / "cache"),
         f"hydra.run.dir={run}",
     )
     with open(run / "logs" / "metrics.csv") as f:

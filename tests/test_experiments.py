@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import CONF, FAST, ROOT, compose_config, run_script
+from conftest import CONF, FAST, ROOT, compose_config, run_script, tiny_fid
 from omegaconf import open_dict
 from test_datasets import _fake_emnist, _fake_ffhq, fake_cifar, fake_mnist, fake_stl10  # noqa: F401
 from wandb_records import summary
@@ -115,15 +115,7 @@ def test_ddp_cpu_trains_checkpoints_and_measures_fid_inside_a_multirun(tmp_path:
         *FAST,
         "trainer=ddp_cpu",
         "seed=0,1",
-        "callbacks=fid",
-        "callbacks.fid.n=70",
-        "callbacks.fid.features=64",
-        "callbacks.fid.reference_n=100",
-        f"callbacks.fid.weights={fid_helper_file()}",
-        "callbacks.fid.steps=2",
-        "callbacks.fid.kid=true",
-        "callbacks.fid.every_n_validations=2",
-        f"callbacks.fid.cache_dir={tmp_path / 'cache'}",
+        *tiny_fid(tmp_path / "cache"),
         f"hydra.sweep.dir={sweep}",
     )
     assert proc.stdout.count("Launching 2 jobs") == 1  # no child restarted the sweep
