@@ -24,13 +24,13 @@ install: $(STAMP)
 
 train: $(STAMP)
 	$(PY) train.py name=quickstart $(ARGS)
-	$(PY) -m bench.readability "$$(ls -td runs/quickstart/*/ | head -n 1)samples/final.png"
+	$(PY) -m bench.readability --labels cycle "$$(ls -td runs/quickstart/*/ | head -n 1)samples/final.png"
 
 test: $(STAMP)
-	$(PY) -m pytest -m "not slow" $(ARGS)
+	$(PY) -m pytest -m "not slow" --durations=15 $(ARGS)
 
 test-all: $(STAMP)
-	$(PY) -m pytest $(ARGS)
+	$(PY) -m pytest --durations=15 $(ARGS)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

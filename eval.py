@@ -25,6 +25,7 @@ from tqdm import tqdm
 
 from ddpm.callbacks import cycle_labels, to_uint8
 from ddpm.checkpoint import load_module
+from ddpm.device import pick_device
 from ddpm.metrics import (
     InceptionMetrics,
     cached_reference,
@@ -35,7 +36,6 @@ from ddpm.metrics import (
     stats_key,
 )
 from ddpm.samplers import sampler_settings
-from sample import pick_device
 
 log = logging.getLogger(__name__)
 

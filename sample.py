@@ -25,6 +25,7 @@ from tqdm import tqdm
 
 from ddpm.callbacks import cycle_labels, save_grid, save_png, to_uint8
 from ddpm.checkpoint import load_module
+from ddpm.device import pick_device
 from ddpm.render import (
     Recorder,
     letter_labels,
@@ -37,15 +38,6 @@ from ddpm.render import (
 from ddpm.samplers import sampler_settings
 
 log = logging.getLogger(__name__)
-
-
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device={name} was asked for but CUDA is not available; use device=cpu")
-    return device
 
 
 def finished_images(out: Path, overwrite: bool, resume: bool) -> int:
@@ -77,6 +69,24 @@ def check_shape(module, cfg: DictConfig) -> None:
         )
 
 
+def sampling(cfg: DictConfig, module) -> tuple[dict, float]:
+    """generate()'s sampler arguments and the guidance w: by default (sampler=checkpoint,
+    guidance=null) those the checkpoint's final training grid was drawn with, so that
+    `sample.py ckpt=...` alone draws what training showed; DDPM over all T steps and no
+    guidance for a checkpoint that has none. `steps=`, `guidance=` and sampler options
+    (`+sampler.variance=large`) override either way."""
+    saved = dict(module.sampling)
+    saved_guidance = float(saved.pop("guidance", 0.0) or 0.0)
+    config = OmegaConf.to_container(cfg.sampler, resolve=True)
+    if config["name"] == "checkpoint":
+        del config["name"]
+        config = {"name": saved.pop("sampler", "ddpm"), **saved, **config}
+    sampler = sampler_settings(config, cfg.steps)
+    sampler["use_ema"] = cfg.use_ema
+    guidance = saved_guidance if cfg.guidance is None else float(cfg.guidance)
+    return sampler, guidance
+
+
 def resolve_labels(cfg: DictConfig, n: int, module) -> tuple[list[int] | None, int | None]:
     """labels / class_name options -> one label per image (or None) and the grid's row length."""
     num_classes, names = module.num_classes, module.class_names
@@ -86,6 +96,8 @@ def resolve_labels(cfg: DictConfig, n: int, module) -> tuple[list[int] | None, i
         if name not in names:
             raise ValueError(f"class_name={name!r} is not one of the model's classes {names}")
         spec = [names.index(name)] * n
+    if spec == "auto":  # a class-conditional model draws one class per grid column
+        spec = "cycle" if num_classes else None
     if spec is None:
         return None, None
     if not num_classes:
@@ -101,7 +113,7 @@ def resolve_labels(cfg: DictConfig, n: int, module) -> tuple[list[int] | None, i
     return labels, None
 
 
-def write_text(cfg: DictConfig, module, out: Path, sampler: dict) -> Path:
+def write_text(cfg: DictConfig, module, out: Path, sampler: dict, guidance: float) -> Path:
     """text="...": each letter drawn by a letters model, laid out as wrapped lines."""
     if not module.num_classes or not module.class_names:
         raise ValueError(
@@ -114,7 +126,7 @@ def write_text(cfg: DictConfig, module, out: Path, sampler: dict) -> Path:
         len(labels),
         seed=cfg.seed,
         labels=labels,
-        guidance=cfg.guidance,
+        guidance=guidance,
         callback=recorder,
         **sampler,
     )
@@ -146,12 +158,13 @@ def sample(cfg: DictConfig) -> Path:
             f"guidance={cfg.guidance} needs a class-conditional model, and {cfg.ckpt} is "
             "unconditional (trained with model.num_classes=null); drop guidance="
         )
-    sampler = sampler_settings(OmegaConf.to_container(cfg.sampler, resolve=True), cfg.steps)
-    sampler["use_ema"] = cfg.use_ema
+    sampler, guidance = sampling(cfg, module)
     if cfg.text:
-        return write_text(cfg, module, out, sampler)
+        return write_text(cfg, module, out, sampler, guidance)
 
     labels, nrow = resolve_labels(cfg, cfg.n, module)
+    if labels is None and cfg.guidance is None:
+        guidance = 0.0  # unconditional samples of a conditional model: nothing to guide towards
     (out / "images").mkdir(parents=True, exist_ok=True)
     kept = [load_png(out / "images" / f"{k:06d}.png") for k in range(start)]
     recorder = Recorder(sampler["steps"] or module.schedule.num_timesteps) if cfg.animate else None
@@ -171,7 +184,7 @@ def sample(cfg: DictConfig) -> Path:
                 seed=cfg.seed,
                 first_index=first,
                 labels=batch_labels,
-                guidance=cfg.guidance,
+                guidance=guidance,
                 callback=recorder if animate else None,
                 **sampler,
             )

@@ -30,6 +30,7 @@ from hydra.errors import InstantiationException
 from omegaconf import DictConfig, OmegaConf
 
 from ddpm.checkpoint import CheckpointError, load_checkpoint
+from ddpm.device import choose_precision
 from ddpm.resume import (
     AtomicCheckpointIO,
     check_writable,
@@ -146,6 +147,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     plugins = [build(p) for p in cfg.trainer.get("plugins") or []]
     trainer: L.Trainer = build(
         cfg.trainer,
+        precision=choose_precision(cfg.trainer.precision, cfg.trainer.accelerator),
         callbacks=callbacks,
         logger=loggers or False,
         plugins=[*plugins, AtomicCheckpointIO()],
@@ -158,10 +160,30 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
     log.info("finished at step %d: %s", trainer.global_step, metrics)
+    warn_if_cut_short(trainer, cfg.trainer.get("max_time"))
     if trainer.is_global_zero:  # what `python -m ddpm.results` tabulates over a sweep
         final = {"step": trainer.global_step, **metrics}
         (out / "metrics.json").write_text(json.dumps(final, indent=1) + "\n")
     return metrics
+
+
+def warn_if_cut_short(trainer: L.Trainer, max_time: str | None) -> None:
+    """The wall-clock guard is a last resort: when it, not max_steps, ended training, say so
+    loudly, since the run's samples and metrics are then those of a shorter run."""
+    cut = max_time and trainer.max_steps > 0 and trainer.global_step < trainer.max_steps
+    if cut and not trainer.interrupted:
+        log.warning(
+            "\n%s\nSTOPPED EARLY: trainer.max_time=%s ended training at step %d of %d. "
+            "This machine is slower than the run was sized for, so the samples and metrics "
+            "are those of a shorter run. Continue it with the same command plus "
+            "hydra.run.dir=%s, or raise trainer.max_time.\n%s",
+            "!" * 80,
+            max_time,
+            trainer.global_step,
+            trainer.max_steps,
+            trainer.default_root_dir,
+            "!" * 80,
+        )
 
 
 OmegaConf.register_new_resolver("ddpm_dirname", dirname, replace=True)  # hydra/default.yaml

@@ -90,14 +90,17 @@ class SampleGrid(L.Callback):
                 module.num_classes,
             )
         recorder = Recorder(steps or module.schedule.num_timesteps) if animate else None
-        images = module.generate(
-            self.n,
-            seed=self.seed,
-            labels=labels,
-            guidance=guidance,
-            callback=recorder,
-            **{**self.sampler, "steps": steps},
-        )
+        # in the run's precision: under bf16-mixed the grid is drawn 2.3x faster on a CPU with
+        # native bf16, and reads as well as in fp32 (bench/samplers.py)
+        with trainer.precision_plugin.forward_context():
+            images = module.generate(
+                self.n,
+                seed=self.seed,
+                labels=labels,
+                guidance=guidance,
+                callback=recorder,
+                **{**self.sampler, "steps": steps},
+            ).float()
         path = save_grid(images, Path(trainer.default_root_dir) / "samples" / f"{name}.png", nrow)
         if recorder is not None:
             self._animation(trainer, module, recorder, path.with_suffix(".gif"), nrow)
@@ -119,6 +122,11 @@ class SampleGrid(L.Callback):
         for logger in trainer.loggers:
             if hasattr(logger, "log_video"):  # W&B
                 logger.log_video("denoising", [str(path)], step=trainer.global_step)
+
+    def on_fit_start(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        # the settings of the final grid travel in every checkpoint: sample.py's defaults
+        guidance = self.guidance if module.num_classes else 0.0
+        module.sampling = {**self.sampler, "steps": self.final_steps, "guidance": guidance}
 
     @rank_zero_only
     def on_validation_epoch_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:

@@ -70,4 +70,5 @@ def load_module(path: str | Path, map_location: str | torch.device = "cpu") -> D
             f"{str(e).splitlines()[0]} ..."
         ) from e
     module.class_names = list(ckpt.get("class_names", []))
+    module.sampling = dict(ckpt.get("sampling") or {})
     return module.to(map_location).eval()

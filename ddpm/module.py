@@ -161,6 +161,9 @@ class DiffusionModule(L.LightningModule):
         self.schedule: NoiseSchedule = hydra.utils.instantiate(schedule)
         self.ema = EMA(self.net, decay=ema_decay, warmup=ema_warmup)
         self.class_names: list[str] = []  # from the datamodule; saved in every checkpoint
+        # how this model's final grid was drawn (sampler, steps, options, guidance), set by the
+        # SampleGrid callback and saved in every checkpoint: sample.py's defaults
+        self.sampling: dict[str, Any] = {}
         if channels_last:
             self.net.to(memory_format=torch.channels_last)
         # the compiled view of self.net used for training steps (same parameters, same state
@@ -177,6 +180,7 @@ class DiffusionModule(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.check_finite()  # never write a diverged state over a good one
         checkpoint["class_names"] = list(self.class_names)
+        checkpoint["sampling"] = dict(self.sampling)
         # every rank's RNG (each draws its own noise), so a resumed run draws what this one
         # would have; Lightning itself keeps none of them
         states = [rng_state()]
@@ -187,6 +191,7 @@ class DiffusionModule(L.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.class_names = list(checkpoint.get("class_names", []))
+        self.sampling = dict(checkpoint.get("sampling") or {})
         # applied in on_train_start, right before the first batch: whatever draws from the
         # RNGs while Lightning sets up (after this hook) must not shift the streams
         self._rng_to_restore = (checkpoint.get("rng_states"), checkpoint.get("global_step", 0))

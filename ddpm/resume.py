@@ -28,6 +28,7 @@ from typing import Any
 import lightning as L
 import torch
 from hydra.experimental.callback import Callback
+from lightning.pytorch import callbacks
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from omegaconf import DictConfig
 
@@ -66,6 +67,20 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                 f"in {path.parent} are untouched; free disk space (or set paths.log_dir to "
                 "another disk) and rerun the same command to resume from the last good one"
             ) from e
+
+
+class ModelCheckpoint(callbacks.ModelCheckpoint):
+    """Lightning's ModelCheckpoint, plus the state at the end of training: Lightning writes
+    checkpoints only every `every_n_train_steps`, so a run whose max_steps (or max_time) falls
+    between two of them would lose its last steps; here `last.ckpt` and a step file are
+    written when training ends after the last periodic one."""
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self._last_global_step_saved != trainer.global_step and trainer.global_step > 0:
+            candidates = self._monitor_candidates(trainer)
+            self._save_topk_checkpoint(trainer, candidates)
+            self._save_last_checkpoint(trainer, candidates)
+        super().on_train_end(trainer, pl_module)
 
 
 def checkpoint_files(run_dir: str | Path) -> list[Path]:

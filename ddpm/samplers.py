@@ -202,8 +202,11 @@ def sample_dpmpp_2m(
             alpha, sigma = a**0.5, (1 - a) ** 0.5
             alpha_next, sigma_next = a_next**0.5, (1 - a_next) ** 0.5
             h = math.log(alpha_next / sigma_next) - math.log(alpha / sigma)  # λ_{i+1} - λ_i
-            if x0_prev is None:
-                d = x0  # first step: DPM-Solver++(1), i.e. DDIM
+            if x0_prev is None or idx == 1:
+                # the first step has no history; the last one into t = 0 spans a λ gap so
+                # wide (r ≈ 0.2) that extrapolating overshoots: both first order, i.e. DDIM
+                # (the reference implementation's lower_order_final)
+                d = x0
             else:
                 r = h_prev / h
                 d = (1 + 1 / (2 * r)) * x0 - 1 / (2 * r) * x0_prev

@@ -37,7 +37,7 @@ CASES = [
     (
         "β outside (0, 1)",
         "train",
-        ["schedule.beta_end=1.5"],
+        ["schedule=linear", "schedule.beta_end=1.5"],
         r"linear schedule needs 0 < beta_start <= beta_end < 1, got .*beta_end=1.5",
     ),
     (

@@ -335,6 +335,7 @@ def _fake_ffhq(root: Path) -> None:
         ("ffhq", _fake_ffhq, ["dataset.image_size=32"]),
     ],
 )
+@pytest.mark.slow
 def test_train_py_runs_on_each_dataset_config(tmp_path: Path, name, make, extra):
     from conftest import FAST, run_script
 

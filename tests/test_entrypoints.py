@@ -32,6 +32,7 @@ def test_train_writes_run_directory(trained_run: Path):
     assert lrs and lrs[-1] > lrs[0]  # the warm-up raises the learning rate
 
 
+@pytest.mark.slow
 def test_resume_continues_at_saved_step(trained_run: Path, tmp_path: Path):
     resumed = tmp_path / "resumed"
     run_script(
@@ -72,12 +73,14 @@ def test_sample_writes_grid_and_images(trained_run: Path, tmp_path: Path):
     assert proc.returncode != 0 and "already holds samples" in proc.stderr + proc.stdout
 
 
+@pytest.mark.slow
 def test_unknown_option_is_named():
     proc = run_script("train.py", *FAST, "trainer.max_stpes=3", check=False)
     assert proc.returncode != 0
     assert "max_stpes" in proc.stderr
 
 
+@pytest.mark.slow
 def test_missing_checkpoint_is_named(tmp_path: Path):
     missing = tmp_path / "nope" / "last.ckpt"
     proc = run_script("sample.py", f"ckpt={missing}", f"out={tmp_path / 's'}", check=False)
@@ -99,6 +102,7 @@ def _options(group: str) -> list[str]:
         f"{g}={o}"
         for g in ("dataset", "model", "schedule", "sampler", "trainer", "logger", "callbacks")
         for o in _options(g)
+        if (g, o) != ("sampler", "checkpoint")  # sample.py's default, not a training sampler
     ]
     + [f"experiment={o}" for o in _options("experiment")]
     + [f"debug={o}" for o in _options("debug")],
@@ -119,4 +123,6 @@ def test_every_config_composes_and_builds(override: str):
 
 def test_sample_config_composes():
     cfg = compose_config(["ckpt=x.ckpt"], name="sample")
-    assert cfg.n == 64 and cfg.sampler.name == "ddpm"
+    # sample.py draws as the checkpoint's final training grid did, unless told otherwise
+    assert cfg.n == 64 and cfg.sampler.name == "checkpoint"
+    assert cfg.labels == "auto" and cfg.guidance is None

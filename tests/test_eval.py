@@ -103,6 +103,7 @@ def eval_checkpoint(trained_run: Path, tmp_path: Path, *overrides: str) -> None:
     )
 
 
+@pytest.mark.slow
 def test_eval_py_samples_a_checkpoint(trained_run: Path, tmp_path: Path):
     out = tmp_path / "fid.json"
     eval_checkpoint(
@@ -118,6 +119,7 @@ def test_eval_py_samples_a_checkpoint(trained_run: Path, tmp_path: Path):
     assert result["fid70_train_dpmpp_2m2"] > 1.0
 
 
+@pytest.mark.slow
 def test_metrics_sharded_over_two_processes_equal_one(
     trained_run: Path, weights_with_classifier: str, tmp_path: Path
 ):
@@ -169,6 +171,7 @@ def test_metrics_sharded_over_two_processes_equal_one(
     assert two == pytest.approx(one, rel=1e-4)
 
 
+@pytest.mark.slow
 def test_train_py_logs_fid_at_validation(tmp_path: Path):
     import csv
 
@@ -197,6 +200,7 @@ def test_train_py_logs_fid_at_validation(tmp_path: Path):
     assert len([r for r in rows if r.get("val/loss")]) == 2
 
 
+@pytest.mark.slow
 def test_step_count_table(trained_run: Path, tmp_path: Path):
     out = tmp_path / "ckpt.json"
     eval_checkpoint(

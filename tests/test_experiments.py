@@ -29,6 +29,7 @@ def job_dirs(sweep: Path) -> list[Path]:
     return sorted(p for p in sweep.iterdir() if (p / "run.json").is_file())
 
 
+@pytest.mark.slow
 def test_sweep_over_schedules_with_offline_wandb_and_results_table(tmp_path: Path):
     sweep = tmp_path / "sweep"
     env_free = run_script(
@@ -77,6 +78,7 @@ def test_sweep_over_schedules_with_offline_wandb_and_results_table(tmp_path: Pat
     assert len((sweep / "results.csv").read_text().splitlines()) == 4
 
 
+@pytest.mark.slow
 def test_resumed_run_continues_its_wandb_run(trained_run: Path, tmp_path: Path):
     run = tmp_path / "run"
     run_script("train.py", *FAST, "logger=csv_wandb", f"hydra.run.dir={run}")
@@ -104,6 +106,7 @@ def test_results_mean_and_std_over_seeds(tmp_path: Path):
         results_main([str(tmp_path / "0" / "nothing")])
 
 
+@pytest.mark.slow
 def test_ddp_cpu_trains_checkpoints_and_measures_fid_inside_a_multirun(tmp_path: Path):
     """trainer=ddp_cpu: 2 gloo processes per job, 2 jobs in one Hydra multirun. Each job
     trains, checkpoints and measures FID/KID sharded over both ranks, in its own directory
@@ -133,6 +136,7 @@ def test_ddp_cpu_trains_checkpoints_and_measures_fid_inside_a_multirun(tmp_path:
     assert all(f > 1 for f in fids) and fids[0] != fids[1]  # seeds 0 and 1 differ
 
 
+@pytest.mark.slow
 def test_optuna_search_runs_trials_and_reports_the_best(tmp_path: Path):
     sweep = tmp_path / "optuna"
     run_script(
@@ -157,6 +161,7 @@ def test_launcher_and_search_configs_compose():
     assert set(cfg.hydra.sweeper.params) == {"module.optimizer.lr", "module.ema_decay", "schedule"}
 
 
+@pytest.mark.slow
 def test_same_seed_same_losses(tmp_path: Path):
     curves = []
     for k in range(2):
@@ -191,6 +196,7 @@ REDUCED = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("preset", TRAINING_PRESETS)
 def test_every_preset_runs_one_step(preset, fake_cifar, fake_stl10, tmp_path):  # noqa: F811
     fake_mnist(tmp_path, n=40)
@@ -216,6 +222,7 @@ def test_every_preset_runs_one_step(preset, fake_cifar, fake_stl10, tmp_path):  
     assert (tmp_path / "run" / "samples" / "final.png").is_file()
 
 
+@pytest.mark.slow
 def test_ddim_table_preset_on_a_checkpoint(trained_run: Path, tmp_path: Path):
     """ddim_cifar10_eval for eval.py: DDIM, eta 0, quadratic steps, the paper's step counts;
     run here on the tiny checkpoint with fewer images and steps (overrides)."""

@@ -99,6 +99,7 @@ def test_fid_and_kid_values(weights, digits, noise):
     assert kid["same"] == pytest.approx(mmd(fa, fa), rel=1e-3)
 
 
+@pytest.mark.slow
 def test_inception_score(weights_with_classifier, digits, noise):
     """IS = exp E[KL(p(y|x) || p(y))] per split, mean and std over 10 splits; on 80 copies
     of one image it is exactly 1; otherwise it equals a numpy computation from the logits."""

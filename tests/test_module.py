@@ -37,6 +37,7 @@ def eval_loss(module, x):
         return module.loss_fn(x, None, generator=torch.Generator().manual_seed(0)).mean().item()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("objective", ["eps", "x0", "v"])
 def test_tiny_model_overfits_a_few_images(objective):
     module = make(objective=objective, loss_weighting="min_snr" if objective == "eps" else "none")

@@ -57,6 +57,7 @@ def final_state(run_dir: Path) -> tuple[list, list, dict]:
     return curve["steps"], curve["losses"], ckpt["state_dict"]
 
 
+@pytest.mark.slow
 def test_sigkill_then_resume_equals_an_uninterrupted_run(tmp_path: Path):
     """The same losses for every step and the same final weights (network and EMA), whether
     the run was killed at a random point and rerun, or never interrupted."""
@@ -90,6 +91,7 @@ def test_sigkill_then_resume_equals_an_uninterrupted_run(tmp_path: Path):
     assert (killed / "logs" / "resume1" / "metrics.csv").is_file()
 
 
+@pytest.mark.slow
 def test_truncated_checkpoint_is_skipped_by_name(trained_run: Path, tmp_path: Path):
     import shutil
 
@@ -105,6 +107,7 @@ def test_truncated_checkpoint_is_skipped_by_name(trained_run: Path, tmp_path: Pa
     assert torch.load(last, weights_only=True)["global_step"] == 6
 
 
+@pytest.mark.slow
 def test_fresh_run_never_overwrites_checkpoints(trained_run: Path):
     before = {p: p.read_bytes() for p in (trained_run / "checkpoints").glob("*.ckpt")}
     proc = run_script("train.py", *FAST, f"hydra.run.dir={trained_run}", "resume=null", check=False)
@@ -113,6 +116,7 @@ def test_fresh_run_never_overwrites_checkpoints(trained_run: Path):
     assert {p: p.read_bytes() for p in before} == before
 
 
+@pytest.mark.slow
 def test_all_checkpoints_corrupt_is_an_error_not_a_fresh_start(tmp_path: Path):
     (tmp_path / "checkpoints").mkdir()
     bad = tmp_path / "checkpoints" / "last.ckpt"
@@ -122,6 +126,7 @@ def test_all_checkpoints_corrupt_is_an_error_not_a_fresh_start(tmp_path: Path):
     assert bad.read_bytes() == b"not a checkpoint"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sig", ["SIGTERM", "SIGUSR1"])
 def test_signal_saves_a_checkpoint_and_exits(tmp_path: Path, sig: str):
     run = tmp_path / "run"
@@ -141,6 +146,7 @@ def test_signal_saves_a_checkpoint_and_exits(tmp_path: Path, sig: str):
     )
 
 
+@pytest.mark.slow
 def test_slurm_sigusr1_saves_and_requeues(tmp_path: Path):
     """Under SLURM (its variables set, a stand-in scontrol on PATH that records its arguments),
     SIGUSR1 saves the checkpoint and runs `scontrol requeue <job id>`."""
@@ -183,6 +189,7 @@ def test_slurm_run_directory_is_the_job_id():
         del os.environ["SLURM_JOB_ID"]
 
 
+@pytest.mark.slow
 def test_divergence_stops_and_keeps_the_last_good_checkpoint(tmp_path: Path):
     """An absurd learning rate: step 1 is finite, step 2's loss is not. The run stops naming
     step 2, and nothing is written after step 1's checkpoint."""
@@ -221,6 +228,7 @@ def test_atomic_save_keeps_the_old_file_when_writing_fails(tmp_path: Path, monke
     assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]  # no temporary file left
 
 
+@pytest.mark.slow
 def test_unwritable_run_directory_fails_at_start(tmp_path: Path):
     blocker = tmp_path / "file"
     blocker.write_text("a file where the run directory should go")

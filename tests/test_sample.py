@@ -32,6 +32,7 @@ def _pixels(path: Path) -> np.ndarray:
     return np.asarray(Image.open(path))
 
 
+@pytest.mark.slow
 def test_npz_animation_and_noise_levels(trained_run: Path, tmp_path: Path):
     out = tmp_path / "s"
     run_script(
@@ -61,6 +62,7 @@ def test_npz_animation_and_noise_levels(trained_run: Path, tmp_path: Path):
     assert figure.width == (2 + 6 * (28 + 2)) * 3  # six noise levels side by side, 3x scale
 
 
+@pytest.mark.slow
 def test_class_name_and_bad_labels(trained_run: Path, tmp_path: Path):
     ckpt = trained_run / "checkpoints" / "last.ckpt"
     run_script(
@@ -98,6 +100,7 @@ def test_class_name_and_bad_labels(trained_run: Path, tmp_path: Path):
     assert "trained on 1x28x28 images, not 1x32x32 as asked" in proc.stderr
 
 
+@pytest.mark.slow
 def test_resume_finishes_without_redoing(trained_run: Path, tmp_path: Path):
     ckpt = trained_run / "checkpoints" / "last.ckpt"
     full, part = tmp_path / "full", tmp_path / "part"
@@ -117,6 +120,7 @@ def test_resume_finishes_without_redoing(trained_run: Path, tmp_path: Path):
     assert np.array_equal(_pixels(full / "grid.png"), _pixels(part / "grid.png"))
 
 
+@pytest.mark.slow
 def test_text_writes_a_sentence(letters_ckpt: Path, tmp_path: Path):
     out = tmp_path / "t"
     run_script(

@@ -186,7 +186,8 @@ def test_ddim_eta_1_all_steps_is_ddpm(clip):
 
 
 def reference_dpmpp_2m(x_T, schedule, ts):
-    """Lu et al. 2022, Algorithm 2 (DPM-Solver++(2M)) in float64 with λ = log(α/σ)."""
+    """Lu et al. 2022, Algorithm 2 (DPM-Solver++(2M)) in float64 with λ = log(α/σ), with the
+    first-order last step into t = 0 of their reference code (lower_order_final)."""
     a_bar = _a_bar64(schedule)
     seq = list(reversed(ts.tolist()))
     alpha = lambda t: a_bar[t].sqrt()  # noqa: E731
@@ -201,7 +202,7 @@ def reference_dpmpp_2m(x_T, schedule, ts):
             return x0
         s = seq[i + 1]
         h = lam(s) - lam(t)
-        if prev is None:
+        if prev is None or i == len(seq) - 2:
             d = x0
         else:
             r = prev[1] / h

@@ -1,0 +1,121 @@
+"""The training engine's choices: precision by hardware, a checkpoint at the end of training,
+the wall-clock guard that says so when it ends a run, and sample.py's checkpoint defaults."""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+from conftest import FAST, ROOT, compose_config
+from omegaconf import open_dict
+
+from ddpm.checkpoint import load_module
+from ddpm.device import choose_precision, cpu_flags, cpu_has_native_bf16
+
+sys.path.insert(0, str(ROOT))
+train_script = importlib.import_module("train")
+sample_script = importlib.import_module("sample")
+
+
+def test_cpu_flags_are_read_from_cpuinfo(tmp_path: Path):
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nflags\t\t: fpu sse avx512f avx512_bf16\n")
+    assert {"avx512f", "avx512_bf16"} <= cpu_flags(info)
+    assert cpu_flags(tmp_path / "missing") == set()
+
+
+def test_bf16_only_where_the_cpu_has_it(monkeypatch):
+    mkldnn = torch.backends.mkldnn.is_available()
+    assert cpu_has_native_bf16({"avx512f", "avx512_bf16"}) == mkldnn
+    assert cpu_has_native_bf16({"amx_bf16"}) == mkldnn
+    assert not cpu_has_native_bf16({"avx512f", "avx2"})  # emulated bf16 is slower than fp32
+    monkeypatch.setattr("ddpm.device.cpu_has_native_bf16", lambda: True)
+    assert choose_precision("auto", "cpu") == "bf16-mixed"
+    monkeypatch.setattr("ddpm.device.cpu_has_native_bf16", lambda: False)
+    assert choose_precision("auto", "cpu") == "32-true"
+    # an explicit value is the user's choice, whatever the machine
+    assert choose_precision("32-true", "cpu") == "32-true"
+    assert choose_precision("bf16-mixed", "cpu") == "bf16-mixed"
+
+
+def _cfg(run: Path, *extra: str):
+    cfg = compose_config([*FAST, *extra, f"hydra.runtime.output_dir={run}"])
+    with open_dict(cfg):
+        del cfg["hydra"]  # as train.py's main receives it
+    return cfg
+
+
+def test_a_run_ending_between_periodic_checkpoints_saves_its_last_step(tmp_path: Path):
+    train_script.train(
+        _cfg(tmp_path, "trainer.max_steps=3", "callbacks.model_checkpoint.every_n_train_steps=2")
+    )
+    names = sorted(p.name for p in (tmp_path / "checkpoints").glob("*.ckpt"))
+    assert names == ["last.ckpt", "step_0000002.ckpt", "step_0000003.ckpt"]
+    assert torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 3
+
+
+def test_the_guard_that_ends_a_run_says_so(caplog):
+    trainer = SimpleNamespace(
+        max_steps=800, global_step=595, interrupted=False, default_root_dir="r"
+    )
+    with caplog.at_level(logging.WARNING):
+        train_script.warn_if_cut_short(trainer, "00:00:08:30")
+    assert "STOPPED EARLY" in caplog.text and "step 595 of 800" in caplog.text
+    caplog.clear()
+    done = SimpleNamespace(max_steps=800, global_step=800, interrupted=False, default_root_dir="r")
+    train_script.warn_if_cut_short(done, "00:00:08:30")
+    train_script.warn_if_cut_short(trainer, None)  # no guard: max_steps ended it
+    assert "STOPPED EARLY" not in caplog.text
+
+
+def test_checkpoint_carries_how_its_grid_was_drawn(trained_run: Path):
+    """debug=fast keeps the quickstart's sampling: guided DDPM, the grid's step count."""
+    module = load_module(trained_run / "checkpoints" / "last.ckpt")
+    assert module.sampling == {
+        "sampler": "ddpm",
+        "steps": 3,
+        "variance": "small",
+        "clip_x0": True,
+        "guidance": 2.0,
+    }
+
+
+def test_sample_py_defaults_to_the_checkpoint_settings(trained_run: Path):
+    ckpt = trained_run / "checkpoints" / "last.ckpt"
+    module = load_module(ckpt)
+    cfg = compose_config([f"ckpt={ckpt}"], name="sample")
+    sampler, guidance = sample_script.sampling(cfg, module)
+    assert sampler == {
+        "sampler": "ddpm",
+        "steps": 3,
+        "variance": "small",
+        "clip_x0": True,
+        "use_ema": True,
+    }
+    assert guidance == 2.0
+    labels, nrow = sample_script.resolve_labels(cfg, 12, module)
+    assert labels == [k % 10 for k in range(12)] and nrow == 10  # one digit per column
+    # each default gives way to what is asked for
+    cfg = compose_config(
+        [f"ckpt={ckpt}", "sampler=ddim", "steps=7", "guidance=0", "labels=null"], name="sample"
+    )
+    sampler, guidance = sample_script.sampling(cfg, module)
+    assert sampler["sampler"] == "ddim" and sampler["steps"] == 7 and guidance == 0.0
+    assert sample_script.resolve_labels(cfg, 12, module) == (None, None)
+    cfg = compose_config([f"ckpt={ckpt}", "+sampler.variance=large"], name="sample")
+    assert sample_script.sampling(cfg, module)[0]["variance"] == "large"
+    # a checkpoint from before sampling settings were saved: DDPM over all T, no guidance
+    module.sampling = {}
+    sampler, guidance = sample_script.sampling(compose_config([f"ckpt={ckpt}"], "sample"), module)
+    assert sampler["sampler"] == "ddpm" and sampler["steps"] is None and guidance == 0.0
+
+
+def test_precision_auto_is_resolved_and_logged(tmp_path: Path, caplog, monkeypatch):
+    monkeypatch.setattr("ddpm.device.cpu_has_native_bf16", lambda: False)
+    with caplog.at_level(logging.INFO):
+        train_script.train(_cfg(tmp_path, "trainer.max_steps=1"))
+    assert "trainer.precision=auto: 32-true" in caplog.text
