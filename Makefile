@@ -1,6 +1,6 @@
 # Self-installing targets: each creates .venv when missing and installs the project into it.
 #   make train            the quickstart (python train.py), then the readability score of its grid
-#   make test             the test suite (fast tests; `make test-all` adds the slow ones)
+#   make test             the fast tests (<= 4 min on 2 cores); `make test-all` adds the slow ones
 #   make lint             ruff
 #   make bench            training / sampling speed beside lucidrains and diffusers (bench/speed.py)
 PYTHON ?= python3
