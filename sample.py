@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from ddpm.callbacks import cycle_labels, save_grid, save_png, to_uint8
 from ddpm.checkpoint import load_module
-from ddpm.device import pick_device
+from ddpm.device import autocast, pick_device
 from ddpm.render import (
     Recorder,
     letter_labels,
@@ -151,7 +151,9 @@ def sample(cfg: DictConfig) -> Path:
         )
     out = Path(cfg.out)
     start = finished_images(out, cfg.overwrite, cfg.resume)
-    module = load_module(cfg.ckpt, map_location=pick_device(cfg.device))
+    device = pick_device(cfg.device)
+    precision = autocast(cfg.precision, device)  # a wrong value fails before any work
+    module = load_module(cfg.ckpt, map_location=device)
     check_shape(module, cfg)
     if cfg.guidance and not module.num_classes:
         raise ValueError(
@@ -160,7 +162,8 @@ def sample(cfg: DictConfig) -> Path:
         )
     sampler, guidance = sampling(cfg, module)
     if cfg.text:
-        return write_text(cfg, module, out, sampler, guidance)
+        with precision:
+            return write_text(cfg, module, out, sampler, guidance)
 
     labels, nrow = resolve_labels(cfg, cfg.n, module)
     if labels is None and cfg.guidance is None:
@@ -179,15 +182,16 @@ def sample(cfg: DictConfig) -> Path:
             count = min(cfg.batch_size, cfg.n - first)
             batch_labels = None if labels is None else labels[first : first + count]
             animate = recorder is not None and first == start  # the first batch is animated
-            images = module.generate(
-                count,
-                seed=cfg.seed,
-                first_index=first,
-                labels=batch_labels,
-                guidance=guidance,
-                callback=recorder if animate else None,
-                **sampler,
-            )
+            with precision:
+                images = module.generate(
+                    count,
+                    seed=cfg.seed,
+                    first_index=first,
+                    labels=batch_labels,
+                    guidance=guidance,
+                    callback=recorder if animate else None,
+                    **sampler,
+                ).float()
             images = to_uint8(images.cpu())
             for k, img in enumerate(images):  # written as they come: an interrupted run resumes
                 save_png(img, out / "images" / f"{first + k:06d}.png")

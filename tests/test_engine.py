@@ -9,12 +9,13 @@ import sys
 from pathlib import Path
 from types import SimpleNamespace
 
+import pytest
 import torch
 from conftest import FAST, ROOT, compose_config
 from omegaconf import open_dict
 
 from ddpm.checkpoint import load_module
-from ddpm.device import choose_precision, cpu_flags, cpu_has_native_bf16
+from ddpm.device import autocast, choose_precision, cpu_flags, cpu_has_native_bf16
 
 sys.path.insert(0, str(ROOT))
 train_script = importlib.import_module("train")
@@ -119,3 +120,16 @@ def test_precision_auto_is_resolved_and_logged(tmp_path: Path, caplog, monkeypat
     with caplog.at_level(logging.INFO):
         train_script.train(_cfg(tmp_path, "trainer.max_steps=1"))
     assert "trainer.precision=auto: 32-true" in caplog.text
+
+
+def test_sampling_precision_is_checked_and_chosen(monkeypatch):
+    cpu = torch.device("cpu")
+    with pytest.raises(ValueError, match="precision must be auto, bf16 or 32, got 'fp8'"):
+        autocast("fp8", cpu)
+    assert autocast("bf16", cpu)._enabled and not autocast("32", cpu)._enabled
+    monkeypatch.setattr("ddpm.device.cpu_has_native_bf16", lambda: False)
+    assert not autocast("auto", cpu)._enabled
+    monkeypatch.setattr("ddpm.device.cpu_has_native_bf16", lambda: True)
+    with autocast("auto", cpu):
+        y = torch.nn.functional.linear(torch.ones(2, 3), torch.ones(4, 3))
+    assert y.dtype == torch.bfloat16
