@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor, nn
 
-from ddpm.data import load_mnist5k
+from ddpm.datasets import load_mnist5k
 
 CACHE = Path(".cache/digit_classifier.pt")
 
@@ -202,16 +202,17 @@ def main() -> None:
     )
     args = parser.parse_args()
     if args.ckpt:
-        from ddpm.checkpoint import load_module
+        from ddpm.generate import generate_all
+        from ddpm.module import load_module
 
         module = load_module(args.ckpt)
-        labels = list(range(10)) * (args.n // 10 + 1) if args.labels == "cycle" else None
-        images = module.generate(
+        images = generate_all(
+            module,
             args.n,
-            steps=args.steps,
+            sampler={"sampler": "ddpm", "steps": args.steps},
             seed=args.seed,
             guidance=args.guidance,
-            labels=None if labels is None else labels[: args.n],
+            labels="cycle" if args.labels == "cycle" else None,
         )
         images = (images + 1) / 2
     elif args.grid:

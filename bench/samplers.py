@@ -19,7 +19,8 @@ import time
 import torch
 
 from bench.readability import readability
-from ddpm.checkpoint import load_module
+from ddpm.generate import generate_all
+from ddpm.module import load_module
 
 CONFIGS = ["ddpm:100", "ddpm:50", "ddim:50", "dpmpp_2m:20", "dpmpp_2m:10"]
 
@@ -28,10 +29,15 @@ def measure(module, name: str, steps: int, n: int, guidance: float, bf16: bool) 
     labels = [k % module.num_classes for k in range(n)] if module.num_classes else None
     options = {"variance": "small"} if name == "ddpm" else {}
     start = time.perf_counter()
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-        images = module.generate(
-            n, sampler=name, steps=steps, labels=labels, guidance=guidance, **options
-        )
+    images = generate_all(
+        module,
+        n,
+        sampler={"sampler": name, "steps": steps, **options},
+        labels=labels,
+        guidance=guidance,
+        context=lambda: torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16),
+        progress=False,
+    )
     seconds = time.perf_counter() - start
     report = readability(
         ((images.float() + 1) / 2).clamp(0, 1),

@@ -77,6 +77,7 @@ class Contender:
     def _build_ours(self) -> None:
         from omegaconf import OmegaConf
 
+        from ddpm.generate import generate_all
         from ddpm.module import DiffusionModule
 
         size = self.size
@@ -115,8 +116,10 @@ class Contender:
             self.module.ema.step(self.module.net, self.step_count)
 
         def sample(n: int, steps: int, sampler: str) -> torch.Tensor:
-            with self._autocast():
-                return self.module.generate(n, sampler=sampler, steps=steps)
+            settings = {"sampler": sampler, "steps": steps}
+            return generate_all(
+                self.module, n, sampler=settings, context=self._autocast, progress=False
+            )
 
         def forward(x: torch.Tensor) -> torch.Tensor:
             return self.module.net(x, torch.zeros(len(x), dtype=torch.long, device=self.device))

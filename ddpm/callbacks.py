@@ -1,4 +1,5 @@
-"""Callbacks that write what a person looks at: sample grids and the loss curve."""
+"""Lightning callbacks that write what a person looks at: sample grids and animations, the loss
+curve, and FID / KID / IS during training."""
 
 from __future__ import annotations
 
@@ -7,40 +8,27 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+import matplotlib
+import matplotlib.pyplot as plt
 import torch
 from lightning.pytorch.utilities import rank_zero_only
-from PIL import Image
 from torch import Tensor
 from torchvision.utils import make_grid
 
-from ddpm.samplers import sampler_settings
+from ddpm.generate import generate, generate_all, initial_noise, shard
+from ddpm.inception import inception_weights
+from ddpm.metrics import (
+    InceptionMetrics,
+    check_count,
+    measure,
+    prepare_reference,
+    reference_subset,
+    stats_key,
+)
+from ddpm.render import Recorder, save_animation, save_grid, to_pil
+from ddpm.samplers import sampler_label, sampler_settings
 
-
-def to_uint8(x: Tensor) -> Tensor:
-    """[-1, 1] float images -> uint8 [0, 255], rounding as image files store them."""
-    return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-
-
-def save_png(image: Tensor, path: str | Path) -> None:
-    """Write one uint8 image (C, H, W), C = 1 or 3, as a PNG."""
-    array = image.permute(1, 2, 0).numpy()
-    Image.fromarray(array[..., 0] if array.shape[-1] == 1 else array).save(path)
-
-
-def save_grid(images: Tensor, path: str | Path, nrow: int | None = None) -> Path:
-    """Save (N, C, H, W) images in [-1, 1] as one PNG grid; returns the path."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    nrow = nrow or max(1, int(len(images) ** 0.5))
-    # the grid holds exactly the pixels that the per-image PNGs of sample.py hold
-    grid = make_grid(to_uint8(images.cpu()), nrow=nrow, padding=2)
-    save_png(grid[:1] if images.shape[1] == 1 else grid, path)  # make_grid turns gray into RGB
-    return path
-
-
-def cycle_labels(n: int, num_classes: int) -> list[int]:
-    """Labels 0, 1, ..., K - 1, 0, 1, ... for n images: a grid with one class per column."""
-    return [k % num_classes for k in range(n)]
+matplotlib.use("Agg")  # files only: no display needed, none opened
 
 
 class SampleGrid(L.Callback):
@@ -80,27 +68,21 @@ class SampleGrid(L.Callback):
         name: str,
         animate: bool = False,
     ):
-        from ddpm.render import Recorder
-
-        labels, guidance, nrow = None, 0.0, int(self.n**0.5)
-        if module.num_classes:
-            labels, guidance, nrow = (
-                cycle_labels(self.n, module.num_classes),
-                self.guidance,
-                module.num_classes,
-            )
+        nrow = module.num_classes or int(self.n**0.5)  # one class per column
         recorder = Recorder(steps or module.schedule.num_timesteps) if animate else None
-        # in the run's precision: under bf16-mixed the grid is drawn 2.3x faster on a CPU with
-        # native bf16, and reads as well as in fp32 (bench/samplers.py)
-        with trainer.precision_plugin.forward_context():
-            images = module.generate(
-                self.n,
-                seed=self.seed,
-                labels=labels,
-                guidance=guidance,
-                callback=recorder,
-                **{**self.sampler, "steps": steps},
-            ).float()
+        images = generate_all(
+            module,
+            self.n,
+            sampler={**self.sampler, "steps": steps},
+            seed=self.seed,
+            guidance=self.guidance if module.num_classes else 0.0,
+            callback=recorder,
+            # in the run's precision: under bf16-mixed the grid is drawn 2.3x faster on a CPU
+            # with native bf16, and reads as well as in fp32 (bench/samplers.py)
+            context=trainer.precision_plugin.forward_context,
+            progress=_progress(trainer),
+            desc=f"grid {name}",
+        )
         path = save_grid(images, Path(trainer.default_root_dir) / "samples" / f"{name}.png", nrow)
         if recorder is not None:
             self._animation(trainer, module, recorder, path.with_suffix(".gif"), nrow)
@@ -115,9 +97,7 @@ class SampleGrid(L.Callback):
         return path
 
     def _animation(self, trainer, module, recorder, path: Path, nrow: int) -> None:
-        from ddpm.render import save_animation, to_pil
-
-        x_T = module.initial_noise(self.n, self.seed).cpu()
+        x_T = initial_noise(module, self.n, self.seed).cpu()
         save_animation(recorder, path, lambda images: to_pil(images, nrow), x_T)
         for logger in trainer.loggers:
             if hasattr(logger, "log_video"):  # W&B
@@ -172,11 +152,6 @@ class LossCurve(L.Callback):
     def on_train_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
         if not self.steps:
             return
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
         fig, ax = plt.subplots(figsize=(6, 4))
         ax.plot(self.steps, self.losses, lw=0.8, alpha=0.5, label="loss")
         k = max(1, len(self.losses) // 20)
@@ -195,8 +170,8 @@ class FID(L.Callback):
     """FID (and optionally KID and Inception Score) of `n` EMA samples at every
     `every_n_validations`-th validation, logged as e.g. `val/fid10k_train_ddim50`,
     `val/kid10k_train_ddim50`, `val/is10k_ddim50` (so ModelCheckpoint can monitor them), with
-    generation sharded over DDP ranks (`ddpm.metrics.sharded_metrics`: the values equal a
-    single process's).
+    generation sharded over DDP ranks (`ddpm.generate.shard`; the values equal a single
+    process's).
 
     The reference statistics come from the datamodule's `reference_split` (papers: CIFAR-10's
     50k training images), cached on disk by `ddpm.metrics.cached_reference`.
@@ -219,8 +194,6 @@ class FID(L.Callback):
         kid: bool = False,
         inception_score: bool = False,
     ) -> None:
-        from ddpm.metrics import check_count, metric_name
-
         check_count(n, features)
         self.sampler = sampler_settings(sampler, steps, default="ddim")
         self.n, self.guidance, self.features, self.weights = n, guidance, features, weights
@@ -228,21 +201,10 @@ class FID(L.Callback):
         self.batch_size, self.seed, self.cache_dir = batch_size, seed, cache_dir
         self.every = max(1, every_n_validations)
         self.kid, self.inception_score = kid, inception_score
-        self.label = f"{self.sampler['sampler']}{self.sampler['steps'] or 'all'}"
-        self.name = "val/" + metric_name(n, reference_split, self.label)
         self.metrics = None
         self._validations = 0
 
     def _build(self, trainer: L.Trainer, module: L.LightningModule) -> None:
-        from ddpm.metrics import (
-            InceptionMetrics,
-            check_count,
-            inception_weights,
-            prepare_reference,
-            reference_subset,
-            stats_key,
-        )
-
         if trainer.global_rank == 0:  # converts weights once, before the others read them
             inception_weights(self.weights, self.cache_dir)
         trainer.strategy.barrier()
@@ -272,8 +234,6 @@ class FID(L.Callback):
         )
 
     def on_validation_epoch_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
-        from ddpm.metrics import sharded_metrics
-
         if trainer.sanity_checking:
             return
         self._validations += 1
@@ -281,18 +241,26 @@ class FID(L.Callback):
             return
         if self.metrics is None:
             self._build(trainer, module)
-        values = sharded_metrics(
-            self.metrics,
+        first, count = shard(self.n, trainer.global_rank, trainer.world_size)
+        batches = generate(
             module,
-            self.n,
-            self.reference_split,
-            trainer.global_rank,
-            trainer.world_size,
-            batch_size=self.batch_size,
+            count,
+            sampler=self.sampler,
             seed=self.seed,
-            guidance=self.guidance,
-            label=self.label,
-            **self.sampler,
+            first=first,
+            guidance=self.guidance if module.num_classes else 0.0,
+            batch_size=self.batch_size,
+            progress=_progress(trainer),
+            desc=f"FID samples (rank {trainer.global_rank})",
+        )
+        label = sampler_label(self.sampler, module.schedule.num_timesteps)
+        values = measure(
+            self.metrics, (images for _, images in batches), self.n, self.reference_split, label
         )
         for name, value in values.items():  # already the same on every rank
             module.log(f"val/{name}", value, rank_zero_only=False)
+
+
+def _progress(trainer: L.Trainer) -> bool:
+    """Progress bars for generation inside training when the run shows its own."""
+    return trainer.progress_bar_callback is not None and trainer.is_global_zero

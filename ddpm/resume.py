@@ -1,5 +1,6 @@
 """Never lose a run: atomic checkpoint files, finding the checkpoint to resume from, saving on
-preemption signals, and checking the output directory before a run starts.
+preemption signals, every RNG in every checkpoint, stopping before a diverged state is saved,
+and checking the output directory before a run starts.
 
 Lightning does the resuming itself (model, EMA, optimizer, LR schedule, counters, callbacks and,
 through ResumableLoader, the data position); what is written here is what it lacks:
@@ -9,13 +10,18 @@ through ResumableLoader, the data position); what is written here is what it lac
   corrupt or truncated ones by name;
 - `Preemption`: Lightning stops on SIGTERM only at the end of an epoch and saves nothing, and
   its SLURM handler saves from inside the signal handler, possibly mid-step; this saves at the
-  end of the current step, then requeues on SLURM and exits.
+  end of the current step, then requeues on SLURM and exits;
+- `RNGCapture`: Lightning saves no RNG state, so a resumed run would draw other t and ε;
+- `NonFiniteGuard`: a NaN loss or gradient stops the run (or skips the update) before any
+  checkpoint holds the diverged weights.
+Both are the DiffusionModule's own callbacks (`configure_callbacks`), so no config drops them.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import random
 import re
 import signal
 import subprocess
@@ -26,11 +32,13 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+import numpy as np
 import torch
 from hydra.experimental.callback import Callback
 from lightning.pytorch import callbacks
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from omegaconf import DictConfig
+from torch import Tensor
 
 from ddpm.checkpoint import CheckpointError, load_checkpoint
 
@@ -120,6 +128,48 @@ def find_checkpoint(run_dir: str | Path) -> tuple[Path, dict[str, Any]] | None:
             log.warning("renamed %s to %s", bad.name, target.name)
         return path, ckpt
     return None
+
+
+def resume_from(resume: str | None, out: Path) -> tuple[Path, dict[str, Any]] | None:
+    """The checkpoint to continue from, and its contents: resume=auto the newest one of this
+    run directory that loads (none: a fresh start), resume=PATH that file, resume=null none
+    (refused when the directory already holds checkpoints, which a fresh run would overwrite)."""
+    existing = checkpoint_files(out)
+    if resume is None or str(resume).lower() in ("null", "none", "never", "false"):
+        if existing:
+            raise FileExistsError(
+                f"the run directory {out} already holds checkpoints ({existing[0].name}, ...), "
+                "which a fresh run would overwrite: resume=auto continues that run; a new "
+                "hydra.run.dir starts another"
+            )
+        return None
+    if str(resume) == "auto":
+        found = find_checkpoint(out)
+        if found is None and existing:
+            raise CheckpointError(
+                f"none of the {len(existing)} checkpoints in {out} loads (see the warnings "
+                "above); give one with resume=PATH, or a new hydra.run.dir to start afresh"
+            )
+        return found
+    # a missing, corrupt or unsafe file: a clear error, now
+    return Path(resume), load_checkpoint(resume)
+
+
+def check_same_network(path: Path, ckpt: dict[str, Any], net: dict) -> None:
+    """A checkpoint of another architecture, named with what differs (Lightning would fail
+    later with a long list of mismatched tensor shapes)."""
+    saved = (ckpt.get("hyper_parameters") or {}).get("net")
+    if saved is None or saved == net:
+        return
+    diff = ", ".join(
+        f"{k} {saved.get(k)!r} (this run's {net.get(k)!r})"
+        for k in sorted(set(saved) | set(net))
+        if saved.get(k) != net.get(k)
+    )
+    raise CheckpointError(
+        f"{path} was trained with another network: {diff}. Resume with the same model "
+        "settings (model.<key>=<value>), or start a new run directory (hydra.run.dir=DIR)"
+    )
 
 
 def check_writable(directory: str | Path) -> None:
@@ -252,3 +302,147 @@ def _slurm_job_id() -> str | None:
         f"{array}_{os.environ['SLURM_ARRAY_TASK_ID']}" if array else os.environ.get("SLURM_JOB_ID")
     )
     return job if job and re.fullmatch(r"[0-9_]+", job) else None
+
+
+def rng_state() -> dict[str, Any]:
+    """Every RNG that training draws from, as plain data (tensors, ints) for weights_only."""
+    numpy = np.random.get_state()
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": [numpy[0], torch.from_numpy(numpy[1].astype(np.int64)), *numpy[2:]],
+        "python": random.getstate(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    name, keys, *rest = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+class RNGCapture(L.Callback):
+    """Every rank's RNG states in each checkpoint (`rng_states`), set again right before the
+    first batch of the resumed run, so it draws the t and ε the uninterrupted run would have.
+    Restoring in on_train_start, not on load: whatever draws from the RNGs while Lightning sets
+    up (after the load) must not shift the streams."""
+
+    def __init__(self) -> None:
+        self._to_restore: tuple[list | None, int] | None = None
+
+    def on_save_checkpoint(self, trainer: L.Trainer, module: Any, checkpoint: dict) -> None:
+        states = [rng_state()]
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            states = [None] * torch.distributed.get_world_size()
+            torch.distributed.all_gather_object(states, rng_state())
+        checkpoint["rng_states"] = states
+
+    def on_load_checkpoint(self, trainer: L.Trainer, module: Any, checkpoint: dict) -> None:
+        self._to_restore = (checkpoint.get("rng_states"), checkpoint.get("global_step", 0))
+
+    def on_train_start(self, trainer: L.Trainer, module: Any) -> None:
+        states, step = self._to_restore or (None, 0)
+        self._to_restore = None
+        if not states:
+            return
+        rank = trainer.global_rank
+        if rank < len(states):
+            set_rng_state(states[rank])
+        else:  # more ranks than saved: a distinct, reproducible stream per new rank
+            torch.manual_seed(int(step) * 1_000_003 + rank)
+
+
+class DivergenceError(FloatingPointError):
+    """The loss or a gradient stopped being finite."""
+
+
+class NonFiniteGuard(L.Callback):
+    """What a non-finite loss or gradient does (`module.nonfinite`).
+
+    "stop": raise DivergenceError naming the first bad step; checked every `check_every` steps
+    without a device sync in between, and always before a checkpoint is written, so none holds
+    a diverged state. "skip": drop that batch's update (its gradients) and go on, one device
+    sync per step, until `max_skips` updates in a row were dropped.
+    """
+
+    def __init__(self, mode: str = "stop", check_every: int = 1, max_skips: int = 100) -> None:
+        self.mode, self.check_every, self.max_skips = mode, check_every, max_skips
+        self.first_bad: Tensor | None = None  # step of the first non-finite loss/grad, or -1
+        self.loss_finite: Tensor | None = None  # this step's loss (skip mode)
+        self.skipped_steps = 0
+        self.skips_in_a_row = 0
+
+    def note(self, finite: Tensor, step: int) -> None:
+        """Remember the first step at which `finite` was False, on the device (no sync)."""
+        if self.first_bad is None or self.first_bad.device != finite.device:
+            self.first_bad = torch.full((), -1, dtype=torch.long, device=finite.device)
+        first = (~finite) & (self.first_bad < 0)
+        self.first_bad = torch.where(first, step, self.first_bad)
+
+    def check(self) -> None:
+        """Raise DivergenceError if a non-finite loss or gradient was seen (one device sync)."""
+        if self.first_bad is None or self.mode != "stop":
+            return
+        step = int(self.first_bad)
+        if step >= 0:
+            raise DivergenceError(
+                f"the loss or a gradient became non-finite at step {step}: training stopped and "
+                "no checkpoint was written after it, so the last good one is intact. Rerun to "
+                "resume from it with a smaller trainer.gradient_clip_val or module.nonfinite=skip "
+                "(which drops such updates), or start again with a lower module.optimizer.lr "
+                "(a resumed run keeps the checkpoint's)"
+            )
+
+    def on_before_backward(self, trainer: L.Trainer, module: Any, loss: Tensor) -> None:
+        finite = torch.isfinite(loss.detach())
+        if self.mode == "stop":
+            # the step being computed is number global_step + 1 (checkpoint step_N follows it)
+            self.note(finite, trainer.global_step + 1)
+        else:
+            self.loss_finite = finite
+
+    def on_before_optimizer_step(self, trainer: L.Trainer, module: Any, optimizer: Any) -> None:
+        precision = str(trainer.precision)
+        if "16-mixed" in precision and "bf16" not in precision:
+            return  # fp16's GradScaler finds and skips inf gradients itself
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        grads = [p.grad for p in params if p.grad is not None]
+        if not grads:
+            return
+        finite = torch.stack(torch._foreach_norm(grads)).isfinite().all()
+        if self.mode == "stop":
+            self.note(finite, trainer.global_step + 1)
+            return
+        loss_finite = self.loss_finite if self.loss_finite is not None else torch.tensor(True)
+        self.loss_finite = None
+        if bool(finite) and bool(loss_finite):  # skip mode: one sync per step
+            self.skips_in_a_row = 0
+            return
+        for p in params:
+            p.grad = None  # the optimizer leaves parameters without a gradient alone
+        self.skipped_steps += 1
+        self.skips_in_a_row += 1
+        what = "gradient" if bool(loss_finite) else "loss"
+        log.warning("step %d: non-finite %s, update skipped", trainer.global_step + 1, what)
+        if self.skips_in_a_row >= self.max_skips:
+            raise DivergenceError(
+                f"{self.skips_in_a_row} updates in a row had a non-finite {what} (at step "
+                f"{trainer.global_step + 1}); the run has diverged: resume from an earlier "
+                "checkpoint (resume=PATH) with a smaller trainer.gradient_clip_val, or start "
+                "again with a lower module.optimizer.lr"
+            )
+
+    def on_train_batch_end(
+        self, trainer: L.Trainer, module: Any, outputs: Any, batch: Any, i: int
+    ) -> None:
+        if trainer.global_step % self.check_every == 0:
+            self.check()
+
+    def on_save_checkpoint(self, trainer: L.Trainer, module: Any, checkpoint: dict) -> None:
+        self.check()  # never write a diverged state over a good one

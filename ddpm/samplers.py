@@ -6,6 +6,15 @@
 `callback(i, t, x_t, x0_pred)` is called after every step (i counts steps from 0), for animations.
 `generator` is a torch.Generator, or one per image (see `image_generators`) so that image k of a
 seed is the same whatever batch it was drawn in.
+
+Notation (as in `ddpm.schedule`; a sampler of `steps` < T steps runs on the respaced chain
+`schedule.respace(ts)`, whose entry i is training timestep ts[i]):
+
+    code name                          paper symbol
+    a_bar, a_bar_prev                  ᾱ_τi, ᾱ_τ(i-1)          (ᾱ before the first step := 1)
+    alpha, sigma                       α = √ᾱ, σ = √(1 - ᾱ)    (DPM-Solver's notation)
+    lam                                λ = log(α / σ), half the log-SNR
+    x0, eps                            the model's x̂_0 and ε̂ at x_t
 """
 
 from __future__ import annotations
@@ -99,21 +108,13 @@ def sample_ddpm(
         raise ValueError(f"DDPM variance must be 'large' or 'small', got {variance!r}")
     T = schedule.num_timesteps
     ts = timesteps(T, steps or T)
-    # Coefficients of the (respaced) chain, in float64 then cast once.
-    a_bar = schedule.alphas_cumprod.double().cpu()[ts]
-    a_bar_prev = torch.cat([a_bar.new_ones(1), a_bar[:-1]])
-    betas = 1 - a_bar / a_bar_prev
-    post_var = betas * (1 - a_bar_prev) / (1 - a_bar)
-    sigma = (betas if variance == "large" else post_var).sqrt()
-    coef_x0 = a_bar_prev.sqrt() * betas / (1 - a_bar)  # eq. 7, weight of x_0 in μ̃
-    coef_xt = (1 - betas).sqrt() * (1 - a_bar_prev) / (1 - a_bar)  # eq. 7, weight of x_t
-    sqrt_recip = (1 / a_bar).sqrt()
-    sqrt_recipm1 = (1 / a_bar - 1).sqrt()
-
+    chain = schedule.respace(ts)
     # Python floats: the loop multiplies tensors of any dtype by them without a cast
-    sigma, coef_x0, coef_xt, sqrt_recip, sqrt_recipm1 = (
-        v.tolist() for v in (sigma, coef_x0, coef_xt, sqrt_recip, sqrt_recipm1)
-    )
+    sigma = (chain.betas if variance == "large" else chain.posterior_variance).sqrt().tolist()
+    coef_x0 = chain.posterior_mean_coef1.tolist()  # eq. 7, weight of x_0 in μ̃
+    coef_xt = chain.posterior_mean_coef2.tolist()  # eq. 7, weight of x_t
+    sqrt_recip = chain.sqrt_recip_alphas_cumprod.tolist()
+    sqrt_recipm1 = chain.sqrt_recipm1_alphas_cumprod.tolist()
 
     x = x_T
     for i, idx in enumerate(reversed(range(len(ts)))):
@@ -131,7 +132,9 @@ def sample_ddpm(
 
 
 def _x0_and_eps(model_fn: ModelFn, x: Tensor, t: Tensor, a_bar: float, clip_x0: bool):
-    """The model's ε, its x_0 = (x_t - √(1-ᾱ) ε) / √ᾱ (eq. 15), clipped, and the ε that fits it."""
+    """The model's ε, its x_0 = (x_t - √(1-ᾱ) ε) / √ᾱ (eq. 15), clipped, and the ε that fits it.
+
+    Written out here, not `schedule.predict_x0`: ᾱ is the respaced chain's Python float."""
     eps = model_fn(x, t)
     x0 = (x - (1 - a_bar) ** 0.5 * eps) / a_bar**0.5
     if clip_x0:
@@ -158,16 +161,17 @@ def sample_ddim(
     if eta < 0:
         raise ValueError(f"DDIM eta must be >= 0, got {eta}")
     ts = timesteps(schedule.num_timesteps, steps or schedule.num_timesteps, spacing)
-    a_bars = schedule.alphas_cumprod.double().cpu()[ts].tolist()
+    chain = schedule.respace(ts)
+    a_bars, a_bars_prev = chain.alphas_cumprod.tolist(), chain.alphas_cumprod_prev.tolist()
     x = x_T
     for i, idx in enumerate(reversed(range(len(ts)))):
         t = torch.full((x.shape[0],), int(ts[idx]), device=x.device, dtype=torch.long)
-        a, a_prev = a_bars[idx], (a_bars[idx - 1] if idx > 0 else 1.0)
-        x0, eps = _x0_and_eps(model_fn, x, t, a, clip_x0)
+        a_bar, a_bar_prev = a_bars[idx], a_bars_prev[idx]
+        x0, eps = _x0_and_eps(model_fn, x, t, a_bar, clip_x0)
         # eq. 16: σ_t(η) = η √((1 - ᾱ_{t-1}) / (1 - ᾱ_t)) √(1 - ᾱ_t / ᾱ_{t-1})
-        sigma = eta * ((1 - a_prev) / (1 - a) * (1 - a / a_prev)) ** 0.5
+        sigma = eta * ((1 - a_bar_prev) / (1 - a_bar) * (1 - a_bar / a_bar_prev)) ** 0.5
         # eq. 12: predicted x_0, direction pointing to x_t, random noise
-        x = a_prev**0.5 * x0 + max(1 - a_prev - sigma**2, 0.0) ** 0.5 * eps
+        x = a_bar_prev**0.5 * x0 + max(1 - a_bar_prev - sigma**2, 0.0) ** 0.5 * eps
         if idx > 0 and sigma > 0:
             x = x + sigma * randn(x.shape, generator, x.device).to(x.dtype)
         if callback is not None:
@@ -189,19 +193,21 @@ def sample_dpmpp_2m(
     """DPM-Solver++(2M), Lu et al. 2022 Algorithm 2: multistep 2nd order in the data prediction,
     with λ = log(α/σ); the last step goes to σ = 0 at first order."""
     ts = timesteps(schedule.num_timesteps, steps or schedule.num_timesteps)
-    a_bars = schedule.alphas_cumprod.double().cpu()[ts].tolist()
+    chain = schedule.respace(ts)
+    a_bars, a_bars_prev = chain.alphas_cumprod.tolist(), chain.alphas_cumprod_prev.tolist()
     x, x0_prev, h_prev = x_T, None, None
     for i, idx in enumerate(reversed(range(len(ts)))):
         t = torch.full((x.shape[0],), int(ts[idx]), device=x.device, dtype=torch.long)
-        a = a_bars[idx]
-        x0, _ = _x0_and_eps(model_fn, x, t, a, clip_x0)
+        a_bar = a_bars[idx]
+        x0, _ = _x0_and_eps(model_fn, x, t, a_bar, clip_x0)
         if idx == 0:  # to σ = 0: x is the data prediction itself
             x = x0
         else:
-            a_next = a_bars[idx - 1]
-            alpha, sigma = a**0.5, (1 - a) ** 0.5
-            alpha_next, sigma_next = a_next**0.5, (1 - a_next) ** 0.5
-            h = math.log(alpha_next / sigma_next) - math.log(alpha / sigma)  # λ_{i+1} - λ_i
+            a_bar_next = a_bars_prev[idx]  # the next state is one step less noisy
+            alpha, sigma = a_bar**0.5, (1 - a_bar) ** 0.5
+            alpha_next, sigma_next = a_bar_next**0.5, (1 - a_bar_next) ** 0.5
+            lam, lam_next = math.log(alpha / sigma), math.log(alpha_next / sigma_next)
+            h = lam_next - lam
             if x0_prev is None or idx == 1:
                 # the first step has no history; the last one into t = 0 spans a λ gap so
                 # wide (r ≈ 0.2) that extrapolating overshoots: both first order, i.e. DDIM
@@ -252,3 +258,9 @@ def get_sampler(name: str) -> Callable[..., Tensor]:
         return SAMPLERS[name]
     except KeyError:
         raise ValueError(f"unknown sampler {name!r}; choose one of {sorted(SAMPLERS)}") from None
+
+
+def sampler_label(settings: Mapping[str, Any], num_timesteps: int) -> str:
+    """The name a sampler setting is reported under in every metric: sampler and step count,
+    e.g. ddim50, ddpm1000 (steps=None means all T steps)."""
+    return f"{settings['sampler']}{settings.get('steps') or num_timesteps}"

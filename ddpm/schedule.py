@@ -12,6 +12,7 @@ Notation (Ho et al. 2020, "Denoising Diffusion Probabilistic Models"):
 
 Timesteps are 0-based: index t in 0..T-1 is the paper's step t+1. All tables are computed in
 float64 and stored as float32 buffers, so they follow the module to its device and dtype.
+`respace(ts)` gives the float64 chain a sampler runs on a subsequence of the timesteps.
 """
 
 from __future__ import annotations
@@ -46,7 +47,9 @@ class NoiseSchedule(nn.Module):
     timesteps in [0, T).
     """
 
-    def __init__(self, betas: Tensor | list[float], name: str = "custom") -> None:
+    def __init__(
+        self, betas: Tensor | list[float], name: str = "custom", dtype: torch.dtype = torch.float32
+    ) -> None:
         super().__init__()
         betas = torch.as_tensor(betas, dtype=torch.float64)
         _check_betas(betas)
@@ -84,7 +87,7 @@ class NoiseSchedule(nn.Module):
         for key, value in tables.items():
             # persistent=False: the tables are derived from the config, so checkpoints stay
             # small and a checkpoint never disagrees with the schedule it was trained with.
-            self.register_buffer(key, value.to(torch.float32), persistent=False)
+            self.register_buffer(key, value.to(dtype), persistent=False)
 
     # ---------------------------------------------------------------- constructors
     @classmethod
@@ -134,6 +137,17 @@ class NoiseSchedule(nn.Module):
         f = (v_end - torch.sigmoid((steps * (end - start) + start) / tau)) / (v_end - v_start)
         betas = 1 - f[1:] / f[:-1]
         return cls(betas.clamp(min=1e-8, max=max_beta), name="sigmoid")
+
+    def respace(self, ts: Tensor) -> NoiseSchedule:
+        """The chain a sampler runs on the increasing subsequence `ts` of timesteps: entry i is
+        training step ts[i], with β_i = 1 - ᾱ_ts[i] / ᾱ_ts[i-1] so that the respaced ᾱ equal the
+        training ones there (Nichol & Dhariwal 2021, Sec. 4; with every t it is this chain).
+
+        Built from the stored ᾱ in float64 and kept in float64: samplers read its tables as
+        Python floats, so a 1000-step chain's coefficients carry no float32 rounding."""
+        a_bar = self.alphas_cumprod.double().cpu()[ts.cpu()]
+        a_bar_prev = torch.cat([a_bar.new_ones(1), a_bar[:-1]])
+        return NoiseSchedule(1 - a_bar / a_bar_prev, f"{self.name}[{len(ts)}]", torch.float64)
 
     # ---------------------------------------------------------------- closed forms
     def q_sample(self, x0: Tensor, t: Tensor, noise: Tensor) -> Tensor:

@@ -14,9 +14,10 @@ import sys
 import torch
 import torch.distributed as dist
 
-from ddpm.checkpoint import load_module
-from ddpm.data import load_mnist5k
-from ddpm.metrics import InceptionMetrics, prepare_reference, sharded_metrics, stats_key
+from ddpm.datasets import load_mnist5k
+from ddpm.generate import generate, shard
+from ddpm.metrics import InceptionMetrics, measure, prepare_reference, stats_key
+from ddpm.module import load_module
 
 
 def main() -> None:
@@ -30,20 +31,17 @@ def main() -> None:
     reference = load_mnist5k().images[:100]
     key = stats_key("mnist5k", "train", 28, 100, weights, 64)
     prepare_reference(metrics, key, lambda: reference.split(50), cache, rank)
-    values = sharded_metrics(
-        metrics,
+    first, count = shard(70, rank, world)
+    batches = generate(
         module,
-        70,
-        "train",
-        rank,
-        world,
-        batch_size=20,
-        seed=0,
+        count,
+        sampler={"sampler": "ddim", "steps": 3},
+        first=first,
         guidance=1.0,
-        sampler="ddim",
-        steps=3,
-        label="ddim3",
+        batch_size=20,
+        progress=False,
     )
+    values = measure(metrics, (images for _, images in batches), 70, "train", "ddim3")
     if rank == 0:
         with open(out, "w") as f:
             json.dump({**values, "world_size": world}, f)

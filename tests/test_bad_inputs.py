@@ -7,20 +7,15 @@ subprocess path is covered in test_entrypoints / test_resume).
 
 from __future__ import annotations
 
-import importlib
 import shutil
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, compose_config
+from conftest import compose_config
 from omegaconf import open_dict
 
-sys.path.insert(0, str(ROOT))
-train_script = importlib.import_module("train")
-sample_script = importlib.import_module("sample")
-eval_script = importlib.import_module("eval")
+from ddpm import evaluation, sampling, training
 
 TRAIN = ["debug=fast", "+trainer.enable_progress_bar=false"]
 
@@ -257,13 +252,13 @@ def run_case(kind: str, overrides: list[str], files: dict, uncond: str, out: Pat
         cfg = compose_config([*TRAIN, *overrides, f"hydra.runtime.output_dir={out}"])
         with open_dict(cfg):
             del cfg["hydra"]  # as train.py's main receives it (HydraConfig still resolves)
-        train_script.train(cfg)
+        training.train(cfg)
     elif kind.startswith("sample"):
         ckpt = uncond if kind == "sample_uncond" else files["ckpt"]
         args = [f"ckpt={ckpt}", f"out={out / 'samples'}", "n=4", "steps=2"]
-        sample_script.sample(compose_config([*args, *overrides], name="sample"))
+        sampling.sample(compose_config([*args, *overrides], name="sample"))
     else:
-        from ddpm.metrics import fid_helper_file
+        from ddpm.inception import fid_helper_file
 
         args = [
             f"source={files['ckpt']}",
@@ -274,7 +269,7 @@ def run_case(kind: str, overrides: list[str], files: dict, uncond: str, out: Pat
             f"cache_dir={out / 'cache'}",
             f"out={out / 'result.json'}",
         ]
-        eval_script.evaluate(compose_config([*args, *overrides], name="eval"))
+        evaluation.evaluate(compose_config([*args, *overrides], name="eval"))
 
 
 @pytest.mark.parametrize(

@@ -1,7 +1,8 @@
 import torch
 
 from bench.readability import split_grid
-from ddpm.callbacks import cycle_labels, save_grid, to_uint8
+from ddpm.generate import image_labels
+from ddpm.render import save_grid, to_uint8
 
 
 def test_grid_round_trips_through_png(tmp_path):
@@ -13,7 +14,10 @@ def test_grid_round_trips_through_png(tmp_path):
 
 
 def test_cycle_labels_put_one_class_per_column():
-    assert cycle_labels(12, 5) == [0, 1, 2, 3, 4, 0, 1, 2, 3, 4, 0, 1]
+    assert image_labels("cycle", 0, 12, 5) == [0, 1, 2, 3, 4, 0, 1, 2, 3, 4, 0, 1]
+    assert image_labels("cycle", 7, 3, 5) == [2, 3, 4]  # by image index, whatever the batch
+    assert image_labels("auto", 0, 3, 5) == [0, 1, 2] and image_labels("auto", 0, 3, None) is None
+    assert image_labels([4, 3, 2, 1], 1, 2, 5) == [3, 2] and image_labels(None, 0, 3, 5) is None
 
 
 def test_to_uint8_range():

@@ -4,7 +4,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from ddpm.checkpoint import CheckpointError, load_checkpoint, load_module
+from ddpm.checkpoint import CheckpointError, load_checkpoint
+from ddpm.module import load_module
 
 
 class _Payload:

@@ -1,32 +1,21 @@
 """Every dataset read by the real loading code from tiny copies in its real on-disk format.
 
-Each image holds an asymmetric pattern (a bright top-left corner and a bar down the left
-side), so a transposed, flipped or mirrored read is caught.
+The copies (written by fakes.py) hold an asymmetric pattern (a bright top-left corner and a
+bar down the left side), so a transposed, flipped or mirrored read is caught.
 """
 
 from __future__ import annotations
 
-import hashlib
-import pickle
 import zipfile
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from PIL import Image
-from torchvision.datasets import CIFAR10, STL10
+from fakes import _fake_emnist, _fake_ffhq, fake_mnist, pattern, write_idx, write_png
 
-from ddpm.data import ImageDataModule, load_cifar10, load_emnist, load_mnist, load_stl10
-
-
-def pattern(size: int, channels: int = 1, value: int = 255) -> np.ndarray:
-    """(channels, size, size) uint8: top-left block and a left bar bright, the rest dark."""
-    img = np.zeros((channels, size, size), dtype=np.uint8)
-    q = size // 4
-    img[:, :, : size // 8] = value // 2
-    img[:, :q, :q] = value
-    return img
+from ddpm.data import ImageDataModule
+from ddpm.datasets import load_cifar10, load_emnist, load_mnist, load_stl10
 
 
 def assert_upright(images: torch.Tensor) -> None:
@@ -38,21 +27,6 @@ def assert_upright(images: torch.Tensor) -> None:
     assert images[..., :q, -q:].float().mean() < 10  # top-right is dark (no mirror)
     bar = max(1, images.shape[-1] // 16)  # the inner half of the bar survives resizing
     assert images[..., -q:, :bar].float().mean() > 100  # the left bar runs all the way down
-
-
-def write_idx(path: Path, array: np.ndarray) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    header = bytes([0, 0, 0x08, array.ndim]) + b"".join(
-        int(d).to_bytes(4, "big") for d in array.shape
-    )
-    path.write_bytes(header + array.astype(np.uint8).tobytes())
-
-
-def fake_mnist(root: Path, n: int = 6) -> None:
-    images = np.stack([pattern(28)[0] for _ in range(n)])
-    for part in ("train", "t10k"):
-        write_idx(root / "MNIST" / "raw" / f"{part}-images-idx3-ubyte", images)
-        write_idx(root / "MNIST" / "raw" / f"{part}-labels-idx1-ubyte", np.arange(n) % 10)
 
 
 def test_mnist_idx_files(tmp_path: Path):
@@ -84,32 +58,6 @@ def test_emnist_balanced_names(tmp_path: Path):
     assert data.class_names[46] == "t"
 
 
-def _md5(path: Path) -> str:
-    return hashlib.md5(path.read_bytes()).hexdigest()
-
-
-@pytest.fixture
-def fake_cifar(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """Pickled batches as CIFAR-10 ships them; torchvision's md5 list points at these files."""
-    folder = tmp_path / "cifar-10-batches-py"
-    folder.mkdir()
-    img = pattern(32, 3)
-    img[1:] = 0  # red only: channel order is checked too
-    flat = img.reshape(1, -1).repeat(3, axis=0)  # rows of 3072: R plane, G plane, B plane
-    names = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
-    for name in names:
-        with open(folder / name, "wb") as f:
-            pickle.dump({"data": flat, "labels": [0, 3, 9], "batch_label": name}, f)
-    with open(folder / "batches.meta", "wb") as f:
-        pickle.dump({"label_names": [f"class{i}" for i in range(10)]}, f)
-    # tests only: torchvision checks the published md5s; make its list describe our fakes
-    monkeypatch.setattr(CIFAR10, "train_list", [[n, _md5(folder / n)] for n in names[:5]])
-    monkeypatch.setattr(CIFAR10, "test_list", [["test_batch", _md5(folder / "test_batch")]])
-    meta = {**CIFAR10.meta, "md5": _md5(folder / "batches.meta")}
-    monkeypatch.setattr(CIFAR10, "meta", meta)
-    return tmp_path
-
-
 def test_cifar10_batches(fake_cifar: Path):
     data = load_cifar10(fake_cifar, download=False)
     assert data.images.shape == (15, 3, 32, 32)
@@ -124,25 +72,6 @@ def test_cifar10_corrupt_batch_is_named(fake_cifar: Path):
     path.write_bytes(path.read_bytes()[:100])
     with pytest.raises(RuntimeError, match="data_batch_3 is corrupt"):
         load_cifar10(fake_cifar, download=False)
-
-
-@pytest.fixture
-def fake_stl10(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    folder = tmp_path / "stl10_binary"
-    folder.mkdir()
-    # STL-10 binaries hold each channel column-major: write the transpose of each plane
-    stored = pattern(96, 3).transpose(0, 2, 1)
-    for name, n in (("train_X.bin", 3), ("test_X.bin", 2), ("unlabeled_X.bin", 4)):
-        (folder / name).write_bytes(np.stack([stored] * n).tobytes())
-    (folder / "train_y.bin").write_bytes(bytes([1, 5, 10]))  # 1-based
-    (folder / "test_y.bin").write_bytes(bytes([2, 3]))
-    (folder / "class_names.txt").write_text("\n".join(f"c{i}" for i in range(10)))
-    files = ["train_X.bin", "train_y.bin", "unlabeled_X.bin"]
-    monkeypatch.setattr(STL10, "train_list", [[f, _md5(folder / f)] for f in files])
-    monkeypatch.setattr(
-        STL10, "test_list", [[f, _md5(folder / f)] for f in ("test_X.bin", "test_y.bin")]
-    )
-    return tmp_path
 
 
 def test_stl10_splits(fake_stl10: Path):
@@ -170,11 +99,6 @@ def test_stl10_unlabeled_become_the_null_class(fake_stl10: Path):
     assert sorted(dm.train_set.labels.tolist()) == [0, 4, 9, 10, 10, 10, 10]
     assert dm.train_set.images.shape[-1] == 48
     assert_upright(dm.train_set.images)
-
-
-def write_png(path: Path, array: np.ndarray) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(array[0] if array.shape[0] == 1 else array.transpose(1, 2, 0)).save(path)
 
 
 def test_folder_with_classes_resized_and_cropped(tmp_path: Path):
@@ -314,17 +238,6 @@ def test_flips_only_when_asked_and_only_in_training(tmp_path: Path):
     dm.hflip = False
     x, _ = dm.on_after_batch_transfer(batch, 0)
     assert (x[:, 0, 0, -1] > 0).sum().item() == 0
-
-
-def _fake_emnist(root: Path) -> None:
-    raw = root / "EMNIST" / "raw"
-    write_idx(raw / "emnist-letters-train-images-idx3-ubyte", np.stack([pattern(28)[0].T] * 40))
-    write_idx(raw / "emnist-letters-train-labels-idx1-ubyte", np.arange(40) % 26 + 1)
-
-
-def _fake_ffhq(root: Path) -> None:
-    for k in range(40):
-        write_png(root / "ffhq" / "00000" / f"{k:05d}.png", pattern(64, 3))
 
 
 @pytest.mark.parametrize(

@@ -3,23 +3,18 @@ the wall-clock guard that says so when it ends a run, and sample.py's checkpoint
 
 from __future__ import annotations
 
-import importlib
 import logging
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import FAST, ROOT, compose_config
+from conftest import FAST, compose_config
 from omegaconf import open_dict
 
-from ddpm.checkpoint import load_module
+from ddpm import sampling, training
 from ddpm.device import autocast, choose_precision, cpu_flags, cpu_has_native_bf16
-
-sys.path.insert(0, str(ROOT))
-train_script = importlib.import_module("train")
-sample_script = importlib.import_module("sample")
+from ddpm.module import load_module
 
 
 def test_cpu_flags_are_read_from_cpuinfo(tmp_path: Path):
@@ -51,7 +46,7 @@ def _cfg(run: Path, *extra: str):
 
 
 def test_a_run_ending_between_periodic_checkpoints_saves_its_last_step(tmp_path: Path):
-    train_script.train(
+    training.train(
         _cfg(tmp_path, "trainer.max_steps=3", "callbacks.model_checkpoint.every_n_train_steps=2")
     )
     names = sorted(p.name for p in (tmp_path / "checkpoints").glob("*.ckpt"))
@@ -64,12 +59,12 @@ def test_the_guard_that_ends_a_run_says_so(caplog):
         max_steps=800, global_step=595, interrupted=False, default_root_dir="r"
     )
     with caplog.at_level(logging.WARNING):
-        train_script.warn_if_cut_short(trainer, "00:00:08:30")
+        training.warn_if_cut_short(trainer, "00:00:08:30")
     assert "STOPPED EARLY" in caplog.text and "step 595 of 800" in caplog.text
     caplog.clear()
     done = SimpleNamespace(max_steps=800, global_step=800, interrupted=False, default_root_dir="r")
-    train_script.warn_if_cut_short(done, "00:00:08:30")
-    train_script.warn_if_cut_short(trainer, None)  # no guard: max_steps ended it
+    training.warn_if_cut_short(done, "00:00:08:30")
+    training.warn_if_cut_short(trainer, None)  # no guard: max_steps ended it
     assert "STOPPED EARLY" not in caplog.text
 
 
@@ -89,36 +84,35 @@ def test_sample_py_defaults_to_the_checkpoint_settings(trained_run: Path):
     ckpt = trained_run / "checkpoints" / "last.ckpt"
     module = load_module(ckpt)
     cfg = compose_config([f"ckpt={ckpt}"], name="sample")
-    sampler, guidance = sample_script.sampling(cfg, module)
+    sampler, guidance = sampling.sampling(cfg, module)
     assert sampler == {
         "sampler": "ddpm",
         "steps": 3,
         "variance": "small",
         "clip_x0": True,
-        "use_ema": True,
     }
-    assert guidance == 2.0
-    labels, nrow = sample_script.resolve_labels(cfg, 12, module)
+    assert guidance == 2.0 and cfg.use_ema  # EMA weights unless asked otherwise
+    labels, nrow = sampling.resolve_labels(cfg, 12, module)
     assert labels == [k % 10 for k in range(12)] and nrow == 10  # one digit per column
     # each default gives way to what is asked for
     cfg = compose_config(
         [f"ckpt={ckpt}", "sampler=ddim", "steps=7", "guidance=0", "labels=null"], name="sample"
     )
-    sampler, guidance = sample_script.sampling(cfg, module)
+    sampler, guidance = sampling.sampling(cfg, module)
     assert sampler["sampler"] == "ddim" and sampler["steps"] == 7 and guidance == 0.0
-    assert sample_script.resolve_labels(cfg, 12, module) == (None, None)
+    assert sampling.resolve_labels(cfg, 12, module) == (None, None)
     cfg = compose_config([f"ckpt={ckpt}", "+sampler.variance=large"], name="sample")
-    assert sample_script.sampling(cfg, module)[0]["variance"] == "large"
+    assert sampling.sampling(cfg, module)[0]["variance"] == "large"
     # a checkpoint from before sampling settings were saved: DDPM over all T, no guidance
     module.sampling = {}
-    sampler, guidance = sample_script.sampling(compose_config([f"ckpt={ckpt}"], "sample"), module)
+    sampler, guidance = sampling.sampling(compose_config([f"ckpt={ckpt}"], "sample"), module)
     assert sampler["sampler"] == "ddpm" and sampler["steps"] is None and guidance == 0.0
 
 
 def test_precision_auto_is_resolved_and_logged(tmp_path: Path, caplog, monkeypatch):
     monkeypatch.setattr("ddpm.device.cpu_has_native_bf16", lambda: False)
     with caplog.at_level(logging.INFO):
-        train_script.train(_cfg(tmp_path, "trainer.max_steps=1"))
+        training.train(_cfg(tmp_path, "trainer.max_steps=1"))
     assert "trainer.precision=auto: 32-true" in caplog.text
 
 

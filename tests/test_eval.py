@@ -8,13 +8,13 @@ import pytest
 import torch
 from conftest import run_script
 
-from ddpm.data import load_mnist5k
+from ddpm.datasets import load_mnist5k
+from ddpm.inception import fid_helper_file
 from ddpm.metrics import (
     REAL_STATES,
     InceptionMetrics,
     cached_reference,
     check_count,
-    fid_helper_file,
     metric_name,
     stats_key,
 )

@@ -4,25 +4,20 @@ and the same seed giving the same losses."""
 
 from __future__ import annotations
 
-import importlib
 import json
 import math
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import CONF, FAST, ROOT, compose_config, run_script, tiny_fid
+from conftest import CONF, FAST, compose_config, run_script, tiny_fid
+from fakes import _fake_emnist, _fake_ffhq, fake_mnist
 from omegaconf import open_dict
-from test_datasets import _fake_emnist, _fake_ffhq, fake_cifar, fake_mnist, fake_stl10  # noqa: F401
 from wandb_records import summary
 
-from ddpm.metrics import fid_helper_file
+from ddpm import evaluation, training
+from ddpm.inception import fid_helper_file
 from ddpm.results import main as results_main
-
-sys.path.insert(0, str(ROOT))
-train_script = importlib.import_module("train")
-eval_script = importlib.import_module("eval")
 
 
 def job_dirs(sweep: Path) -> list[Path]:
@@ -217,7 +212,7 @@ def test_every_preset_runs_one_step(preset, fake_cifar, fake_stl10, tmp_path):  
     )
     with open_dict(cfg):
         del cfg["hydra"]
-    metrics = train_script.train(cfg)
+    metrics = training.train(cfg)
     assert math.isfinite(metrics["train/loss"])
     assert (tmp_path / "run" / "samples" / "final.png").is_file()
 
@@ -246,6 +241,6 @@ def test_ddim_table_preset_on_a_checkpoint(trained_run: Path, tmp_path: Path):
         ],
         name="eval",
     )
-    result = eval_script.evaluate(cfg)
+    result = evaluation.evaluate(cfg)
     assert result["fid70_train_ddim2"] > 0 and result["fid70_train_ddim3"] > 0
     assert (tmp_path / "table.table.md").read_text().count("| ddim |") == 2

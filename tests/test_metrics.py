@@ -6,15 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from ddpm.data import load_mnist5k
-from ddpm.metrics import (
-    InceptionMetrics,
-    as_uint8_rgb,
-    fid_helper_file,
-    frechet_distance,
-    has_classifier,
-    inception_weights,
-)
+from ddpm.datasets import load_mnist5k
+from ddpm.inception import fid_helper_file, has_classifier, inception_weights
+from ddpm.metrics import InceptionMetrics, as_uint8_rgb, frechet_distance
 
 
 def test_converted_weights_give_the_torchscript_features(weights):

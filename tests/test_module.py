@@ -1,7 +1,11 @@
+from types import SimpleNamespace
+
 import pytest
 import torch
 
-from ddpm.module import EMA, DiffusionModule, DivergenceError
+from ddpm.generate import generate_all
+from ddpm.module import EMA, DiffusionModule
+from ddpm.resume import DivergenceError, NonFiniteGuard
 
 NET = {
     "_target_": "ddpm.unet.UNet",
@@ -93,32 +97,59 @@ def test_ema_moves_once_per_optimizer_step():
     assert int(module.ema.n_averaged) == 3
 
 
-def test_nonfinite_loss_is_skipped_or_stops():
-    module = make(nonfinite="skip", nonfinite_max_skips=2)
-    bad = torch.full((4, 1, 8, 8), float("nan"))
-    assert module.training_step((bad, None), 0) is None and module.skipped_steps == 1
-    with pytest.raises(DivergenceError, match="2 updates in a row had a non-finite loss"):
-        module.training_step((bad, None), 1)
+def _step(module, guard, trainer, x):
+    """One training step as Lightning runs it, with the guard's hooks: loss, backward,
+    the check before the optimizer step (which then skips parameters without gradients)."""
+    optimizer = torch.optim.SGD(module.net.parameters(), lr=0.1)
+    optimizer.zero_grad()
+    loss = module.loss_fn(x, None).mean()
+    guard.on_before_backward(trainer, module, loss)
+    loss.backward()
+    guard.on_before_optimizer_step(trainer, module, optimizer)
+    optimizer.step()
 
-    module = make(nonfinite="stop")
-    module.check_finite()  # nothing seen yet
-    module._note_finite(torch.tensor(True))
-    module.check_finite()
-    module._note_finite(torch.tensor(False))
-    module._note_finite(torch.tensor(False))  # the first bad step is the one reported
+
+def test_module_brings_its_guard_with_its_settings():
+    module = make(nonfinite="skip", nonfinite_check_every=3, nonfinite_max_skips=2)
+    module.trainer = SimpleNamespace(loggers=[])  # what configure_callbacks reads
+    guard = next(c for c in module.configure_callbacks() if isinstance(c, NonFiniteGuard))
+    assert (guard.mode, guard.check_every, guard.max_skips) == ("skip", 3, 2)
+
+
+def test_nonfinite_loss_is_skipped_or_stops():
+    module = make()
+    guard = NonFiniteGuard("skip", max_skips=2)
+    trainer = SimpleNamespace(global_step=0, precision="32-true")
+    bad = torch.full((4, 1, 8, 8), float("nan"))
+    before = [p.detach().clone() for p in module.net.parameters()]
+    _step(module, guard, trainer, bad)  # the update is dropped: the weights stay as they were
+    assert guard.skipped_steps == 1
+    assert all(torch.equal(a, p) for a, p in zip(before, module.net.parameters(), strict=True))
+    with pytest.raises(DivergenceError, match="2 updates in a row had a non-finite loss"):
+        _step(module, guard, trainer, bad)
+
+    guard = NonFiniteGuard("stop")
+    guard.check()  # nothing seen yet
+    guard.note(torch.tensor(True), 1)
+    guard.check()
+    guard.note(torch.tensor(False), 1)
+    guard.note(torch.tensor(False), 2)  # the first bad step is the one reported
     with pytest.raises(DivergenceError, match="non-finite at step 1: .* last good one is intact"):
-        module.check_finite()
+        guard.check()
     with pytest.raises(DivergenceError):  # nor is a diverged state ever written
-        module.on_save_checkpoint({})
+        guard.on_save_checkpoint(trainer, module, {})
 
 
 def test_nonfinite_gradient_skips_the_update():
-    module = make(nonfinite="skip")
+    module = make()
+    guard = NonFiniteGuard("skip")
+    trainer = SimpleNamespace(global_step=0, precision="bf16-mixed")
     for p in module.net.parameters():
         p.grad = torch.zeros_like(p)
     next(module.net.parameters()).grad[0] = float("inf")
-    module.on_before_optimizer_step(None)
-    assert all(p.grad is None for p in module.net.parameters()) and module.skipped_steps == 1
+    optimizer = torch.optim.SGD(module.net.parameters(), lr=0.1)
+    guard.on_before_optimizer_step(trainer, module, optimizer)
+    assert all(p.grad is None for p in module.net.parameters()) and guard.skipped_steps == 1
 
 
 def test_bad_module_options_are_named():
@@ -132,30 +163,33 @@ def test_bad_module_options_are_named():
 
 def test_generate_gives_images_in_range_independent_of_batch():
     module = make()
-    a = module.generate(4, steps=5, seed=3)
-    b = torch.cat([module.generate(2, steps=5, seed=3, first_index=k) for k in (0, 2)])
+    ddpm5 = {"sampler": "ddpm", "steps": 5}
+    a = generate_all(module, 4, sampler=ddpm5, seed=3)
+    b = generate_all(module, 4, sampler=ddpm5, seed=3, batch_size=2)
+    c = torch.cat([generate_all(module, 2, sampler=ddpm5, seed=3, first=k) for k in (0, 2)])
     assert a.shape == (4, 1, 8, 8)
     assert a.min() >= -1 and a.max() <= 1
-    assert torch.allclose(a, b, atol=1e-5)
+    assert torch.allclose(a, b, atol=1e-5) and torch.allclose(a, c, atol=1e-5)
 
 
 def test_class_conditional_training_and_guidance():
     module = make(net={**NET, "num_classes": 3}, cond_drop_prob=0.5)
     x, y = images(4), torch.tensor([0, 1, 2, 0])
     assert torch.isfinite(module.loss_fn(x, y)).all()
-    out = module.generate(3, steps=4, labels=[0, 1, 2], guidance=2.0)
+    ddpm = {"sampler": "ddpm", "steps": 4}
+    out = generate_all(module, 3, sampler=ddpm, labels=[0, 1, 2], guidance=2.0)
     assert out.shape == (3, 1, 8, 8)
     with pytest.raises(ValueError, match="not class-conditional"):
-        make().generate(1, steps=2, labels=[0])
+        generate_all(make(), 1, sampler=ddpm, labels=[0])
     with pytest.raises(ValueError, match="guidance needs labels"):
-        module.generate(1, steps=2, guidance=1.0)
+        generate_all(module, 1, sampler=ddpm, labels=None, guidance=1.0)
 
 
 @pytest.mark.parametrize("objective", ["eps", "x0", "v"])
 @pytest.mark.parametrize("sampler", ["ddpm", "ddim", "dpmpp_2m"])
 def test_every_objective_samples_with_every_sampler(objective, sampler):
     module = make(objective=objective)
-    out = module.generate(2, sampler=sampler, steps=4, seed=1)
+    out = generate_all(module, 2, sampler={"sampler": sampler, "steps": 4}, seed=1)
     assert out.shape == (2, 1, 8, 8) and torch.isfinite(out).all()
     assert out.min() >= -1 and out.max() <= 1
 
@@ -182,13 +216,16 @@ def test_channels_last_gives_the_same_loss():
 
 def test_compile_failure_falls_back_to_eager(caplog):
     module = make(compile=True)
+    assert "forward" in vars(module.net)  # the compiled forward, over the class's
+    keys = set(make().state_dict())
+    assert set(module.state_dict()) == keys  # compiling renames no weight
 
     def broken(*args):
         raise RuntimeError("no C compiler")
 
-    module._compiled = [broken]
+    module.net.forward = broken
     module.train()
     with caplog.at_level("WARNING"):
         loss = module.loss_fn(images(), None).mean()
-    assert torch.isfinite(loss) and module._compiled == []
+    assert torch.isfinite(loss) and "forward" not in vars(module.net)
     assert "torch.compile failed (RuntimeError: no C compiler); training eagerly" in caplog.text

@@ -244,13 +244,10 @@ def test_unwritable_run_directory_fails_at_start(tmp_path: Path):
 def test_keep_last_k_and_a_failed_save_deletes_nothing(tmp_path: Path, monkeypatch):
     """save_top_k=2 keeps the two newest periodic checkpoints; when a save fails (disk full),
     the exception comes before Lightning removes anything, so the older ones stay whole."""
-    import importlib
-
     from conftest import compose_config
     from omegaconf import open_dict
 
-    sys.path.insert(0, str(ROOT))
-    train_script = importlib.import_module("train")
+    from ddpm import training
 
     def cfg(run: Path, *extra: str):
         c = compose_config(
@@ -261,7 +258,7 @@ def test_keep_last_k_and_a_failed_save_deletes_nothing(tmp_path: Path, monkeypat
             del c["hydra"]
         return c
 
-    train_script.train(cfg(tmp_path / "a"))
+    training.train(cfg(tmp_path / "a"))
     names = sorted(p.name for p in (tmp_path / "a" / "checkpoints").glob("*.ckpt"))
     assert names == ["last.ckpt", "step_0000006.ckpt", "step_0000008.ckpt"]
 
@@ -275,7 +272,7 @@ def test_keep_last_k_and_a_failed_save_deletes_nothing(tmp_path: Path, monkeypat
 
     monkeypatch.setattr(torch, "save", fails_on_third)
     with pytest.raises(CheckpointError, match="No space left on device"):
-        train_script.train(cfg(tmp_path / "b"))
+        training.train(cfg(tmp_path / "b"))
     monkeypatch.undo()
     kept = sorted(p.name for p in (tmp_path / "b" / "checkpoints").iterdir())
     assert kept == ["last.ckpt", "step_0000002.ckpt", "step_0000004.ckpt"]  # nothing half-written

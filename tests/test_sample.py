@@ -5,8 +5,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import FAST, run_script
+from fakes import pattern, write_idx
 from PIL import Image
-from test_datasets import pattern, write_idx
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,190 @@
+"""What `eval.py` does: FID, KID and Inception Score of generated images (an .npz, a folder of
+PNGs, or a checkpoint sampled on the fly) against cached statistics of a dataset split."""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+
+import hydra
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+from PIL import Image
+from tqdm import tqdm
+
+from ddpm.device import pick_device
+from ddpm.generate import generate
+from ddpm.inception import has_classifier, inception_weights
+from ddpm.metrics import (
+    InceptionMetrics,
+    cached_reference,
+    check_count,
+    measure,
+    reference_subset,
+    stats_key,
+)
+from ddpm.module import load_module
+from ddpm.render import to_uint8
+from ddpm.samplers import sampler_label, sampler_settings
+
+log = logging.getLogger(__name__)
+
+
+def source_batches(
+    cfg: DictConfig, device: torch.device, name: str | None = None, steps: int | None = None
+) -> tuple[Iterator[torch.Tensor], str | None]:
+    """uint8 (B, C, H, W) batches of the first n images of the source, and the sampler's label.
+
+    For a checkpoint, `name` and `steps` override the sampler config (the options of
+    cfg.sampler apply when it is the same sampler; another one runs with its defaults).
+    """
+    source = Path(cfg.source)
+    if source.suffix == ".npz":
+        array = np.load(source)["arr_0"]
+        if len(array) < cfg.n:
+            raise ValueError(f"{source} holds {len(array)} images, fewer than n={cfg.n}")
+        images = torch.from_numpy(array[: cfg.n]).permute(0, 3, 1, 2)
+        return iter(images.split(cfg.batch_size)), None
+    if source.is_dir():
+        files = sorted(p for p in source.rglob("*.png"))[: cfg.n]
+        if len(files) < cfg.n:
+            raise ValueError(f"{source} holds {len(files)} PNG images, fewer than n={cfg.n}")
+
+        def read() -> Iterator[torch.Tensor]:
+            for i in range(0, len(files), cfg.batch_size):
+                arrays = [np.asarray(Image.open(f)) for f in files[i : i + cfg.batch_size]]
+                batch = torch.from_numpy(np.stack(arrays))
+                yield batch[:, None] if batch.ndim == 3 else batch.permute(0, 3, 1, 2)
+
+        return read(), None
+    if source.suffix == ".ckpt":
+        module = load_module(source, map_location=device)
+        sampler = sampler_settings(OmegaConf.to_container(cfg.sampler, resolve=True), cfg.steps)
+        if name is not None and name != sampler["sampler"]:
+            sampler = {"sampler": name, "steps": None}  # another sampler: its own defaults
+        if steps is not None:
+            sampler["steps"] = steps
+        batches = generate(
+            module,
+            cfg.n,
+            sampler=sampler,
+            seed=cfg.seed,
+            guidance=cfg.guidance if module.num_classes else 0.0,
+            batch_size=cfg.batch_size,
+            progress=False,  # the metrics' bar counts these images
+        )
+        label = sampler_label(sampler, module.schedule.num_timesteps)
+        return (to_uint8(images) for _, images in batches), label
+    raise FileNotFoundError(f"source={source}: not an .npz, a folder of images or a .ckpt")
+
+
+def evaluate(cfg: DictConfig) -> dict:
+    device = pick_device(cfg.device)
+    check_count(cfg.n, cfg.features)
+    weights = inception_weights(cfg.weights, cfg.cache_dir)
+    inception_score = cfg.inception_score
+    if inception_score == "auto":
+        inception_score = has_classifier(weights)
+        if not inception_score:
+            log.info("no Inception Score: %s has no classifier layer", weights)
+    metrics = InceptionMetrics(
+        weights, device, cfg.features, kid=cfg.kid, inception_score=bool(inception_score)
+    )
+
+    datamodule = hydra.utils.instantiate(cfg.dataset, split=cfg.reference_split)
+    loaded: dict[str, torch.Tensor] = {}
+
+    def split_images() -> torch.Tensor:  # read at most once, and only when needed
+        if "images" not in loaded:
+            loaded["images"] = reference_subset(datamodule.load().images, cfg.reference_n)
+        return loaded["images"]
+
+    # the reference count is part of the cache key: for a whole split that means reading it
+    key_n = cfg.reference_n or len(split_images())
+    check_count(key_n, cfg.features)
+    key = stats_key(
+        datamodule.name, cfg.reference_split, datamodule.image_size, key_n, weights, cfg.features
+    )
+    cache = cached_reference(
+        metrics, key, lambda: split_images().split(cfg.batch_size), cfg.cache_dir
+    )
+    log.info("reference statistics: %s", cache)
+
+    entries = [parse_entry(e) for e in cfg.table] if cfg.table else [(None, None)]
+    if cfg.table and Path(cfg.source).suffix != ".ckpt":
+        raise ValueError("table= needs source= to be a checkpoint (.ckpt) to sample from")
+    result: dict = {
+        "n": cfg.n,
+        "reference": key,
+        "source": str(cfg.source),
+        "features": cfg.features,
+    }
+    rows = []
+    for entry_name, entry_steps in entries:
+        batches, sampler = source_batches(cfg, device, entry_name, entry_steps)
+
+        def checked(batches: Iterator[torch.Tensor], bar: tqdm) -> Iterator[torch.Tensor]:
+            for batch in batches:
+                if batch.shape[-1] != datamodule.image_size:
+                    raise ValueError(
+                        f"source images are {batch.shape[-1]} px, the reference {datamodule.name} "
+                        f"is {datamodule.image_size} px: compare at one resolution "
+                        "(dataset.image_size)"
+                    )
+                yield batch
+                bar.update(len(batch))
+
+        with tqdm(total=cfg.n, unit="img", desc=f"metrics {sampler or ''}") as bar:
+            values = measure(metrics, checked(batches, bar), cfg.n, cfg.reference_split, sampler)
+        result.update(values)
+        rows.append((entry_name, entry_steps, values))
+    out = Path(cfg.out) if cfg.out else Path(str(cfg.source).rstrip("/") + ".fid.json")
+    out.write_text(json.dumps(result, indent=1))
+    if cfg.table:
+        write_table(rows, out.with_suffix(""), cfg.n, cfg.reference_split)
+    print(json.dumps(result))
+    return result
+
+
+def parse_entry(entry: str) -> tuple[str, int]:
+    """'ddim:50' -> ('ddim', 50)."""
+    name, _, steps = str(entry).partition(":")
+    if not steps.isdigit():
+        raise ValueError(f"table entries are sampler:steps, e.g. ddim:50; got {entry!r}")
+    return name, int(steps)
+
+
+def by_kind(values: dict[str, float]) -> dict[str, float]:
+    """{'fid50k_train_ddim10': 4.1, 'kid..._std': ...} -> {'fid': 4.1, 'kid_std': ...}."""
+    out = {}
+    for name, value in values.items():
+        kind = next(k for k in ("fid", "kid", "is") if name.startswith(k))
+        out[kind + ("_std" if name.endswith("_std") else "")] = value
+    return out
+
+
+def write_table(rows: list, stem: Path, n: int, split: str) -> None:
+    """FID (and KID, IS when measured) per (sampler, steps) as Markdown and CSV, like Table 1
+    of the DDIM paper."""
+    table = [(name, steps, by_kind(values)) for name, steps, values in rows]
+    kinds = [k for k in ("fid", "kid", "is") if k in table[0][2]]
+    heads = {"fid": f"FID ({n} samples vs {split})", "kid": "KID ×10³", "is": "IS"}
+    lines = ["| sampler | steps | " + " | ".join(heads[k] for k in kinds) + " |"]
+    lines.append("|---|---|" + "---|" * len(kinds))
+    columns = kinds + [f"{k}_std" for k in kinds[1:]]
+    with open(f"{stem}.table.csv", "w", newline="") as f:
+        rows_csv = csv.writer(f, lineterminator="\n")
+        rows_csv.writerow(["sampler", "steps", *columns])
+        for name, steps, v in table:
+            cells = [f"{v['fid']:.2f}"]
+            if "kid" in v:
+                cells.append(f"{1e3 * v['kid']:.2f} ± {1e3 * v['kid_std']:.2f}")
+            if "is" in v:
+                cells.append(f"{v['is']:.2f} ± {v['is_std']:.2f}")
+            lines.append(f"| {name} | {steps} | " + " | ".join(cells) + " |")
+            rows_csv.writerow([name, steps, *(f"{v[c]:.6f}" for c in columns)])
+    Path(f"{stem}.table.md").write_text("\n".join(lines) + "\n")

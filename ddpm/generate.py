@@ -1,0 +1,186 @@
+"""The one loop that turns a diffusion model into images.
+
+Image k of a seed starts from its own noise (`ddpm.samplers.image_generators`), and a
+class-conditional model draws it with one label rule (`image_labels`), so images
+`first..first+n` are the same whatever batches, processes or entry point drew them: the grids of
+training, `sample.py`, `eval.py` and the FID callback (one shard per DDP rank) all come from
+`generate`. The model of the loop is EDM's seed-batched `generate.py`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+from tqdm import tqdm
+
+from ddpm.samplers import Callback, get_sampler, image_generators, randn, sampler_label
+
+Labels = str | Sequence[int] | None
+
+
+def image_labels(
+    labels: Labels, first: int, count: int, num_classes: int | None
+) -> list[int] | None:
+    """The labels of images first..first+count-1.
+
+    `"auto"`: `"cycle"` for a class-conditional model, none for an unconditional one;
+    `"cycle"`: image k gets class k mod K (a grid of K columns shows one class per column);
+    a sequence: one label per image of the whole run, indexed by k; None: unconditional.
+    """
+    if isinstance(labels, str):
+        if labels not in ("auto", "cycle"):
+            raise ValueError(f"labels must be 'auto', 'cycle', a list or null, got {labels!r}")
+        if labels == "auto" and not num_classes:
+            return None
+        if not num_classes:
+            raise ValueError("labels='cycle' needs a class-conditional model")
+        return [k % num_classes for k in range(first, first + count)]
+    if labels is None:
+        return None
+    return [int(v) for v in labels[first : first + count]]
+
+
+def initial_noise(module, n: int, seed: int = 0, first: int = 0) -> Tensor:
+    """The pure noise x_T (n, C, H, W) that images first..first+n-1 of `seed` start from."""
+    net = module.ema.module
+    shape = (n, net.in_channels, net.image_size, net.image_size)
+    return randn(shape, image_generators(seed, first, n), module.device)
+
+
+@torch.no_grad()
+def sample_batch(
+    module,
+    count: int,
+    *,
+    sampler: Mapping[str, Any],
+    seed: int = 0,
+    first: int = 0,
+    labels: list[int] | None = None,
+    guidance: float = 0.0,
+    use_ema: bool = True,
+    callback: Callback | None = None,
+) -> Tensor:
+    """One batch: images first..first+count-1 of `seed` (count, C, H, W) in [-1, 1], float32.
+
+    `sampler` is `ddpm.samplers.sampler_settings`' dict ({"sampler": name, "steps": ..., options});
+    `labels` one per image (class-conditional models), guidance w as in `module.model_fn`.
+    """
+    options = dict(sampler)
+    name, steps = options.pop("sampler"), options.pop("steps", None)
+    net = module.ema.module if use_ema else module.net
+    was_training = net.training
+    net.eval()
+    try:
+        # per-image generators, advanced past x_T: the sampler's noise continues each stream
+        gens = image_generators(seed, first, count)
+        shape = (count, net.in_channels, net.image_size, net.image_size)
+        x_T = randn(shape, gens, module.device)
+        y = None if labels is None else torch.as_tensor(labels, device=module.device).long()
+        x_0 = get_sampler(name)(
+            module.model_fn(net, y, guidance),
+            module.schedule,
+            x_T,
+            steps,
+            generator=gens,
+            callback=callback,
+            **options,
+        )
+        return x_0.float().clamp(-1, 1)
+    finally:
+        net.train(was_training)
+
+
+def generate(
+    module,
+    n: int,
+    *,
+    sampler: Mapping[str, Any],
+    seed: int = 0,
+    first: int = 0,
+    labels: Labels = "auto",
+    guidance: float = 0.0,
+    batch_size: int | None = None,
+    use_ema: bool = True,
+    callback: Callback | None = None,
+    context: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+    progress: bool = True,
+    desc: str | None = None,
+) -> Iterator[tuple[int, Tensor]]:
+    """Images first..first+n-1 of `seed`, in batches of `batch_size`: yields (index of the
+    batch's first image, images (B, C, H, W) in [-1, 1] float32 on the module's device).
+
+    `labels` by `image_labels`' rule; guidance w > 0 needs labels. `callback(i, t, x_t,
+    x0)` sees every sampler step of the first batch (animations). Each batch is drawn inside
+    `context()` (e.g. the autocast of the run's precision), and the caller's work on it outside.
+    A progress bar counts images, advancing at every sampler step.
+    """
+    if n < 1:
+        raise ValueError(f"the number of images must be >= 1, got {n}")
+    batch_size = batch_size or n
+    steps = sampler.get("steps") or module.schedule.num_timesteps
+    bar = tqdm(
+        total=n,
+        unit="img",
+        desc=desc or sampler_label(sampler, module.schedule.num_timesteps),
+        disable=not progress,
+        bar_format="{l_bar}{bar}| {n:.0f}/{total} [{elapsed}<{remaining}{postfix}]",
+    )
+    start = time.perf_counter()
+    with bar:
+        for k in range(first, first + n, batch_size):
+            count = min(batch_size, first + n - k)
+            batch_labels = image_labels(labels, k, count, module.num_classes)
+
+            def step(i: int, t: Tensor, x: Tensor, x0: Tensor, k: int = k, count: int = count):
+                bar.update(count / steps)
+                if callback is not None and k == first:
+                    callback(i, t, x, x0)
+
+            with context():
+                images = sample_batch(
+                    module,
+                    count,
+                    sampler=sampler,
+                    seed=seed,
+                    first=k,
+                    labels=batch_labels,
+                    guidance=guidance,
+                    use_ema=use_ema,
+                    callback=step,
+                )
+            bar.n = k + count - first  # exact, whatever the fractional steps summed to
+            bar.set_postfix(img_per_s=f"{bar.n / (time.perf_counter() - start):.2f}")
+            yield k, images
+
+
+def generate_all(module, n: int, **kwargs: Any) -> Tensor:
+    """`generate`'s images, all of them in one tensor (n, C, H, W)."""
+    return torch.cat([images for _, images in generate(module, n, **kwargs)])
+
+
+@torch.no_grad()
+def denoised(
+    module, image: Tensor, ts: Sequence[int], seed: int = 0, labels: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
+    """`image` (1, C, H, W) in [-1, 1] noised to each t of `ts` (q_sample, eq. 4), and the EMA
+    model's estimate of x_0 from each (eq. 15): two (len(ts), C, H, W) tensors."""
+    device = module.device
+    x0 = image.to(device).expand(len(ts), -1, -1, -1)
+    t = torch.tensor(list(ts), device=device, dtype=torch.long)
+    noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(seed)).to(device)
+    x_t = module.schedule.q_sample(x0, t, noise)
+    y = None if labels is None else labels.to(device).expand(len(ts))
+    eps = module.model_fn(module.ema.module, y)(x_t, t)
+    return x_t, module.schedule.predict_x0(x_t, t, eps).clamp(-1, 1)
+
+
+def shard(n: int, rank: int = 0, world_size: int = 1) -> tuple[int, int]:
+    """The first image and the count that DDP rank `rank` of `world_size` draws of n images:
+    rank r draws [r·n/W, (r+1)·n/W), so together the ranks draw the n of one process."""
+    first, last = rank * n // world_size, (rank + 1) * n // world_size
+    return first, last - first

@@ -1,0 +1,214 @@
+"""What `sample.py` does: a checkpoint's EMA model -> grid.png, one PNG per image, and when
+asked samples.npz, animation.gif, noise_levels.png, text.png (see sample.py for the options)."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+from PIL import Image
+from torchvision.transforms.v2.functional import pil_to_tensor
+
+from ddpm.device import autocast, pick_device
+from ddpm.generate import denoised, generate, generate_all, image_labels, initial_noise
+from ddpm.module import load_module
+from ddpm.render import (
+    Recorder,
+    letter_labels,
+    noise_levels_figure,
+    save_animation,
+    save_grid,
+    save_png,
+    sentence,
+    to_pil,
+    to_uint8,
+    wrap_words,
+)
+from ddpm.samplers import sampler_settings
+
+log = logging.getLogger(__name__)
+
+
+def finished_images(out: Path, overwrite: bool, resume: bool) -> int:
+    """How many images out/ already holds (0..k-1) to continue from; refuses to mix otherwise."""
+    earlier = [p for p in (out / "grid.png", out / "images", out / "text.png") if p.exists()]
+    if not earlier or overwrite:
+        return 0
+    if not resume:
+        raise FileExistsError(
+            f"{out} already holds samples ({', '.join(p.name for p in earlier)}); choose another "
+            "out=DIR, pass resume=true to continue an interrupted run, or overwrite=true"
+        )
+    k = 0
+    while (out / "images" / f"{k:06d}.png").is_file():
+        k += 1
+    return k
+
+
+def check_shape(module, cfg: DictConfig) -> None:
+    """Refuse a checkpoint of another image size or channel count than the one asked for."""
+    net = module.ema.module
+    trained = (net.in_channels, net.image_size)
+    asked = (cfg.channels or net.in_channels, cfg.image_size or net.image_size)
+    if asked != trained:
+        raise ValueError(
+            f"{cfg.ckpt} was trained on {trained[0]}x{trained[1]}x{trained[1]} images, not "
+            f"{asked[0]}x{asked[1]}x{asked[1]} as asked (image_size / channels); use a checkpoint "
+            "trained at that size or drop the option"
+        )
+
+
+def sampling(cfg: DictConfig, module) -> tuple[dict, float]:
+    """generate()'s sampler arguments and the guidance w: by default (sampler=checkpoint,
+    guidance=null) those the checkpoint's final training grid was drawn with, so that
+    `sample.py ckpt=...` alone draws what training showed; DDPM over all T steps and no
+    guidance for a checkpoint that has none. `steps=`, `guidance=` and sampler options
+    (`+sampler.variance=large`) override either way."""
+    saved = dict(module.sampling)
+    saved_guidance = float(saved.pop("guidance", 0.0) or 0.0)
+    config = OmegaConf.to_container(cfg.sampler, resolve=True)
+    if config["name"] == "checkpoint":
+        del config["name"]
+        config = {"name": saved.pop("sampler", "ddpm"), **saved, **config}
+    sampler = sampler_settings(config, cfg.steps)
+    guidance = saved_guidance if cfg.guidance is None else float(cfg.guidance)
+    return sampler, guidance
+
+
+def resolve_labels(cfg: DictConfig, n: int, module) -> tuple[list[int] | None, int | None]:
+    """labels / class_name options -> one label per image (or None) and the grid's row length."""
+    num_classes, names = module.num_classes, module.class_names
+    spec = cfg.labels
+    if cfg.class_name is not None:
+        name = str(cfg.class_name)  # the command line makes class_name=7 an int
+        if name not in names:
+            raise ValueError(f"class_name={name!r} is not one of the model's classes {names}")
+        spec = [names.index(name)] * n
+    if spec == "auto":  # a class-conditional model draws one class per grid column
+        spec = "cycle" if num_classes else None
+    if spec is None:
+        return None, None
+    if not num_classes:
+        raise ValueError("labels= was given but the checkpoint's model is not class-conditional")
+    if spec == "cycle":
+        return image_labels("cycle", 0, n, num_classes), num_classes
+    labels = [int(v) for v in spec]
+    if len(labels) != n:
+        raise ValueError(f"labels has {len(labels)} entries but n={n}; give one label per image")
+    bad = [v for v in labels if not 0 <= v < num_classes]
+    if bad:
+        raise ValueError(f"labels {bad} are outside the model's classes 0..{num_classes - 1}")
+    return labels, None
+
+
+def write_text(
+    cfg: DictConfig, module, out: Path, sampler: dict, guidance: float, precision
+) -> Path:
+    """text="...": each letter drawn by a letters model, laid out as wrapped lines."""
+    if not module.num_classes or not module.class_names:
+        raise ValueError(
+            "text= needs a class-conditional model trained on letters (dataset=emnist)"
+        )
+    lines = wrap_words(cfg.text, cfg.text_width)
+    labels = letter_labels(lines, module.class_names)
+    recorder = Recorder(sampler["steps"] or module.schedule.num_timesteps) if cfg.animate else None
+    images = generate_all(
+        module,
+        len(labels),
+        sampler=sampler,
+        seed=cfg.seed,
+        labels=labels,
+        guidance=guidance,
+        use_ema=cfg.use_ema,
+        callback=recorder,
+        context=lambda: precision,
+        desc="letters",
+    )
+    out.mkdir(parents=True, exist_ok=True)
+
+    def layout(letters: torch.Tensor) -> Image.Image:
+        page = sentence(letters, lines)
+        return to_pil(page[None], nrow=1, scale=cfg.scale, padding=0)
+
+    layout(to_uint8(images.cpu())).save(out / "text.png")
+    if recorder is not None:
+        x_T = initial_noise(module, len(labels), cfg.seed).cpu()
+        save_animation(recorder, out / "animation.gif", layout, x_T)
+    log.info("wrote %s", out / "text.png")
+    return out
+
+
+def sample(cfg: DictConfig) -> Path:
+    if cfg.n < 1 or cfg.batch_size < 1:
+        raise ValueError(
+            f"n and batch_size must be >= 1, got n={cfg.n}, batch_size={cfg.batch_size}"
+        )
+    out = Path(cfg.out)
+    start = finished_images(out, cfg.overwrite, cfg.resume)
+    device = pick_device(cfg.device)
+    precision = autocast(cfg.precision, device)  # a wrong value fails before any work
+    module = load_module(cfg.ckpt, map_location=device)
+    check_shape(module, cfg)
+    if cfg.guidance and not module.num_classes:
+        raise ValueError(
+            f"guidance={cfg.guidance} needs a class-conditional model, and {cfg.ckpt} is "
+            "unconditional (trained with model.num_classes=null); drop guidance="
+        )
+    sampler, guidance = sampling(cfg, module)
+    if cfg.text:
+        return write_text(cfg, module, out, sampler, guidance, precision)
+
+    labels, nrow = resolve_labels(cfg, cfg.n, module)
+    if labels is None and cfg.guidance is None:
+        guidance = 0.0  # unconditional samples of a conditional model: nothing to guide towards
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    kept = [load_png(out / "images" / f"{k:06d}.png") for k in range(start)]
+    recorder = Recorder(sampler["steps"] or module.schedule.num_timesteps) if cfg.animate else None
+    row = nrow or max(1, int(min(cfg.batch_size, cfg.n - start) ** 0.5))
+
+    def frame(images: torch.Tensor) -> Image.Image:
+        return to_pil(images, row, cfg.scale)
+
+    batches = generate(
+        module,
+        cfg.n - start,
+        sampler=sampler,
+        seed=cfg.seed,
+        first=start,
+        labels=labels,
+        guidance=guidance,
+        batch_size=cfg.batch_size,
+        use_ema=cfg.use_ema,
+        callback=recorder,  # the first batch is animated
+        context=lambda: precision,
+    )
+    for first, images in batches:
+        images = to_uint8(images.cpu())
+        for k, img in enumerate(images):  # written as they come: an interrupted run resumes
+            save_png(img, out / "images" / f"{first + k:06d}.png")
+        kept.append(images)
+        if recorder is not None and first == start:
+            x_T = initial_noise(module, len(images), cfg.seed, first).cpu()
+            save_animation(recorder, out / "animation.gif", frame, x_T)
+    everything = torch.cat(kept)
+    save_grid(everything[: cfg.grid_max].float() / 127.5 - 1, out / "grid.png", nrow)
+    if cfg.npz:
+        np.savez(out / "samples.npz", arr_0=everything.permute(0, 2, 3, 1).numpy())
+    if cfg.noise_levels:
+        first_label = None if labels is None else torch.tensor(labels[:1])
+        ts = list(cfg.noise_levels_t)
+        x_t, x0_hat = denoised(
+            module, everything[:1].float() / 127.5 - 1, ts, cfg.seed, first_label
+        )
+        figure = noise_levels_figure(x_t, x0_hat, ts)
+        figure.save(out / "noise_levels.png")
+    log.info("wrote %d images to %s", cfg.n, out)
+    return out
+
+
+def load_png(path: Path) -> torch.Tensor:
+    """(1, C, H, W) uint8 from a PNG written by `save_png`."""
+    return pil_to_tensor(Image.open(path))[None]

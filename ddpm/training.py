@@ -1,0 +1,172 @@
+"""What `train.py` does: compose -> instantiate -> fit, around the resume and run-directory
+checks, and the clean-up that lets the next job of a multirun start fresh."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from itertools import count
+from pathlib import Path
+from typing import Any
+
+import hydra
+import lightning as L
+import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.errors import InstantiationException
+from omegaconf import DictConfig, OmegaConf
+
+from ddpm.device import choose_precision
+from ddpm.resume import (
+    AtomicCheckpointIO,
+    check_same_network,
+    check_writable,
+    first_unused,
+    resume_from,
+)
+from ddpm.tracking import dirname, record_run
+
+log = logging.getLogger(__name__)
+
+DDP_VARIABLES = ("LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "RANK")
+
+OmegaConf.register_new_resolver("ddpm_dirname", dirname, replace=True)  # hydra/default.yaml
+
+
+def save_config(cfg: DictConfig, out: Path) -> None:
+    """config.yaml, resolved; a resumed run with other settings keeps the first one and adds
+    config.resume<k>.yaml beside it."""
+    text = OmegaConf.to_yaml(cfg, resolve=True)
+    path = out / "config.yaml"
+    if path.is_file() and path.read_text() != text:
+        path = first_unused(out / f"config.resume{k}.yaml" for k in count(1))
+        log.info("resumed with changed settings: %s", path)
+    path.write_text(text)
+
+
+def build_loggers(cfg: DictConfig, out: Path, resuming: bool) -> list:
+    """The configured loggers. Lightning's CSVLogger deletes an existing metrics.csv; a resumed
+    run logs to logs/resume<k>/ instead, so the first part stays."""
+    loggers = []
+    for node in (cfg.get("logger") or {}).values():
+        overrides = {}
+        if resuming and str(node.get("_target_", "")).endswith("CSVLogger"):
+            base = Path(node.save_dir) / node.name
+            if (base / "metrics.csv").exists():
+                overrides["version"] = first_unused(base / f"resume{k}" for k in count(1)).name
+        loggers.append(build(node, **overrides))
+    return loggers
+
+
+def build(node: Any, **kwargs: Any) -> Any:
+    """hydra.utils.instantiate, raising the underlying error itself: Hydra wraps a bad value's
+    message in one repr per nesting level (escaped quotes and all)."""
+    try:
+        return hydra.utils.instantiate(node, **kwargs)
+    except InstantiationException as e:
+        root: BaseException = e
+        while isinstance(root, InstantiationException) and root.__cause__ is not None:
+            root = root.__cause__
+        if root is e:
+            raise
+        raise root from e
+
+
+def train(cfg: DictConfig) -> dict[str, Any]:
+    """Fit the configured module on the configured data; returns the final logged metrics."""
+    L.seed_everything(cfg.seed, workers=True)
+    out = Path(cfg.paths.output_dir)
+    check_writable(out)
+    # before building anything: a missing, corrupt or unsafe checkpoint fails now
+    found = resume_from(cfg.resume, out)
+    ckpt_path = None
+    if found is not None:
+        ckpt_path, ckpt = found
+        check_same_network(ckpt_path, ckpt, OmegaConf.to_container(cfg.module.net, resolve=True))
+        del ckpt, found  # Lightning loads it again for the restore: don't hold two copies
+    save_config(cfg, out)
+
+    datamodule: L.LightningDataModule = build(cfg.dataset, seed=cfg.seed)
+    module: L.LightningModule = build(cfg.module)
+    callbacks = [build(c) for c in (cfg.get("callbacks") or {}).values()]
+    loggers = build_loggers(cfg, out, resuming=ckpt_path is not None)
+    plugins = [build(p) for p in cfg.trainer.get("plugins") or []]
+    trainer: L.Trainer = build(
+        cfg.trainer,
+        precision=choose_precision(cfg.trainer.precision, cfg.trainer.accelerator),
+        callbacks=callbacks,
+        logger=loggers or False,
+        plugins=[*plugins, AtomicCheckpointIO()],
+    )
+
+    record_run(cfg, trainer, loggers, out)  # run.json; config and scale to every logger
+    log.info("run directory: %s", out)
+    if ckpt_path is not None:
+        log.info("resuming from %s", ckpt_path)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+    log.info("finished at step %d: %s", trainer.global_step, metrics)
+    warn_if_cut_short(trainer, cfg.trainer.get("max_time"))
+    if trainer.is_global_zero:  # what `python -m ddpm.results` tabulates over a sweep
+        final = {"step": trainer.global_step, **metrics}
+        (out / "metrics.json").write_text(json.dumps(final, indent=1) + "\n")
+    return metrics
+
+
+def warn_if_cut_short(trainer: L.Trainer, max_time: str | None) -> None:
+    """The wall-clock guard is a last resort: when it, not max_steps, ended training, say so
+    loudly, since the run's samples and metrics are then those of a shorter run."""
+    cut = max_time and trainer.max_steps > 0 and trainer.global_step < trainer.max_steps
+    if cut and not trainer.interrupted:
+        log.warning(
+            "\n%s\nSTOPPED EARLY: trainer.max_time=%s ended training at step %d of %d. "
+            "This machine is slower than the run was sized for, so the samples and metrics "
+            "are those of a shorter run. Continue it with the same command plus "
+            "hydra.run.dir=%s, or raise trainer.max_time.\n%s",
+            "!" * 80,
+            max_time,
+            trainer.global_step,
+            trainer.max_steps,
+            trainer.default_root_dir,
+            "!" * 80,
+        )
+
+
+def run(cfg: DictConfig) -> float | None:
+    """One job: `train`, then the clean-up a multirun needs before its next job; returns the
+    value a Hydra sweeper (hparams_search=optuna) minimises."""
+    environment = {k: os.environ.get(k) for k in DDP_VARIABLES}
+    try:
+        metrics = train(cfg)
+    finally:
+        # the next job of a multirun starts clean: Lightning leaves the process group and its
+        # LOCAL_RANK / MASTER_PORT ... set, after which it would wait for ranks never started
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+        # and its own W&B run: Lightning's WandbLogger reuses a run still open in the process
+        wandb = sys.modules.get("wandb")
+        if wandb is not None and wandb.run is not None:
+            wandb.finish()
+        for key, value in environment.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+    name = cfg.get("optimized_metric") or "val/loss"
+    if name not in metrics:
+        message = f"optimized_metric={name} was not logged; logged: {sorted(metrics)}"
+        if _optimizing():
+            raise KeyError(message)  # a sweeper would minimise nothing
+        log.warning(message)
+        return None
+    return metrics[name]
+
+
+def _optimizing() -> bool:
+    """Whether a sweeper that uses the returned value (Optuna) runs this job."""
+    try:
+        return "optuna" in str(HydraConfig.get().sweeper.get("_target_", "")).lower()
+    except ValueError:
+        return False
