@@ -229,3 +229,16 @@ def test_compile_failure_falls_back_to_eager(caplog):
         loss = module.loss_fn(images(), None).mean()
     assert torch.isfinite(loss) and "forward" not in vars(module.net)
     assert "torch.compile failed (RuntimeError: no C compiler); training eagerly" in caplog.text
+
+
+def test_learning_rate_is_logged_under_one_name_with_or_without_a_schedule():
+    """LearningRateMonitor names the rate after the scheduler: a run without an LR schedule
+    gets a constant one, so `train/lr` is there either way, and the rate does not move."""
+    module = make()
+    config = module.configure_optimizers()
+    assert config["lr_scheduler"]["name"] == "train/lr"
+    optimizer, scheduler = config["optimizer"], config["lr_scheduler"]["scheduler"]
+    for _ in range(3):
+        optimizer.step()
+        scheduler.step()
+    assert optimizer.param_groups[0]["lr"] == OPT["lr"]

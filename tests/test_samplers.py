@@ -7,6 +7,8 @@ from ddpm.samplers import (
     sample_ddim,
     sample_ddpm,
     sample_dpmpp_2m,
+    sampler_label,
+    sampler_settings,
     timesteps,
 )
 from ddpm.schedule import NoiseSchedule
@@ -247,3 +249,9 @@ def test_exact_denoiser_of_a_point_mass_lands_on_it(sampler, steps):
     x_T = torch.randn(3, 1, 4, 4, generator=torch.Generator().manual_seed(0))
     out = sampler(exact, schedule, x_T, steps, generator=image_generators(0, 0, 3))
     assert torch.allclose(out, target.expand_as(out), atol=1e-3)
+
+
+def test_one_name_for_a_sampler_setting():
+    assert sampler_label({"sampler": "ddim", "steps": 50}, 1000) == "ddim50"
+    assert sampler_label({"sampler": "ddpm", "steps": None}, 1000) == "ddpm1000"  # all T steps
+    assert sampler_label(sampler_settings({"name": "dpmpp_2m", "steps": 20}), 400) == "dpmpp_2m20"

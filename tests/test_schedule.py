@@ -108,3 +108,26 @@ def test_snr_is_alpha_bar_ratio():
 def test_bad_betas_are_refused(build):
     with pytest.raises(ValueError, match="beta|timesteps"):
         build()
+
+
+def test_respace_is_the_chain_on_a_subsequence():
+    """Respaced: ᾱ equal the training ones at ts, β_i = 1 - ᾱ_ts[i] / ᾱ_ts[i-1], and the eq. 7
+    tables follow (float64); over every t it is the schedule itself."""
+    schedule = NoiseSchedule.cosine(1000)
+    ts = torch.tensor([0, 10, 400, 999])
+    chain = schedule.respace(ts)
+    a_bar = schedule.alphas_cumprod.double()[ts]
+    assert chain.alphas_cumprod.dtype == torch.float64 and chain.num_timesteps == 4
+    # through ∏(1 - β): exact to float64 rounding (ᾱ_999 ≈ 2e-9 keeps 1e-18 absolute)
+    torch.testing.assert_close(chain.alphas_cumprod, a_bar, rtol=1e-12, atol=1e-15)
+    a_prev = torch.cat([torch.ones(1, dtype=torch.float64), a_bar[:-1]])
+    betas = 1 - a_bar / a_prev
+    torch.testing.assert_close(chain.betas, betas, rtol=1e-12, atol=0)
+    torch.testing.assert_close(
+        chain.posterior_mean_coef1, a_prev.sqrt() * betas / (1 - a_bar), rtol=1e-12, atol=0
+    )
+    whole = schedule.respace(torch.arange(1000))
+    for name in ("betas", "alphas_cumprod", "posterior_variance", "posterior_mean_coef2"):
+        torch.testing.assert_close(
+            getattr(whole, name).float(), getattr(schedule, name), rtol=1e-4, atol=1e-7
+        )
