@@ -126,8 +126,7 @@ def test_respace_is_the_chain_on_a_subsequence():
     torch.testing.assert_close(
         chain.posterior_mean_coef1, a_prev.sqrt() * betas / (1 - a_bar), rtol=1e-12, atol=0
     )
+    # every t: the training chain (its β re-derived from the stored float32 ᾱ)
     whole = schedule.respace(torch.arange(1000))
-    for name in ("betas", "alphas_cumprod", "posterior_variance", "posterior_mean_coef2"):
-        torch.testing.assert_close(
-            getattr(whole, name).float(), getattr(schedule, name), rtol=1e-4, atol=1e-7
-        )
+    for name in ("alphas_cumprod", "alphas_cumprod_prev"):
+        torch.testing.assert_close(getattr(whole, name).float(), getattr(schedule, name))
