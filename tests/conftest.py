@@ -48,6 +48,35 @@ def run_script(script: str, *overrides: str, check: bool = True) -> subprocess.C
     return proc
 
 
+def _untracked() -> set[str]:
+    """Files in the checkout that git does not track (ignored ones included), caches aside."""
+    out = subprocess.run(
+        ["git", "status", "--porcelain", "--ignored", "--untracked-files=all"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    ).stdout
+    skip = (".venv/", ".pytest_cache/", ".ruff_cache/", ".whl/")
+    return {
+        line[3:]
+        for line in out.splitlines()
+        if not line[3:].startswith(skip) and "__pycache__" not in line and ".egg-info" not in line
+    }
+
+
+@pytest.fixture(scope="session", autouse=True)
+def nothing_written_into_the_repository():
+    """Tests write into temporary directories only: after the session, the checkout holds no
+    file it did not hold before (eval.log, runs/, outputs/ ... would be caught here)."""
+    if not (ROOT / ".git").exists():
+        yield
+        return
+    before = _untracked()
+    yield
+    new = sorted(_untracked() - before)
+    assert not new, f"tests wrote into the repository: {new[:10]}"
+
+
 # Overrides that shrink the debug run further for tests: no progress bars, CSV logs only.
 FAST = ["debug=fast", "+trainer.enable_progress_bar=false"]
 

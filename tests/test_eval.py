@@ -79,6 +79,7 @@ def test_eval_py_on_an_npz(tmp_path: Path):
         "features=64",
         f"weights={fid_helper_file()}",
         f"cache_dir={tmp_path / 'cache'}",
+        f"hydra.run.dir={tmp_path}",
     ]
     run_script("eval.py", *args)
     result = json.loads((tmp_path / "samples.npz.fid.json").read_text())
@@ -100,6 +101,7 @@ def eval_checkpoint(trained_run: Path, tmp_path: Path, *overrides: str) -> None:
         "features=64",
         f"weights={fid_helper_file()}",
         f"cache_dir={tmp_path}",
+        f"hydra.run.dir={tmp_path}",
         *overrides,
     )
 
