@@ -46,7 +46,7 @@ def eval_loss(module, x):
 def test_tiny_model_overfits_a_few_images(objective):
     module = make(objective=objective, loss_weighting="min_snr" if objective == "eps" else "none")
     x = images()
-    optimizer = module.configure_optimizers()
+    optimizer = module.configure_optimizers()["optimizer"]
     before = eval_loss(module, x.repeat(8, 1, 1, 1))
     for _ in range(150):
         loss = module.loss_fn(x.repeat(4, 1, 1, 1), None).mean()
