@@ -8,10 +8,9 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
-import matplotlib
-import matplotlib.pyplot as plt
 import torch
 from lightning.pytorch.utilities import rank_zero_only
+from matplotlib.figure import Figure
 from torch import Tensor
 from torchvision.utils import make_grid
 
@@ -27,8 +26,6 @@ from ddpm.metrics import (
 )
 from ddpm.render import Recorder, save_animation, save_grid, to_pil
 from ddpm.samplers import sampler_label, sampler_settings
-
-matplotlib.use("Agg")  # files only: no display needed, none opened
 
 
 class SampleGrid(L.Callback):
@@ -152,7 +149,8 @@ class LossCurve(L.Callback):
     def on_train_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
         if not self.steps:
             return
-        fig, ax = plt.subplots(figsize=(6, 4))
+        fig = Figure(figsize=(6, 4))  # no pyplot: no backend, no display, no global state
+        ax = fig.subplots()
         ax.plot(self.steps, self.losses, lw=0.8, alpha=0.5, label="loss")
         k = max(1, len(self.losses) // 20)
         if len(self.losses) > k:
@@ -163,7 +161,6 @@ class LossCurve(L.Callback):
         fig.tight_layout()
         path = Path(trainer.default_root_dir) / "loss_curve.png"
         fig.savefig(path, dpi=100)
-        plt.close(fig)
 
 
 class FID(L.Callback):

@@ -119,9 +119,9 @@ def generate(
     `context()` (e.g. the autocast of the run's precision), and the caller's work on it outside.
     A progress bar counts images, advancing at every sampler step.
     """
-    if n < 1:
-        raise ValueError(f"the number of images must be >= 1, got {n}")
-    batch_size = batch_size or n
+    if n < 0:
+        raise ValueError(f"the number of images must be >= 0, got {n}")
+    batch_size = batch_size or max(n, 1)
     steps = sampler.get("steps") or module.schedule.num_timesteps
     bar = tqdm(
         total=n,

@@ -86,9 +86,9 @@ class DiffusionModule(L.LightningModule):
             gradient does, "stop" or "skip" (`ddpm.resume.NonFiniteGuard`).
         channels_last: keep the network's weights and activations in NHWC (faster
             convolutions on tensor cores).
-        compile: train through `torch.compile` of the network's forward (the state dict keeps
-            its keys); if compiling fails (no compiler, an unsupported op), a warning says why
-            and training goes on eagerly.
+        compile: train through `nn.Module.compile` of the network (same module, same state-dict
+            keys; copies and pickles of it are eager); if compiling fails (no compiler, an
+            unsupported op), a warning says why and training goes on eagerly.
     """
 
     def __init__(
@@ -140,10 +140,9 @@ class DiffusionModule(L.LightningModule):
         self.sampling: dict[str, Any] = {}
         if channels_last:
             self.net.to(memory_format=torch.channels_last)
-        if compile:
-            # an instance attribute over UNet.forward (the EMA copy above stays eager): same
-            # module, same parameters, same state-dict keys; deleting it restores eager mode
-            self.net.forward = torch.compile(self.net.forward)
+        self._compiled = bool(compile)
+        if compile:  # after the EMA copy above, which stays eager
+            self.net.compile()
 
     def configure_callbacks(self) -> list[L.Callback]:
         """The module's own callbacks, which no callbacks config can drop: the non-finite
@@ -232,13 +231,15 @@ class DiffusionModule(L.LightningModule):
         return (losses, t) if return_t else losses
 
     def _forward(self, net: nn.Module, x_t: Tensor, t: Tensor, y: Tensor | None) -> Tensor:
-        if net is not self.net or "forward" not in vars(net) or not self.training:
+        if net is not self.net or not self._compiled or not self.training:
             return net(x_t, t, y)
         try:
             return net(x_t, t, y)
         except Exception as e:  # compilation happens at the first call: fall back for good
             log.warning("torch.compile failed (%s: %s); training eagerly", type(e).__name__, e)
-            del net.forward
+            self._compiled = False
+            # nn.Module has no public undo of compile(): drop what its own __getstate__ drops
+            vars(net).pop("_compiled_call_impl", None)
             return net(x_t, t, y)
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
@@ -316,7 +317,8 @@ def load_module(path: str | Path, map_location: str | torch.device = "cpu") -> D
             f"{path} was not written by ddpm's DiffusionModule (its hyper_parameters lack "
             "'net' and 'schedule')"
         )
-    module = DiffusionModule(**hparams)
+    # for sampling: eager (a compiled network would need a compiler and differ in the last bits)
+    module = DiffusionModule(**{**hparams, "compile": False})
     try:
         module.load_state_dict(ckpt["state_dict"])
     except RuntimeError as e:

@@ -367,8 +367,10 @@ class NonFiniteGuard(L.Callback):
 
     "stop": raise DivergenceError naming the first bad step; checked every `check_every` steps
     without a device sync in between, and always before a checkpoint is written, so none holds
-    a diverged state. "skip": drop that batch's update (its gradients) and go on, one device
-    sync per step, until `max_skips` updates in a row were dropped.
+    a diverged state. "skip": drop the optimizer step (all its gradients; under gradient
+    accumulation the whole accumulated step) and go on, one device sync per step, until
+    `max_skips` steps in a row were dropped. Under fp16 the GradScaler drops steps with
+    non-finite gradients itself; a non-finite loss is still counted here.
     """
 
     def __init__(self, mode: str = "stop", check_every: int = 1, max_skips: int = 100) -> None:
@@ -404,31 +406,32 @@ class NonFiniteGuard(L.Callback):
         if self.mode == "stop":
             # the step being computed is number global_step + 1 (checkpoint step_N follows it)
             self.note(finite, trainer.global_step + 1)
-        else:
-            self.loss_finite = finite
+        else:  # every micro-batch of an accumulated step counts
+            self.loss_finite = finite if self.loss_finite is None else self.loss_finite & finite
 
     def on_before_optimizer_step(self, trainer: L.Trainer, module: Any, optimizer: Any) -> None:
+        loss_finite = True if self.loss_finite is None else bool(self.loss_finite)
+        self.loss_finite = None
         precision = str(trainer.precision)
-        if "16-mixed" in precision and "bf16" not in precision:
-            return  # fp16's GradScaler finds and skips inf gradients itself
+        fp16 = "16-mixed" in precision and "bf16" not in precision
         params = [p for group in optimizer.param_groups for p in group["params"]]
         grads = [p.grad for p in params if p.grad is not None]
-        if not grads:
-            return
-        finite = torch.stack(torch._foreach_norm(grads)).isfinite().all()
+        if fp16 or not grads:  # fp16's GradScaler finds and skips inf gradients itself
+            finite = None
+        else:
+            finite = torch.stack(torch._foreach_norm(grads)).isfinite().all()
         if self.mode == "stop":
-            self.note(finite, trainer.global_step + 1)
+            if finite is not None:
+                self.note(finite, trainer.global_step + 1)
             return
-        loss_finite = self.loss_finite if self.loss_finite is not None else torch.tensor(True)
-        self.loss_finite = None
-        if bool(finite) and bool(loss_finite):  # skip mode: one sync per step
+        if loss_finite and (finite is None or bool(finite)):  # skip mode: one sync per step
             self.skips_in_a_row = 0
             return
         for p in params:
             p.grad = None  # the optimizer leaves parameters without a gradient alone
         self.skipped_steps += 1
         self.skips_in_a_row += 1
-        what = "gradient" if bool(loss_finite) else "loss"
+        what = "gradient" if loss_finite else "loss"
         log.warning("step %d: non-finite %s, update skipped", trainer.global_step + 1, what)
         if self.skips_in_a_row >= self.max_skips:
             raise DivergenceError(

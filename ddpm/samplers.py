@@ -233,9 +233,9 @@ SAMPLERS: dict[str, Callable[..., Tensor]] = {
 def sampler_settings(
     config: Mapping[str, Any] | None, steps: int | None = None, default: str = "ddpm"
 ) -> dict[str, Any]:
-    """A sampler config group ({name, steps, options...}) -> the keyword arguments of
-    `DiffusionModule.generate`: {"sampler": name, "steps": steps, **options}. A `steps` given
-    here wins over the config's."""
+    """A sampler config group ({name, steps, options...}) -> the sampler setting that
+    `ddpm.generate.generate` takes: {"sampler": name, "steps": steps, **options}. A `steps`
+    given here wins over the config's."""
     settings = dict(config or {"name": default})
     settings["sampler"] = settings.pop("name")
     configured = settings.pop("steps", None)

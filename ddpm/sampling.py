@@ -112,6 +112,8 @@ def write_text(
         raise ValueError(
             "text= needs a class-conditional model trained on letters (dataset=emnist)"
         )
+    if cfg.text_width < 1:
+        raise ValueError(f"text_width must be >= 1 (characters per line), got {cfg.text_width}")
     lines = wrap_words(cfg.text, cfg.text_width)
     labels = letter_labels(lines, module.class_names)
     recorder = Recorder(sampler["steps"] or module.schedule.num_timesteps) if cfg.animate else None

@@ -48,8 +48,14 @@ class NoiseSchedule(nn.Module):
     """
 
     def __init__(
-        self, betas: Tensor | list[float], name: str = "custom", dtype: torch.dtype = torch.float32
+        self,
+        betas: Tensor | list[float],
+        name: str = "custom",
+        dtype: torch.dtype = torch.float32,
+        alphas_cumprod: Tensor | None = None,
     ) -> None:
+        """`alphas_cumprod`, when given, is ᾱ itself (what `respace` keeps exactly) instead of
+        ∏(1 - β), which loses the last bits of a tiny ᾱ."""
         super().__init__()
         betas = torch.as_tensor(betas, dtype=torch.float64)
         _check_betas(betas)
@@ -57,7 +63,9 @@ class NoiseSchedule(nn.Module):
         self.num_timesteps = int(betas.shape[0])
 
         alphas = 1.0 - betas
-        alphas_cumprod = torch.cumprod(alphas, dim=0)
+        if alphas_cumprod is None:
+            alphas_cumprod = torch.cumprod(alphas, dim=0)
+        alphas_cumprod = torch.as_tensor(alphas_cumprod, dtype=torch.float64)
         alphas_cumprod_prev = torch.cat([alphas_cumprod.new_ones(1), alphas_cumprod[:-1]])
         # eq. 7: variance and mean weights of the posterior q(x_{t-1} | x_t, x_0)
         posterior_variance = betas * (1.0 - alphas_cumprod_prev) / (1.0 - alphas_cumprod)
@@ -147,7 +155,8 @@ class NoiseSchedule(nn.Module):
         Python floats, so a 1000-step chain's coefficients carry no float32 rounding."""
         a_bar = self.alphas_cumprod.double().cpu()[ts.cpu()]
         a_bar_prev = torch.cat([a_bar.new_ones(1), a_bar[:-1]])
-        return NoiseSchedule(1 - a_bar / a_bar_prev, f"{self.name}[{len(ts)}]", torch.float64)
+        betas = 1 - a_bar / a_bar_prev
+        return NoiseSchedule(betas, f"{self.name}[{len(ts)}]", torch.float64, alphas_cumprod=a_bar)
 
     # ---------------------------------------------------------------- closed forms
     def q_sample(self, x0: Tensor, t: Tensor, noise: Tensor) -> Tensor:

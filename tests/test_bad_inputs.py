@@ -142,6 +142,12 @@ CASES = [
         r"labels \[12\] are outside the model's classes 0..9",
     ),
     (
+        "sample: text lines of no width",
+        "sample",
+        ["text=12 34", "text_width=0"],
+        r"text_width must be >= 1 \(characters per line\), got 0",
+    ),
+    (
         "sample: not a ddpm checkpoint",
         "sample",
         ["ckpt={foreign}"],

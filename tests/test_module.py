@@ -1,9 +1,10 @@
+import pickle
 from types import SimpleNamespace
 
 import pytest
 import torch
 
-from ddpm.generate import generate_all
+from ddpm.generate import generate, generate_all
 from ddpm.module import EMA, DiffusionModule
 from ddpm.resume import DivergenceError, NonFiniteGuard
 
@@ -140,6 +141,27 @@ def test_nonfinite_loss_is_skipped_or_stops():
         guard.on_save_checkpoint(trainer, module, {})
 
 
+def test_skip_counts_a_nonfinite_loss_under_fp16_and_in_any_micro_batch():
+    """Under fp16 the GradScaler skips non-finite gradients, but a non-finite loss is still
+    counted (and stops the run after max_skips); with gradient accumulation a NaN in any
+    micro-batch drops the accumulated step, not only when it is the last one."""
+    module = make()
+    trainer = SimpleNamespace(global_step=0, precision="16-mixed")
+    guard = NonFiniteGuard("skip", max_skips=1)
+    with pytest.raises(DivergenceError, match="non-finite loss"):
+        _step(module, guard, trainer, torch.full((4, 1, 8, 8), float("nan")))
+
+    guard = NonFiniteGuard("skip")
+    trainer = SimpleNamespace(global_step=0, precision="32-true")
+    optimizer = torch.optim.SGD(module.net.parameters(), lr=0.1)
+    for loss in (float("nan"), 1.0):  # two micro-batches: NaN first, then a finite one
+        guard.on_before_backward(trainer, module, torch.tensor(loss))
+    for p in module.net.parameters():
+        p.grad = torch.zeros_like(p)
+    guard.on_before_optimizer_step(trainer, module, optimizer)
+    assert guard.skipped_steps == 1 and guard.loss_finite is None  # reset for the next step
+
+
 def test_nonfinite_gradient_skips_the_update():
     module = make()
     guard = NonFiniteGuard("skip")
@@ -170,6 +192,7 @@ def test_generate_gives_images_in_range_independent_of_batch():
     assert a.shape == (4, 1, 8, 8)
     assert a.min() >= -1 and a.max() <= 1
     assert torch.allclose(a, b, atol=1e-5) and torch.allclose(a, c, atol=1e-5)
+    assert list(generate(module, 0, sampler=ddpm5)) == []  # nothing left to draw: no batch
 
 
 def test_class_conditional_training_and_guidance():
@@ -216,18 +239,21 @@ def test_channels_last_gives_the_same_loss():
 
 def test_compile_failure_falls_back_to_eager(caplog):
     module = make(compile=True)
-    assert "forward" in vars(module.net)  # the compiled forward, over the class's
-    keys = set(make().state_dict())
-    assert set(module.state_dict()) == keys  # compiling renames no weight
+    assert set(module.state_dict()) == set(make().state_dict())  # compiling renames no weight
+    copy = pickle.loads(pickle.dumps(module.net))  # copies are plain, eager networks
+    assert copy._compiled_call_impl is None and module.net._compiled_call_impl is not None
 
     def broken(*args):
         raise RuntimeError("no C compiler")
 
-    module.net.forward = broken
+    module.net._compiled_call_impl = broken  # what a failed compilation raises at first call
     module.train()
     with caplog.at_level("WARNING"):
         loss = module.loss_fn(images(), None).mean()
-    assert torch.isfinite(loss) and "forward" not in vars(module.net)
+    assert torch.isfinite(loss) and module.net._compiled_call_impl is None
+    with caplog.at_level("WARNING"):  # and for good: no second attempt, no second warning
+        module.loss_fn(images(), None)
+    assert caplog.text.count("torch.compile failed") == 1
     assert "torch.compile failed (RuntimeError: no C compiler); training eagerly" in caplog.text
 
 
