@@ -118,6 +118,10 @@ def test_resume_finishes_without_redoing(trained_run: Path, tmp_path: Path):
         name = f"{k:06d}.png"
         assert np.array_equal(_pixels(full / "images" / name), _pixels(part / "images" / name))
     assert np.array_equal(_pixels(full / "grid.png"), _pixels(part / "grid.png"))
+    # killed after its last image, before the grid: resuming draws nothing and writes the grid
+    (part / "grid.png").unlink()
+    run_script("sample.py", *args, f"out={part}", "resume=true")
+    assert np.array_equal(_pixels(full / "grid.png"), _pixels(part / "grid.png"))
 
 
 @pytest.mark.slow
