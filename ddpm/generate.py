@@ -52,49 +52,6 @@ def initial_noise(module, n: int, seed: int = 0, first: int = 0) -> Tensor:
     return randn(shape, image_generators(seed, first, n), module.device)
 
 
-@torch.no_grad()
-def sample_batch(
-    module,
-    count: int,
-    *,
-    sampler: Mapping[str, Any],
-    seed: int = 0,
-    first: int = 0,
-    labels: list[int] | None = None,
-    guidance: float = 0.0,
-    use_ema: bool = True,
-    callback: Callback | None = None,
-) -> Tensor:
-    """One batch: images first..first+count-1 of `seed` (count, C, H, W) in [-1, 1], float32.
-
-    `sampler` is `ddpm.samplers.sampler_settings`' dict ({"sampler": name, "steps": ..., options});
-    `labels` one per image (class-conditional models), guidance w as in `module.model_fn`.
-    """
-    options = dict(sampler)
-    name, steps = options.pop("sampler"), options.pop("steps", None)
-    net = module.ema.module if use_ema else module.net
-    was_training = net.training
-    net.eval()
-    try:
-        # per-image generators, advanced past x_T: the sampler's noise continues each stream
-        gens = image_generators(seed, first, count)
-        shape = (count, net.in_channels, net.image_size, net.image_size)
-        x_T = randn(shape, gens, module.device)
-        y = None if labels is None else torch.as_tensor(labels, device=module.device).long()
-        x_0 = get_sampler(name)(
-            module.model_fn(net, y, guidance),
-            module.schedule,
-            x_T,
-            steps,
-            generator=gens,
-            callback=callback,
-            **options,
-        )
-        return x_0.float().clamp(-1, 1)
-    finally:
-        net.train(was_training)
-
-
 def generate(
     module,
     n: int,
@@ -114,15 +71,20 @@ def generate(
     """Images first..first+n-1 of `seed`, in batches of `batch_size`: yields (index of the
     batch's first image, images (B, C, H, W) in [-1, 1] float32 on the module's device).
 
-    `labels` by `image_labels`' rule; guidance w > 0 needs labels. `callback(i, t, x_t,
-    x0)` sees every sampler step of the first batch (animations). Each batch is drawn inside
-    `context()` (e.g. the autocast of the run's precision), and the caller's work on it outside.
-    A progress bar counts images, advancing at every sampler step.
+    `sampler` is `ddpm.samplers.sampler_settings`' dict ({"sampler": name, "steps": ...,
+    options}); the EMA weights unless `use_ema` is false. `labels` by `image_labels`' rule;
+    guidance w > 0 (as in `module.model_fn`) needs labels. `callback(i, t, x_t, x0)` sees every
+    sampler step of the first batch (animations). Each batch is drawn inside `context()` (e.g.
+    the autocast of the run's precision), and the caller's work on it outside. A progress bar
+    counts images, advancing at every sampler step.
     """
     if n < 0:
         raise ValueError(f"the number of images must be >= 0, got {n}")
     batch_size = batch_size or max(n, 1)
-    steps = sampler.get("steps") or module.schedule.num_timesteps
+    options = dict(sampler)
+    name, steps = options.pop("sampler"), options.pop("steps", None)
+    total_steps = steps or module.schedule.num_timesteps
+    net = module.ema.module if use_ema else module.net
     bar = tqdm(
         total=n,
         unit="img",
@@ -134,28 +96,35 @@ def generate(
     with bar:
         for k in range(first, first + n, batch_size):
             count = min(batch_size, first + n - k)
-            batch_labels = image_labels(labels, k, count, module.num_classes)
+            labels_k = image_labels(labels, k, count, module.num_classes)
+            y = None if labels_k is None else torch.as_tensor(labels_k, device=module.device)
 
             def step(i: int, t: Tensor, x: Tensor, x0: Tensor, k: int = k, count: int = count):
-                bar.update(count / steps)
+                bar.update(count / total_steps)
                 if callback is not None and k == first:
                     callback(i, t, x, x0)
 
-            with context():
-                images = sample_batch(
-                    module,
-                    count,
-                    sampler=sampler,
-                    seed=seed,
-                    first=k,
-                    labels=batch_labels,
-                    guidance=guidance,
-                    use_ema=use_ema,
-                    callback=step,
-                )
+            was_training = net.training
+            net.eval()
+            try:
+                with torch.no_grad(), context():
+                    # per-image generators, advanced past x_T: the sampler's noise continues them
+                    gens = image_generators(seed, k, count)
+                    shape = (count, net.in_channels, net.image_size, net.image_size)
+                    x_0 = get_sampler(name)(
+                        module.model_fn(net, y, guidance),
+                        module.schedule,
+                        randn(shape, gens, module.device),
+                        steps,
+                        generator=gens,
+                        callback=step,
+                        **options,
+                    )
+            finally:
+                net.train(was_training)
             bar.n = k + count - first  # exact, whatever the fractional steps summed to
             bar.set_postfix(img_per_s=f"{bar.n / (time.perf_counter() - start):.2f}")
-            yield k, images
+            yield k, x_0.float().clamp(-1, 1)
 
 
 def generate_all(module, n: int, **kwargs: Any) -> Tensor:

@@ -223,11 +223,12 @@ class DiffusionModule(L.LightningModule):
             snr = self.schedule.snr(t)
             x0_weight = snr.clamp(max=hp.min_snr_gamma)
             if hp.objective == "eps":
-                losses = losses * x0_weight / snr
+                weight = x0_weight / snr
             elif hp.objective == "x0":
-                losses = losses * x0_weight
+                weight = x0_weight
             else:
-                losses = losses * x0_weight / (snr + 1)
+                weight = x0_weight / (snr + 1)
+            losses = losses * weight
         return (losses, t) if return_t else losses
 
     def _forward(self, net: nn.Module, x_t: Tensor, t: Tensor, y: Tensor | None) -> Tensor:
