@@ -11,7 +11,6 @@ import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_only
 from matplotlib.figure import Figure
-from torch import Tensor
 from torchvision.utils import make_grid
 
 from ddpm.generate import generate, generate_all, initial_noise, shard
@@ -210,22 +209,16 @@ class FID(L.Callback):
             weights, module.device, self.features, self.kid, self.inception_score
         )
         dm = trainer.datamodule
-        loaded: dict[str, Tensor] = {}
-
-        def images() -> Tensor:
-            if "x" not in loaded:
-                loaded["x"] = reference_subset(
-                    dm.load(self.reference_split).images, self.reference_n
-                )
-            return loaded["x"]
-
-        count = self.reference_n or len(images())
-        check_count(count, self.features)
-        key = stats_key(dm.name, self.reference_split, dm.image_size, count, weights, self.features)
+        # the statistics are keyed by the images' content: read even on a cache hit
+        reference = reference_subset(dm.load(self.reference_split).images, self.reference_n)
+        check_count(len(reference), self.features)
+        key = stats_key(
+            dm.name, self.reference_split, reference, weights, self.features, self.cache_dir
+        )
         prepare_reference(
             self.metrics,
             key,
-            lambda: images().split(self.batch_size),
+            lambda: reference.split(self.batch_size),
             self.cache_dir,
             trainer.global_rank,
         )

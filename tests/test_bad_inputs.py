@@ -178,10 +178,10 @@ CASES = [
         r"Inception weights not found: .*no-weights.pth",
     ),
     (
-        "eval: too few images for the features",
+        "eval: too few images for a covariance",
         "eval",
-        ["n=50", "features=64"],
-        r"needs more than 64 images per set",
+        ["n=1", "features=64"],
+        r"FID needs at least 2 images per set, got 1",
     ),
     (
         "eval: unknown source",

@@ -7,9 +7,10 @@ import numpy as np
 import pytest
 import torch
 from conftest import run_script
+from PIL import Image
 
 from ddpm.datasets import load_mnist5k
-from ddpm.evaluation import write_table
+from ddpm.evaluation import npz_images, read_image, write_table
 from ddpm.inception import fid_helper_file
 from ddpm.metrics import (
     REAL_STATES,
@@ -29,7 +30,7 @@ def test_reference_statistics_are_cached_and_invalidated(weights, tmp_path: Path
         calls.append(1)
         return images.split(35)
 
-    key = stats_key("mnist5k", "train", 28, 70, weights, 64)
+    key = stats_key("mnist5k", "train", images, weights, 64, tmp_path)
     first = InceptionMetrics(weights, features=64, kid=True)
     path = cached_reference(first, key, real, tmp_path)
     assert path.is_file() and len(calls) == 1
@@ -44,7 +45,7 @@ def test_reference_statistics_are_cached_and_invalidated(weights, tmp_path: Path
     assert torch.equal(torch.cat(first.kid.real_features), torch.cat(second.kid.real_features))
     # FID alone reads the same file; any change of the key (here the count) computes anew
     assert cached_reference(InceptionMetrics(weights, features=64), key, must_not_run, tmp_path)
-    fewer = stats_key("mnist5k", "train", 28, 65, weights, 64)
+    fewer = stats_key("mnist5k", "train", images[:65], weights, 64, tmp_path)
     cached_reference(InceptionMetrics(weights, features=64), fewer, lambda: [images[:65]], tmp_path)
     assert len(calls) == 1 and len(list((tmp_path / "fid_stats").glob("*.pt"))) == 2
 
@@ -58,9 +59,74 @@ def test_reference_statistics_are_cached_and_invalidated(weights, tmp_path: Path
     assert len(calls) == 2 and len(torch.cat(with_kid.kid.real_features)) == 65
 
 
-def test_too_few_images_and_names():
-    with pytest.raises(ValueError, match="needs more than 2048 images per set"):
-        check_count(1000, 2048)
+def test_the_cache_key_follows_the_images_and_the_network(weights, tmp_path: Path):
+    """Other images under the same dataset name and count, or another network saved under the
+    same file name, are another key: their statistics are computed, never the cached ones."""
+    images = load_mnist5k().images
+    key = stats_key("folder", "train", images[:70], weights, 64, tmp_path)
+    other_images = stats_key("folder", "train", images[70:140], weights, 64, tmp_path)
+    assert other_images != key and other_images["n"] == key["n"]
+    assert stats_key("folder", "train", images[:70], weights, 64, tmp_path) == key  # stable
+    # another network under the same file name (and a changed file is hashed again)
+    renamed = tmp_path / "net" / Path(weights).name
+    renamed.parent.mkdir()
+    state = torch.load(weights, weights_only=True)
+    state["Conv2d_1a_3x3.conv.weight"] = state["Conv2d_1a_3x3.conv.weight"] * 1.01
+    torch.save(state, renamed)
+    other_net = stats_key("folder", "train", images[:70], str(renamed), 64, tmp_path)
+    assert other_net["network_sha256"] != key["network_sha256"]
+    metrics = InceptionMetrics(weights, features=64)
+    path = cached_reference(metrics, key, lambda: images[:70].split(35), tmp_path)
+    computed = []
+    for other in (other_images, other_net):
+        cached_reference(
+            InceptionMetrics(weights, features=64),
+            other,
+            lambda: computed.append(1) or [images[:70]],
+            tmp_path,
+        )
+    assert len(computed) == 2 and len(list(path.parent.glob("*.pt"))) == 3
+
+
+@pytest.mark.parametrize(
+    "damage",
+    ["truncated", "empty", "random bytes", "wrong shape", "another key", "not finite"],
+)
+def test_a_corrupt_cache_file_is_named_moved_aside_and_rebuilt(weights, tmp_path, caplog, damage):
+    images = load_mnist5k().images[:70]
+    key = stats_key("mnist5k", "train", images, weights, 64, tmp_path)
+    path = cached_reference(InceptionMetrics(weights, features=64), key, lambda: [images], tmp_path)
+    good = torch.load(path, weights_only=True)
+    if damage == "truncated":
+        path.write_bytes(path.read_bytes()[:100])
+    elif damage == "empty":
+        path.write_bytes(b"")
+    elif damage == "random bytes":
+        path.write_bytes(bytes(range(256)) * 4)
+    else:
+        bad = dict(good)
+        if damage == "wrong shape":
+            bad["real_features_sum"] = torch.zeros(2048, dtype=torch.float64)
+        elif damage == "another key":
+            bad["key"] = {**key, "n": 5}
+        else:
+            bad["real_features_cov_sum"] = bad["real_features_cov_sum"] * float("nan")
+        torch.save(bad, path)
+    metrics = InceptionMetrics(weights, features=64)
+    with caplog.at_level("WARNING"):
+        assert cached_reference(metrics, key, lambda: [images], tmp_path) == path
+    assert f"reference statistics {path}" in caplog.text and "computed anew" in caplog.text
+    assert path.with_name(path.name + ".corrupt").is_file()  # kept for a look
+    for state in REAL_STATES:
+        assert torch.equal(getattr(metrics.fid, state).cpu(), good[state])
+
+
+def test_too_few_images_and_names(caplog):
+    with caplog.at_level("WARNING"):
+        check_count(1000, 2048)  # allowed, as papers' small-n FIDs are, with a warning
+    assert "rank-deficient (n <= d)" in caplog.text
+    with pytest.raises(ValueError, match="at least 2 images"):
+        check_count(1, 64)
     assert metric_name(50000, "train", "ddim100") == "fid50k_train_ddim100"
     assert metric_name(10000, "test") == "fid10k_test"
 
@@ -244,3 +310,42 @@ def test_table_csv_is_what_the_string_join_wrote(tmp_path: Path):
         former.append(f"{name},{steps}," + ",".join(f"{c:.6f}" for c in cells))
     assert (tmp_path / "t.table.csv").read_text() == "\n".join(former) + "\n"
     assert (tmp_path / "t.table.md").read_text().splitlines()[2].startswith("| ddim | 2 | 4.12 |")
+
+
+@pytest.mark.parametrize("mode", ["P", "LA", "RGBA", "I;16", "JPEG"])
+@pytest.mark.parametrize("channels", [1, 3])
+def test_every_image_file_is_read_as_its_l_or_rgb_conversion(tmp_path: Path, mode, channels):
+    """Palette images are read as their colours (not their indices), alpha is dropped,
+    16-bit images keep their top 8 bits, JPEGs decode; all as the reference's channels."""
+    g = np.random.default_rng(0)
+    rgb = Image.fromarray(g.integers(0, 256, (12, 10, 3), dtype=np.uint8))
+    path = tmp_path / ("x.jpg" if mode == "JPEG" else "x.png")
+    if mode == "P":
+        rgb.quantize(16).save(path)
+    elif mode == "I;16":
+        wide = g.integers(0, 65536, (12, 10), dtype=np.uint16)
+        Image.fromarray(wide).save(path)
+        expected = (wide >> 8).astype(np.uint8)
+        expected = expected if channels == 1 else np.repeat(expected[..., None], 3, axis=2)
+    elif mode == "JPEG":
+        rgb.save(path, quality=95)
+    else:
+        rgb.convert(mode).save(path)
+    got = read_image(path, channels)
+    assert got.dtype == np.uint8 and got.shape == ((12, 10) if channels == 1 else (12, 10, 3))
+    if mode != "I;16":
+        expected = np.asarray(Image.open(path).convert("L" if channels == 1 else "RGB"))
+    assert np.array_equal(got, expected)
+    if mode == "P":  # the colours, which the palette indices are not
+        assert not np.array_equal(got, np.asarray(Image.open(path)))
+
+
+def test_npz_of_grayscale_without_a_channel_axis(tmp_path: Path):
+    digits = load_mnist5k().images[:5]  # (5, 1, 28, 28)
+    np.savez(tmp_path / "flat.npz", arr_0=digits[:, 0].numpy())  # (N, H, W)
+    np.savez(tmp_path / "nhwc.npz", arr_0=digits.permute(0, 2, 3, 1).numpy())
+    assert torch.equal(npz_images(tmp_path / "flat.npz", 5), digits)
+    assert torch.equal(npz_images(tmp_path / "nhwc.npz", 4), digits[:4])
+    np.savez(tmp_path / "float.npz", arr_0=digits.float().numpy())
+    with pytest.raises(ValueError, match="expected uint8 images"):
+        npz_images(tmp_path / "float.npz", 5)

@@ -5,10 +5,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from torch_fidelity.metric_isc import isc_features_to_metric
 
 from ddpm.datasets import load_mnist5k
 from ddpm.inception import fid_helper_file, has_classifier, inception_weights
-from ddpm.metrics import InceptionMetrics, as_uint8_rgb, frechet_distance
+from ddpm.metrics import InceptionMetrics, as_uint8_rgb, frechet_distance, inception_score
 
 
 def test_converted_weights_give_the_torchscript_features(weights):
@@ -89,8 +90,10 @@ def test_fid_and_kid_values(weights, digits, noise):
         within = (kxx.sum() - np.trace(kxx) + kyy.sum() - np.trace(kyy)) / (m * (m - 1))
         return within - 2 * kxy.mean()
 
-    assert kid["other"] == pytest.approx(mmd(fa, fb), rel=1e-3)
-    assert kid["same"] == pytest.approx(mmd(fa, fa), rel=1e-3)
+    # KID in float64: the MMD² of the same features, in float64, to 1e-9
+    fa, fb = fa.astype(np.float64), fb.astype(np.float64)
+    assert kid["other"] == pytest.approx(mmd(fa, fb), rel=1e-9)
+    assert kid["same"] == pytest.approx(mmd(fa, fa), rel=1e-6, abs=1e-12)
 
 
 @pytest.mark.slow
@@ -103,20 +106,33 @@ def test_inception_score(weights_with_classifier, digits, noise):
     values = metrics.compute(80, "train", "x")
     assert set(values) == {"fid80_train_x", "is80_x", "is80_x_std"}
     (logits,) = features_of(weights_with_classifier, "logits_unbiased", digits[:80])
-    torch.manual_seed(0)
-    order = torch.randperm(80).numpy()  # the split order, seeded as InceptionMetrics seeds it
-    p = np.exp(logits[order] - logits.max(1, keepdims=True)[order])
+    # torch-fidelity's split order (numpy RandomState(2020)), float64, std with ddof=0
+    order = np.random.RandomState(2020).permutation(80)
+    z = logits[order].astype(np.float64)
+    p = np.exp(z - z.max(1, keepdims=True))
     p /= p.sum(1, keepdims=True)
     scores = []
     for part in np.array_split(p, 10):
         kl = (part * (np.log(part) - np.log(part.mean(0, keepdims=True)))).sum(1).mean()
         scores.append(np.exp(kl))
-    assert values["is80_x"] == pytest.approx(np.mean(scores), rel=1e-4)
-    assert values["is80_x_std"] == pytest.approx(np.std(scores, ddof=1), rel=1e-3)
+    assert values["is80_x"] == pytest.approx(np.mean(scores), rel=1e-6)
+    assert values["is80_x_std"] == pytest.approx(np.std(scores), rel=1e-6)
 
     metrics.reset()
     metrics.update(digits[:1].expand(80, -1, -1, -1), real=False)
-    assert metrics.isc.compute()[0].item() == pytest.approx(1.0, abs=1e-5)
+    assert metrics.compute(80, "train", "x")["is80_x"] == pytest.approx(1.0, abs=1e-9)
+
+
+def test_inception_score_of_given_logits_is_torch_fidelitys():
+    """The same logits give torch-fidelity's IS mean and std to 1e-6 (torchmetrics' own
+    differs: torch randperm splits, std with ddof=1)."""
+    logits = torch.randn(100, 1008, generator=torch.Generator().manual_seed(0)) * 3
+    mean, std = inception_score(logits, 10)
+    ours = {"inception_score_mean": mean, "inception_score_std": std}
+    theirs = isc_features_to_metric(logits, splits=10, shuffle=True, rng_seed=2020)
+    assert ours == pytest.approx(theirs, rel=1e-6)
+    with pytest.raises(ValueError, match="needs >= 10 images"):
+        inception_score(logits[:5], 10)
 
 
 def test_one_network_pass_serves_all_metrics(weights_with_classifier, digits, monkeypatch):
@@ -127,14 +143,26 @@ def test_one_network_pass_serves_all_metrics(weights_with_classifier, digits, mo
         metrics.network.net, "_torch_fidelity_forward", lambda x: calls.append(1) or forward(x)
     )
     metrics.update(digits[:10], real=False)
-    assert len(calls) == 1
+    # one pass over the batch for FID, KID and IS together (in CPU chunks of 8: 2 calls, not 6)
+    assert len(calls) == -(-10 // metrics.network.cpu_chunk) == 2
 
 
 def test_inception_score_needs_a_classifier(weights, weights_with_classifier):
     assert not has_classifier(weights) and has_classifier(weights_with_classifier)
     assert has_classifier(None)  # torch-fidelity's download has it
-    with pytest.raises(ValueError, match="needs the network's classifier layer.*weights=PATH"):
+    with pytest.raises(ValueError, match="classifier layer.*all zero.*weights=PATH"):
         InceptionMetrics(weights, features=64, inception_score=True)
+
+
+def test_a_classifier_of_nan_is_refused(weights_with_classifier, tmp_path: Path):
+    """NaN weights are not a classifier (NaN.any() is True): refused by name, never a NaN IS."""
+    state = torch.load(weights_with_classifier, weights_only=True)
+    state["fc.weight"][0, 0] = float("nan")
+    broken = tmp_path / "nan-classifier.pth"
+    torch.save(state, broken)
+    assert not has_classifier(str(broken))
+    with pytest.raises(ValueError, match="classifier layer.*not finite"):
+        InceptionMetrics(str(broken), features=64, inception_score=True)
 
 
 def test_images_are_checked_and_converted():
