@@ -90,9 +90,10 @@ def main() -> None:
                 values[name] = run(real, fake, weights, batch)
                 times[name].append(time.perf_counter() - start)
     median = {k: statistics.median(v) for k, v in times.items()}
+    machine = platform.processor() or platform.machine()
     report = {
         "images": f"2 x {args.n} MNIST digits (28 px, gray), 2048-d features",
-        "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads",
+        "machine": f"{machine}, {torch.get_num_threads()} threads",
         "seconds": times,
         "median_s": median,
         "fid": values,

@@ -15,14 +15,8 @@ from torchvision.utils import make_grid
 
 from ddpm.generate import generate, generate_all, initial_noise, shard
 from ddpm.inception import inception_weights
-from ddpm.metrics import (
-    InceptionMetrics,
-    check_count,
-    measure,
-    prepare_reference,
-    reference_subset,
-    stats_key,
-)
+from ddpm.metrics import InceptionMetrics, check_count, measure
+from ddpm.reference import prepare_reference, reference_subset, stats_key
 from ddpm.render import Recorder, save_animation, save_grid, to_pil
 from ddpm.samplers import sampler_label, sampler_settings
 
@@ -170,7 +164,7 @@ class FID(L.Callback):
     process's).
 
     The reference statistics come from the datamodule's `reference_split` (papers: CIFAR-10's
-    50k training images), cached on disk by `ddpm.metrics.cached_reference`.
+    50k training images), cached on disk by `ddpm.reference.cached_reference`.
     """
 
     def __init__(

@@ -19,15 +19,9 @@ from tqdm import tqdm
 from ddpm.device import pick_device
 from ddpm.generate import generate
 from ddpm.inception import has_classifier, inception_weights
-from ddpm.metrics import (
-    InceptionMetrics,
-    cached_reference,
-    check_count,
-    measure,
-    reference_subset,
-    stats_key,
-)
+from ddpm.metrics import InceptionMetrics, check_count, measure
 from ddpm.module import load_module
+from ddpm.reference import cached_reference, reference_subset, stats_key
 from ddpm.render import to_uint8
 from ddpm.samplers import sampler_label, sampler_settings
 

@@ -16,8 +16,9 @@ import torch.distributed as dist
 
 from ddpm.datasets import load_mnist5k
 from ddpm.generate import generate, shard
-from ddpm.metrics import InceptionMetrics, measure, prepare_reference, stats_key
+from ddpm.metrics import InceptionMetrics, measure
 from ddpm.module import load_module
+from ddpm.reference import prepare_reference, stats_key
 
 
 def main() -> None:

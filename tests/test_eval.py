@@ -12,14 +12,8 @@ from PIL import Image
 from ddpm.datasets import load_mnist5k
 from ddpm.evaluation import npz_images, read_image, write_table
 from ddpm.inception import fid_helper_file
-from ddpm.metrics import (
-    REAL_STATES,
-    InceptionMetrics,
-    cached_reference,
-    check_count,
-    metric_name,
-    stats_key,
-)
+from ddpm.metrics import REAL_STATES, InceptionMetrics, check_count, metric_name
+from ddpm.reference import cached_reference, stats_key
 
 
 def test_reference_statistics_are_cached_and_invalidated(weights, tmp_path: Path):
