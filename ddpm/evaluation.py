@@ -17,6 +17,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from ddpm.device import pick_device
+from ddpm.folder import IMAGE_SUFFIXES, convert
 from ddpm.generate import generate
 from ddpm.inception import has_classifier, inception_weights
 from ddpm.metrics import InceptionMetrics, check_count, measure
@@ -28,22 +29,18 @@ from ddpm.samplers import sampler_label, sampler_settings
 log = logging.getLogger(__name__)
 
 
-IMAGE_FILES = (".png", ".jpg", ".jpeg")
-
-
 def read_image(path: Path, channels: int) -> np.ndarray:
-    """An image file as uint8 (H, W) for channels=1 or (H, W, 3): converted the way the
-    reference images are (PIL's convert("L") / convert("RGB"), so palette images are read as
-    their colours and alpha is dropped), 16-bit images scaled to 8 bits."""
+    """An image file as uint8 (H, W) for channels=1 or (H, W, 3), converted as the reference
+    images of an image-folder dataset are (`ddpm.folder.convert`)."""
     with Image.open(path) as img:
-        if img.mode in ("I", "I;16", "I;16B", "I;16L"):  # 16-bit grayscale: keep the top 8 bits
-            img = Image.fromarray((np.asarray(img).astype(np.int64) >> 8).astype(np.uint8))
-        return np.asarray(img.convert("L" if channels == 1 else "RGB"))
+        return np.asarray(convert(img, "L" if channels == 1 else "RGB"))
 
 
-def npz_images(path: Path, n: int) -> torch.Tensor:
+def npz_images(path: Path, n: int, channels: int = 3) -> torch.Tensor:
     """The first n images of an .npz's arr_0 as (n, C, H, W) uint8: (N, H, W, C) as OpenAI's and
-    EDM's evaluators store them, or (N, H, W) grayscale."""
+    EDM's evaluators store them, or (N, H, W) grayscale. RGB images compared with a grayscale
+    reference are converted as image files are (PIL's "L"); grayscale ones are repeated to RGB
+    by the metrics, which is PIL's "RGB" of them."""
     array = np.load(path)["arr_0"]
     if array.ndim == 3:
         array = array[..., None]
@@ -54,7 +51,10 @@ def npz_images(path: Path, n: int) -> torch.Tensor:
         )
     if len(array) < n:
         raise ValueError(f"{path} holds {len(array)} images, fewer than n={n}")
-    return torch.from_numpy(array[:n]).permute(0, 3, 1, 2)
+    array = array[:n]
+    if channels == 1 and array.shape[-1] == 3:
+        array = np.stack([np.asarray(Image.fromarray(a).convert("L")) for a in array])[..., None]
+    return torch.from_numpy(array).permute(0, 3, 1, 2)
 
 
 def source_batches(
@@ -72,14 +72,12 @@ def source_batches(
     """
     source = Path(cfg.source)
     if source.suffix == ".npz":
-        return iter(npz_images(source, cfg.n).split(cfg.batch_size)), None
+        return iter(npz_images(source, cfg.n, channels).split(cfg.batch_size)), None
     if source.is_dir():
-        found = sorted(p for p in source.rglob("*") if p.suffix.lower() in IMAGE_FILES)
+        found = sorted(p for p in source.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
         files = found[: cfg.n]
         if len(files) < cfg.n:
-            raise ValueError(
-                f"{source} holds {len(files)} images (PNG or JPEG), fewer than n={cfg.n}"
-            )
+            raise ValueError(f"{source} holds {len(files)} image files, fewer than n={cfg.n}")
 
         def read() -> Iterator[torch.Tensor]:
             for i in range(0, len(files), cfg.batch_size):

@@ -49,10 +49,19 @@ def _listing(root: Path) -> tuple[list[str], Callable[[str], bytes], str]:
     )
 
 
+def convert(img: Image.Image, mode: str) -> Image.Image:
+    """An opened image as 8-bit `mode` ("L" or "RGB"): PIL's convert (palette images become
+    their colours, alpha is dropped), 16-bit grayscale by its top 8 bits (PIL's own convert
+    clips it at 255). Training folders and eval.py's image sources both read through this."""
+    if img.mode in ("I", "I;16", "I;16B", "I;16L"):
+        img = Image.fromarray((np.asarray(img).astype(np.int64) >> 8).astype(np.uint8))
+    return img.convert(mode)
+
+
 def _decode(data: bytes, size: int, mode: str) -> np.ndarray:
     """Decode, convert to L or RGB, resize the shorter side to `size`, centre-crop: (H, W[, 3])."""
     with Image.open(io.BytesIO(data)) as img:
-        img = img.convert(mode)
+        img = convert(img, mode)
         w, h = img.size
         scale = size / min(w, h)
         if scale != 1:

@@ -147,27 +147,37 @@ def has_classifier(weights: str | None) -> bool:
 
 
 def weights_digest(path: str | None, cache_dir: str | Path = ".cache/ddpm") -> str:
-    """A name for the network's weights by their content: the sha256 of the file (computed once
-    per file and remembered by path, size and modification time in cache_dir), or, for None,
-    torch-fidelity's download, whose file name carries its own hash."""
+    """A name for the network's weights by their content: the sha256 of the file, or, for None,
+    torch-fidelity's download, whose file name carries its own hash.
+
+    A file is hashed once and remembered in cache_dir by path, device, inode, size and the
+    modification and change times: a copy that keeps the modification time still gets a new
+    inode or change time, and any write changes the change time, which no tool can set."""
     if path is None:
         return "torch-fidelity:" + Path(fe.URL_INCEPTION_V3).name
     path = Path(path).resolve()
-    stat = path.stat()
+    st = path.stat()
+    entry = f"{path}:{st.st_dev}:{st.st_ino}:{st.st_size}:{st.st_mtime_ns}:{st.st_ctime_ns}"
     known = Path(cache_dir) / "weights_sha256.json"
-    entry = f"{path}:{stat.st_size}:{stat.st_mtime_ns}"
     try:
         table = json.loads(known.read_text())
     except (OSError, ValueError):  # none yet, or unreadable: start a new one
         table = {}
-    if entry not in table:
-        digest = hashlib.sha256()
-        with open(path, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                digest.update(block)
-        table[entry] = digest.hexdigest()
+    if not isinstance(table, dict):
+        table = {}
+    if entry in table:
+        return table[entry]
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    table[entry] = digest.hexdigest()
+    try:  # remembering it is an optimisation: a failed write (a race, a full disk) costs nothing
         known.parent.mkdir(parents=True, exist_ok=True)
-        tmp = known.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(table, indent=1))
-        tmp.replace(known)
+        fd, tmp = tempfile.mkstemp(dir=known.parent, suffix=".tmp")
+        with os.fdopen(fd, "w") as f:
+            json.dump(table, f, indent=1)
+        os.replace(tmp, known)
+    except OSError:
+        pass
     return table[entry]

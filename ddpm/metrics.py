@@ -6,7 +6,7 @@ torchmetrics collects the features (and computes FID); what is written here is w
   the resize to 299 (what TF, pytorch-fid and torch-fidelity do), float64 statistics;
 - KID and the Inception Score from the collected features by torch-fidelity's own functions
   (its subsets, splits, RNG and standard deviation; KID in float64), where torchmetrics'
-  differ (torch `randperm` splits, float32 kernels, ddof=1);
+  differ (torch `randperm` subsets and splits, float32 kernels, the IS's std with ddof=1);
 - one network pass per batch shared by the three metrics;
 - the reference images' statistics (FID's float64 feature sums, KID's features) as a state to
   save and load (`ddpm.reference` caches them);
@@ -100,6 +100,24 @@ def inception_score(logits: Tensor, splits: int = 10) -> tuple[float, float]:
     return out["inception_score_mean"], out["inception_score_std"]
 
 
+def kernel_inception_distance(
+    real: Tensor, fake: Tensor, subsets: int = 100, subset_size: int = 1000
+) -> tuple[float, float]:
+    """Mean and standard deviation of KID over `subsets` random subsets, exactly as
+    torch-fidelity computes it (generated images are its input1, so its seeded draws pick the
+    same subsets; cubic kernel; MMD² unbiased), here on float64 features. Subsets of 1000
+    images, or of all of the smaller set."""
+    kid = kid_features_to_metric(
+        fake.double(),
+        real.double(),
+        kid_subsets=subsets,
+        kid_subset_size=min(subset_size, len(real), len(fake)),
+        rng_seed=FIDELITY_SEED,
+        verbose=False,
+    )
+    return kid["kernel_inception_distance_mean"], kid["kernel_inception_distance_std"]
+
+
 class InceptionMetrics:
     """FID, and optionally KID and Inception Score, on torchmetrics with one TF-Inception.
 
@@ -148,7 +166,6 @@ class InceptionMetrics:
                 "(inception_score=false)"
             )
         self.features = features
-        self.reference_count: int | None = None  # set with the reference, on every rank
         self.network = _SharedNetwork(net)
         self.fid = FrechetInceptionDistance(
             feature=_Head(self.network, 0, features), reset_real_features=False
@@ -205,20 +222,13 @@ class InceptionMetrics:
         result = {metric_name(n, split, sampler): float(self.fid.compute())}
         if self.kid is not None:
             with self.kid.sync_context():  # every rank's features (DDP), restored after
-                real = dim_zero_cat(self.kid.real_features).double().cpu()
-                fake = dim_zero_cat(self.kid.fake_features).double().cpu()
-            # torch-fidelity's subsets hold 1000 images; fewer images make smaller subsets
-            kid = kid_features_to_metric(
-                real,
-                fake,
-                kid_subsets=self.kid_subsets,
-                kid_subset_size=min(self.kid_subset_size, len(real), len(fake)),
-                rng_seed=FIDELITY_SEED,
-                verbose=False,
+                real = dim_zero_cat(self.kid.real_features).cpu().double()
+                fake = dim_zero_cat(self.kid.fake_features).cpu().double()
+            mean, std = kernel_inception_distance(
+                real, fake, self.kid_subsets, self.kid_subset_size
             )
             name = metric_name(n, split, sampler, "kid")
-            result[name] = kid["kernel_inception_distance_mean"]
-            result[f"{name}_std"] = kid["kernel_inception_distance_std"]
+            result[name], result[f"{name}_std"] = mean, std
         if self.isc is not None:
             with self.isc.sync_context():
                 logits = dim_zero_cat(self.isc.features).cpu()
@@ -245,7 +255,7 @@ class InceptionMetrics:
         for s in REAL_STATES:
             setattr(self.fid, s, state[s].to(self.device))
         if self.kid is not None:
-            self.kid.real_features = [state["kid_real_features"].to(self.device)]
+            self.kid.real_features = [state["kid_real_features"].to(self.device, torch.float32)]
         return True
 
     def clear_real_state(self) -> None:
@@ -255,12 +265,22 @@ class InceptionMetrics:
             self.kid.real_features = [torch.empty(0, self.features, device=self.device)]
 
     def prepare_sync(self) -> None:
-        """One tensor per list state and rank: torchmetrics gathers the IS features list item
-        by item, which deadlocks when ranks hold different numbers of batches."""
-        if self.isc is not None and len(self.isc.features) > 1:
-            self.isc.features = [torch.cat(self.isc.features)]
-        if self.kid is not None and len(self.kid.fake_features) > 1:
-            self.kid.fake_features = [torch.cat(self.kid.fake_features)]
+        """One 2-D tensor per list state and rank: torchmetrics gathers these lists item by
+        item, which deadlocks or mixes states when ranks hold different numbers of batches
+        (rank 0 computing the reference, a rank that drew no image)."""
+        lists = []
+        if self.isc is not None:
+            lists.append((self.isc, "features", 1008))
+        if self.kid is not None:
+            lists += [
+                (self.kid, "fake_features", self.features),
+                (self.kid, "real_features", self.features),
+            ]
+        for metric, name, width in lists:
+            parts = [p.reshape(-1, width) for p in getattr(metric, name)]
+            if len(parts) != 1:
+                empty = torch.empty(0, width, device=self.device)
+                setattr(metric, name, [torch.cat(parts) if parts else empty])
 
 
 def frechet_distance(

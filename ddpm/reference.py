@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import uuid
 from collections.abc import Callable, Iterable
 from itertools import chain, count
 from pathlib import Path
@@ -32,7 +33,7 @@ def reference_subset(images: Tensor, n: int | None) -> Tensor:
 def images_digest(images: Tensor) -> str:
     """sha256 of a uint8 image tensor's shape and pixels: the reference images by content."""
     digest = hashlib.sha256(str(tuple(images.shape)).encode())
-    digest.update(images.contiguous().cpu().numpy().tobytes())
+    digest.update(images.contiguous().cpu().numpy())  # the buffer itself, not a copy
     return digest.hexdigest()
 
 
@@ -102,7 +103,6 @@ def cached_reference(
             first_line = (str(e).splitlines() or [""])[0]
             problem = f"it does not load ({type(e).__name__}: {first_line})"
         if problem is None and metrics.load_real_state(cached):
-            metrics.reference_count = key["n"]
             return path
         if problem is not None:
             names = chain([f"{path.name}.corrupt"], (f"{path.name}.corrupt{k}" for k in count(1)))
@@ -116,10 +116,9 @@ def cached_reference(
     if metrics.real_count != key["n"]:
         raise ValueError(f"expected {key['n']} reference images, got {metrics.real_count}")
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
+    tmp = path.with_suffix(f".{uuid.uuid4().hex[:8]}.tmp")  # two jobs may build one key
     torch.save({"key": key, **metrics.real_state()}, tmp)
     tmp.replace(path)  # atomic: a killed run never leaves half a file
-    metrics.reference_count = key["n"]
     return path
 
 
@@ -137,6 +136,5 @@ def prepare_reference(
         cached_reference(metrics, key, real_images, cache_dir)
     else:
         metrics.clear_real_state()
-        metrics.reference_count = key["n"]
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.barrier()

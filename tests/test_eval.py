@@ -11,6 +11,7 @@ from PIL import Image
 
 from ddpm.datasets import load_mnist5k
 from ddpm.evaluation import npz_images, read_image, write_table
+from ddpm.folder import load_image_folder
 from ddpm.inception import fid_helper_file
 from ddpm.metrics import REAL_STATES, InceptionMetrics, check_count, metric_name
 from ddpm.reference import cached_reference, stats_key
@@ -212,7 +213,9 @@ def test_metrics_sharded_over_two_processes_equal_one(
     ):
         out = tmp_path / f"fid{world}.json"
         proc = subprocess.run(
-            [*launcher, str(ckpt), weights_with_classifier, str(tmp_path / "cache"), str(out)],
+            # a cache of its own: rank 0 builds the reference from 2 batches while rank 1
+            # holds none (the uneven states torchmetrics gathers item by item)
+            [*launcher, str(ckpt), weights_with_classifier, str(tmp_path / f"c{world}"), str(out)],
             cwd=ROOT,
             env=env,
             capture_output=True,
@@ -343,3 +346,24 @@ def test_npz_of_grayscale_without_a_channel_axis(tmp_path: Path):
     np.savez(tmp_path / "float.npz", arr_0=digits.float().numpy())
     with pytest.raises(ValueError, match="expected uint8 images"):
         npz_images(tmp_path / "float.npz", 5)
+
+
+def test_a_16_bit_image_reads_the_same_as_reference_and_as_sample(tmp_path: Path):
+    """A training folder (the reference of dataset=folder) and eval.py's image source read a
+    16-bit PNG alike, by its top 8 bits (PIL's own convert would clip it at 255)."""
+    wide = np.random.default_rng(1).integers(0, 65536, (16, 16), dtype=np.uint16)
+    (tmp_path / "pics").mkdir()
+    Image.fromarray(wide).save(tmp_path / "pics" / "a.png")
+    reference = load_image_folder(tmp_path / "pics", 16, 1, class_folders=False)[0]
+    source = read_image(tmp_path / "pics" / "a.png", 1)
+    assert np.array_equal(reference[0, 0].numpy(), source)
+    assert np.array_equal(source, (wide >> 8).astype(np.uint8))
+
+
+def test_an_rgb_npz_against_a_grayscale_reference_is_converted_as_files_are(tmp_path: Path):
+    rgb = np.random.default_rng(2).integers(0, 256, (3, 8, 8, 3), dtype=np.uint8)
+    np.savez(tmp_path / "rgb.npz", arr_0=rgb)
+    gray = npz_images(tmp_path / "rgb.npz", 3, channels=1)
+    expected = np.stack([np.asarray(Image.fromarray(a).convert("L")) for a in rgb])
+    assert gray.shape == (3, 1, 8, 8) and np.array_equal(gray[:, 0].numpy(), expected)
+    assert npz_images(tmp_path / "rgb.npz", 3, channels=3).shape == (3, 3, 8, 8)

