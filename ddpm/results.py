@@ -81,12 +81,17 @@ def summarize(
     for config, members in sorted(groups.items()):
         row: dict = {"configuration": config, "seeds": len(members)}
         for name in names:
-            values = [m[name] for m in members if name in m and math.isfinite(m[name])]
+            values = [m[name] for m in members if _finite(m.get(name))]
             mean = statistics.fmean(values) if values else math.nan
             std = statistics.stdev(values) if len(values) > 1 else math.nan
             row[name] = (mean, std)
         rows.append(row)
     return names, rows
+
+
+def _finite(value: object) -> bool:
+    """A number to average: metrics.json holds null for a metric that was not finite."""
+    return isinstance(value, (int, float)) and math.isfinite(value)
 
 
 def write_tables(names: list[str], rows: list[dict], out_dir: Path) -> str:

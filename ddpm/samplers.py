@@ -70,6 +70,8 @@ def timesteps(num_timesteps: int, steps: int, spacing: str = "uniform") -> Tenso
         raise ValueError(
             f"sampler steps must be in [1, {num_timesteps}] (the schedule's T), got {steps}"
         )
+    if steps == 1:  # one step from pure noise: from t = T - 1 (spacing 0..T-1 would give t = 0)
+        return torch.tensor([num_timesteps - 1])
     if spacing == "uniform":
         ts = torch.linspace(0, num_timesteps - 1, steps, dtype=torch.float64).round().long()
     elif spacing == "quadratic":

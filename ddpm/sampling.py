@@ -104,6 +104,22 @@ def resolve_labels(cfg: DictConfig, n: int, module) -> tuple[list[int] | None, i
     return labels, None
 
 
+def noise_levels_t(ts: list[int] | None, num_timesteps: int) -> list[int]:
+    """The timesteps of the noise-level figure: the given ones, checked against the schedule,
+    or 0, 10, 25, 50 and 75 % of T and the last, T - 1 (for T = 1000: 0, 100, 250, 500, 750,
+    999)."""
+    if ts is None:
+        fractions = (0, 0.1, 0.25, 0.5, 0.75, 1.0)
+        return [min(round(f * num_timesteps), num_timesteps - 1) for f in fractions]
+    bad = [t for t in ts if not 0 <= int(t) < num_timesteps]
+    if bad:
+        raise ValueError(
+            f"noise_levels_t {bad} are outside the model's timesteps 0..{num_timesteps - 1}; "
+            "give t's within them or drop noise_levels_t (null: spread over the schedule)"
+        )
+    return [int(t) for t in ts]
+
+
 def write_text(
     cfg: DictConfig, module, out: Path, sampler: dict, guidance: float, precision
 ) -> Path:
@@ -160,6 +176,8 @@ def sample(cfg: DictConfig) -> Path:
             "unconditional (trained with model.num_classes=null); drop guidance="
         )
     sampler, guidance = sampling(cfg, module)
+    if cfg.noise_levels:  # a wrong t fails now, not after the sampling
+        noise_levels_t(cfg.noise_levels_t, module.schedule.num_timesteps)
     if cfg.text:
         return write_text(cfg, module, out, sampler, guidance, precision)
 
@@ -201,7 +219,7 @@ def sample(cfg: DictConfig) -> Path:
         np.savez(out / "samples.npz", arr_0=everything.permute(0, 2, 3, 1).numpy())
     if cfg.noise_levels:
         first_label = None if labels is None else torch.tensor(labels[:1])
-        ts = list(cfg.noise_levels_t)
+        ts = noise_levels_t(cfg.noise_levels_t, module.schedule.num_timesteps)
         x_t, x0_hat = denoised(
             module, everything[:1].float() / 127.5 - 1, ts, cfg.seed, first_label
         )

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import sys
 from itertools import count
@@ -110,8 +111,10 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     log.info("finished at step %d: %s", trainer.global_step, metrics)
     warn_if_cut_short(trainer, cfg.trainer.get("max_time"))
     if trainer.is_global_zero:  # what `python -m ddpm.results` tabulates over a sweep
-        final = {"step": trainer.global_step, **metrics}
-        (out / "metrics.json").write_text(json.dumps(final, indent=1) + "\n")
+        # valid JSON: a diverged metric is null, not NaN (which JSON does not have)
+        finite = {k: v if math.isfinite(v) else None for k, v in metrics.items()}
+        final = {"step": trainer.global_step, **finite}
+        (out / "metrics.json").write_text(json.dumps(final, indent=1, allow_nan=False) + "\n")
     return metrics
 
 

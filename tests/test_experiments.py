@@ -18,6 +18,7 @@ from wandb_records import summary
 from ddpm import evaluation, training
 from ddpm.inception import fid_helper_file
 from ddpm.results import main as results_main
+from ddpm.results import summarize
 
 
 def job_dirs(sweep: Path) -> list[Path]:
@@ -244,3 +245,24 @@ def test_ddim_table_preset_on_a_checkpoint(trained_run: Path, tmp_path: Path):
     result = evaluation.evaluate(cfg)
     assert result["fid70_train_ddim2"] > 0 and result["fid70_train_ddim3"] > 0
     assert (tmp_path / "table.table.md").read_text().count("| ddim |") == 2
+
+
+def test_metrics_json_is_valid_json_when_a_metric_is_not_finite(tmp_path: Path, monkeypatch):
+    """A diverged metric is written as null (JSON has no NaN), and the results table skips it."""
+    cfg = compose_config([*FAST, "trainer.max_steps=1", f"hydra.runtime.output_dir={tmp_path}"])
+    with open_dict(cfg):
+        del cfg["hydra"]
+    real_fit = training.L.Trainer.fit
+
+    def fit_then_diverge(trainer, *args, **kwargs):
+        real_fit(trainer, *args, **kwargs)
+        trainer.callback_metrics["val/loss"] = torch.tensor(float("nan"))
+
+    monkeypatch.setattr(training.L.Trainer, "fit", fit_then_diverge)
+    training.train(cfg)
+    text = (tmp_path / "metrics.json").read_text()
+    assert "NaN" not in text  # Python's json reads NaN, other languages' parsers do not
+    final = json.loads(text)
+    assert final["val/loss"] is None and final["step"] == 1
+    runs = [("a", "0", {"val/loss": None}), ("a", "1", {"val/loss": 2.0})]
+    assert summarize(runs, ["val/loss"])[1][0]["val/loss"][0] == 2.0

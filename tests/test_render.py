@@ -1,12 +1,13 @@
 import random
 
+import pytest
 import torch
 from PIL import Image
 
 from bench.readability import split_grid
 from ddpm.generate import image_labels
 from ddpm.render import save_grid, save_png, to_uint8, wrap_words
-from ddpm.sampling import load_png
+from ddpm.sampling import load_png, noise_levels_t
 
 
 def test_grid_round_trips_through_png(tmp_path):
@@ -62,3 +63,11 @@ def test_wrap_words_on_textwrap_equals_the_greedy_wrap():
         text = "".join(w + " " * rng.randint(1, 3) for w in words)
         width = rng.randint(1, 16)
         assert wrap_words(text, width) == _greedy_wrap(text, width), (text, width)
+
+
+def test_noise_level_steps_follow_the_schedule_length():
+    assert noise_levels_t(None, 1000) == [0, 100, 250, 500, 750, 999]
+    assert noise_levels_t(None, 400) == [0, 40, 100, 200, 300, 399]
+    assert noise_levels_t([0, 5], 10) == [0, 5]
+    with pytest.raises(ValueError, match=r"noise_levels_t \[999\] are outside .* 0..399"):
+        noise_levels_t([0, 999], 400)

@@ -255,3 +255,23 @@ def test_one_name_for_a_sampler_setting():
     assert sampler_label({"sampler": "ddim", "steps": 50}, 1000) == "ddim50"
     assert sampler_label({"sampler": "ddpm", "steps": None}, 1000) == "ddpm1000"  # all T steps
     assert sampler_label(sampler_settings({"name": "dpmpp_2m", "steps": 20}), 400) == "dpmpp_2m20"
+
+
+@pytest.mark.parametrize("sampler", [sample_ddim, sample_dpmpp_2m, sample_ddpm])
+def test_one_step_starts_from_pure_noise(sampler):
+    """steps=1 evaluates the model at t = T - 1, where x_T is: with the exact denoiser of
+    N(μ, s²) data its one step lands on E[x_0 | x_T], close to μ (not the noise itself)."""
+    schedule = NoiseSchedule.linear(1000)
+    a_bar = schedule.alphas_cumprod.double()
+    mu, s = 0.3, 0.5
+    seen = []
+
+    def eps_star(x, t):
+        seen.append(int(t[0]))
+        a = a_bar[t].reshape(-1, 1, 1, 1).to(x.dtype)
+        return (1 - a).sqrt() * (x - a.sqrt() * mu) / (a * s**2 + 1 - a)
+
+    x_T = torch.randn(256, 1, 2, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    out = sampler(eps_star, schedule, x_T, 1, clip_x0=False)
+    assert timesteps(1000, 1).tolist() == [999] and seen == [999]
+    assert abs(out.mean().item() - mu) < 0.01 and out.std().item() < 0.05
