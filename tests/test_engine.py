@@ -127,3 +127,24 @@ def test_sampling_precision_is_checked_and_chosen(monkeypatch):
     with autocast("auto", cpu):
         y = torch.nn.functional.linear(torch.ones(2, 3), torch.ones(4, 3))
     assert y.dtype == torch.bfloat16
+
+
+def test_skip_mode_runs_to_the_end_with_the_loss_curve_on(tmp_path: Path, caplog):
+    """module.nonfinite=skip with every step diverging: each update is dropped by the guard,
+    the loss curve records the steps (it crashed on a skipped step's missing loss), and the
+    saved weights stay finite (the updates drop, the run does not stop)."""
+    cfg = _cfg(
+        tmp_path,
+        "module.optimizer.lr=1e38",
+        "module.nonfinite=skip",
+        "callbacks.loss_curve.every_n_steps=2",
+        "trainer.max_steps=6",
+    )
+    with caplog.at_level(logging.WARNING):
+        training.train(cfg)
+    assert caplog.text.count("update skipped") >= 5
+    assert (tmp_path / "loss_curve.png").is_file()
+    ckpt = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
+    assert all(
+        torch.isfinite(v).all() for v in ckpt["state_dict"].values() if v.is_floating_point()
+    )
