@@ -11,10 +11,10 @@ Inception Score).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import json
-import os
 import pickle
 import tempfile
 import zipfile
@@ -23,6 +23,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 from torch_fidelity import feature_extractor_inceptionv3 as fe
+
+from ddpm.files import atomic_write
 
 FEATURES = 2048
 
@@ -110,10 +112,8 @@ def inception_weights(path: str | Path | None, cache_dir: str | Path = ".cache/d
         digest = hashlib.sha256(path.read_bytes()).hexdigest()[:12]
         converted = Path(cache_dir) / f"inception-2015-12-05-from-{path.stem}-{digest}.pth"
         if not converted.is_file():
-            converted.parent.mkdir(parents=True, exist_ok=True)
-            tmp = converted.with_suffix(".tmp")
-            torch.save(_torchscript_to_fidelity(path), tmp)
-            tmp.replace(converted)
+            state = _torchscript_to_fidelity(path)
+            atomic_write(converted, lambda f: torch.save(state, f))
         return str(converted)
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
@@ -172,12 +172,7 @@ def weights_digest(path: str | None, cache_dir: str | Path = ".cache/ddpm") -> s
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     table[entry] = digest.hexdigest()
-    try:  # remembering it is an optimisation: a failed write (a race, a full disk) costs nothing
-        known.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=known.parent, suffix=".tmp")
-        with os.fdopen(fd, "w") as f:
-            json.dump(table, f, indent=1)
-        os.replace(tmp, known)
-    except OSError:
-        pass
+    # remembering it is an optimisation: a failed write (a race, a full disk) costs nothing
+    with contextlib.suppress(OSError):
+        atomic_write(known, lambda f: f.write(json.dumps(table, indent=1).encode()))
     return table[entry]

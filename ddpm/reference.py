@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import uuid
 from collections.abc import Callable, Iterable
 from itertools import chain, count
 from pathlib import Path
@@ -14,6 +13,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from ddpm.files import atomic_write
 from ddpm.inception import weights_digest
 from ddpm.metrics import REAL_STATES, InceptionMetrics
 from ddpm.resume import first_unused
@@ -115,10 +115,8 @@ def cached_reference(
         metrics.update(batch, real=True)
     if metrics.real_count != key["n"]:
         raise ValueError(f"expected {key['n']} reference images, got {metrics.real_count}")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".{uuid.uuid4().hex[:8]}.tmp")  # two jobs may build one key
-    torch.save({"key": key, **metrics.real_state()}, tmp)
-    tmp.replace(path)  # atomic: a killed run never leaves half a file
+    state = {"key": key, **metrics.real_state()}
+    atomic_write(path, lambda f: torch.save(state, f))  # two jobs may build one key at once
     return path
 
 
