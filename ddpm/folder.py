@@ -75,6 +75,18 @@ def _decode(data: bytes, size: int, mode: str) -> np.ndarray:
         return np.asarray(img.crop((left, top, left + size, top + size)))
 
 
+def load_image(path: str | Path, size: int, channels: int) -> Tensor:
+    """One image file as a (1, C, size, size) uint8 tensor, decoded like a training folder's
+    (shorter side resized to `size`, centre-cropped); an unreadable file is named."""
+    try:
+        data = Path(path).read_bytes()
+        array = _decode(data, size, "L" if channels == 1 else "RGB")
+    except (OSError, ValueError) as err:
+        raise ValueError(f"cannot read the image {path}: {err}; give a PNG or JPEG file") from None
+    tensor = torch.from_numpy(array.copy())
+    return (tensor[None] if tensor.ndim == 2 else tensor.permute(2, 0, 1))[None]
+
+
 def load_image_folder(
     root: str | Path, size: int, channels: int, class_folders: bool = True, skip_bad: bool = False
 ) -> tuple[Tensor, Tensor | None, list[str]]:

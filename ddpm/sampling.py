@@ -13,6 +13,7 @@ from PIL import Image
 from torchvision.transforms.v2.functional import pil_to_tensor
 
 from ddpm.device import autocast, pick_device
+from ddpm.folder import load_image
 from ddpm.generate import denoised, generate, generate_all, image_labels, initial_noise
 from ddpm.module import load_module
 from ddpm.render import (
@@ -176,8 +177,12 @@ def sample(cfg: DictConfig) -> Path:
             "unconditional (trained with model.num_classes=null); drop guidance="
         )
     sampler, guidance = sampling(cfg, module)
-    if cfg.noise_levels:  # a wrong t fails now, not after the sampling
+    real = None
+    if cfg.noise_levels:  # a wrong t or image fails now, not after the sampling
         noise_levels_t(cfg.noise_levels_t, module.schedule.num_timesteps)
+        if cfg.noise_levels_image:
+            net = module.ema.module
+            real = load_image(cfg.noise_levels_image, net.image_size, net.in_channels)
     if cfg.text:
         return write_text(cfg, module, out, sampler, guidance, precision)
 
@@ -220,9 +225,8 @@ def sample(cfg: DictConfig) -> Path:
     if cfg.noise_levels:
         first_label = None if labels is None else torch.tensor(labels[:1])
         ts = noise_levels_t(cfg.noise_levels_t, module.schedule.num_timesteps)
-        x_t, x0_hat = denoised(
-            module, everything[:1].float() / 127.5 - 1, ts, cfg.seed, first_label
-        )
+        shown = everything[:1] if real is None else real  # a generated image or a real one
+        x_t, x0_hat = denoised(module, shown.float() / 127.5 - 1, ts, cfg.seed, first_label)
         figure = noise_levels_figure(x_t, x0_hat, ts)
         figure.save(out / "noise_levels.png")
     log.info("wrote %d images to %s", cfg.n, out)

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 from fakes import _fake_emnist, _fake_ffhq, fake_mnist, pattern, write_idx, write_png
+from PIL import Image
 
 from ddpm.data import ImageDataModule
 from ddpm.datasets import load_cifar10, load_emnist, load_mnist, load_stl10
@@ -284,3 +285,18 @@ def test_cifar10_and_stl10_configs_set_up(name, fake_cifar, fake_stl10, tmp_path
     assert images.shape[1:] == (3, cfg.dataset.image_size, cfg.dataset.image_size)
     assert dm.hflip  # the papers flip these datasets
     assert_upright(images[:, 0])
+
+
+def test_one_image_file_decodes_like_a_folder(tmp_path):
+    from ddpm.folder import load_image
+
+    rgb = np.zeros((30, 40, 3), np.uint8)
+    rgb[:, :, 0] = 200
+    Image.fromarray(rgb).save(tmp_path / "a.png")
+    gray = load_image(tmp_path / "a.png", 28, 1)
+    colour = load_image(tmp_path / "a.png", 16, 3)
+    assert gray.shape == (1, 1, 28, 28) and gray.dtype == torch.uint8
+    assert colour.shape == (1, 3, 16, 16) and colour[0, 0].float().mean() == 200
+    (tmp_path / "bad.png").write_bytes(b"not a png")
+    with pytest.raises(ValueError, match=r"cannot read the image .*bad\.png"):
+        load_image(tmp_path / "bad.png", 28, 1)

@@ -61,6 +61,24 @@ def test_npz_animation_and_noise_levels(trained_run: Path, tmp_path: Path):
     figure = Image.open(out / "noise_levels.png")
     assert figure.width == (2 + 6 * (28 + 2)) * 3  # six noise levels side by side, 3x scale
 
+    # a real image instead of the first sample: the t = 0 cell shows it (σ_0 = 0.01)
+    real = np.zeros((28, 28), np.uint8)
+    real[4:24, 10:18] = 255
+    Image.fromarray(real).save(tmp_path / "real.png")
+    out2 = tmp_path / "s2"
+    run_script(
+        "sample.py",
+        f"ckpt={trained_run / 'checkpoints' / 'last.ckpt'}",
+        "n=1",
+        "steps=2",
+        "noise_levels=true",
+        f"noise_levels_image={tmp_path / 'real.png'}",
+        f"out={out2}",
+    )
+    # below the caption and the t= strip (14 px each), past the 2 px grid padding, 3x scale
+    cell = np.asarray(Image.open(out2 / "noise_levels.png").convert("L"))[28 + 6 :: 3, 6::3]
+    assert np.abs(cell[:28, :28].astype(int) - real).mean() < 8
+
 
 @pytest.mark.slow
 def test_class_name_and_bad_labels(trained_run: Path, tmp_path: Path):
