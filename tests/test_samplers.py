@@ -333,8 +333,8 @@ def test_deterministic_samplers_converge_to_the_exact_ode_end_at_their_order(nam
     assert 0.9 < order(steps, ddim) < 1.15, ddim
     # DPM-Solver++(2M): second order once in the asymptotic range, and better at every count
     assert order(steps[2:], dpmpp[2:]) > 1.8, dpmpp
-    assert all(b < a for a, b in zip(dpmpp[1:], dpmpp[2:])), dpmpp
-    assert all(p < d for p, d in zip(dpmpp, ddim)), (dpmpp, ddim)
+    assert all(b < a for a, b in zip(dpmpp[1:-1], dpmpp[2:], strict=True)), dpmpp
+    assert all(p < d for p, d in zip(dpmpp, ddim, strict=True)), (dpmpp, ddim)
 
 
 def test_uniform_t_spacing_stalls_dpmpp_at_the_last_lambda_gap():
