@@ -1,5 +1,6 @@
 """What `eval.py` does: FID, KID and Inception Score of generated images (an .npz, a folder of
-PNGs, or a checkpoint sampled on the fly) against cached statistics of a dataset split."""
+PNGs, or a checkpoint sampled on the fly) against cached statistics of a dataset split, and
+with nll=true a checkpoint's negative log-likelihood bound in bits/dim on held-out images."""
 
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from ddpm.device import pick_device
 from ddpm.folder import IMAGE_SUFFIXES, convert
 from ddpm.generate import generate
 from ddpm.inception import has_classifier, inception_weights
+from ddpm.likelihood import bpd_exact
 from ddpm.metrics import InceptionMetrics, check_count, measure
 from ddpm.module import load_module
 from ddpm.reference import cached_reference, reference_subset, stats_key
@@ -107,8 +109,98 @@ def source_batches(
     raise FileNotFoundError(f"source={source}: not an .npz, a folder of images or a .ckpt")
 
 
+def held_out_images(cfg: DictConfig) -> tuple[torch.Tensor, torch.Tensor | None, str]:
+    """The first n images (uint8) and labels of `nll_split`: "val" is the part of the dataset
+    training held out (the datamodule's validation split), anything else a split of the
+    source (e.g. CIFAR-10's test set, as DDPM's Table 2 reports)."""
+    datamodule = hydra.utils.instantiate(cfg.dataset)
+    if cfg.nll_split == "val":
+        datamodule.setup("fit")
+        images, labels = datamodule.val_set.images, datamodule.val_set.labels
+    else:
+        data = datamodule.load(cfg.nll_split)
+        images, labels = data.images, data.labels
+    if len(images) < cfg.n:
+        raise ValueError(
+            f"nll_split={cfg.nll_split} of {datamodule.name} holds {len(images)} images, fewer "
+            f"than n={cfg.n}; lower n"
+        )
+    label = f"{datamodule.name}_{cfg.nll_split}"
+    return images[: cfg.n], None if labels is None else labels[: cfg.n], label
+
+
+def negative_log_likelihood(cfg: DictConfig, device: torch.device) -> dict:
+    """The variational bound of every one of n held-out images over all T steps (T network
+    calls per batch; `ddpm.likelihood.bpd_exact`), with the checkpoint's EMA weights."""
+    source = Path(cfg.source)
+    if source.suffix != ".ckpt":
+        raise ValueError(f"nll=true needs source= to be a checkpoint (.ckpt), got {source}")
+    module = load_module(source, map_location=device)
+    images, labels, label = held_out_images(cfg)
+    net = module.ema.module
+    if images.shape[1:] != (net.in_channels, net.image_size, net.image_size):
+        raise ValueError(
+            f"{source} models {net.in_channels}x{net.image_size}x{net.image_size} images, the "
+            f"dataset gives {tuple(images.shape[1:])}: evaluate on the data it was trained on"
+        )
+    T = module.schedule.num_timesteps
+    batches = list(range(0, len(images), cfg.batch_size))
+    generator = torch.Generator().manual_seed(cfg.seed)
+    parts: dict[str, list[torch.Tensor]] = {"bpd": [], "prior": [], "decoder": []}
+    with tqdm(total=len(batches) * T, unit="step", desc=f"nll {len(images)} images") as bar:
+        for start in batches:
+            x0 = images[start : start + cfg.batch_size].to(device).float() / 127.5 - 1
+            y = None
+            if module.num_classes and labels is not None:
+                y = labels[start : start + cfg.batch_size].to(device)
+            with torch.no_grad():
+                out = bpd_exact(
+                    module.model_out(net, y),
+                    module.schedule,
+                    x0,
+                    module.variance,
+                    generator=generator,
+                    progress=bar.update,
+                )
+            for key in parts:
+                parts[key].append(out[key].cpu())
+    bpd = torch.cat(parts["bpd"])
+    result = {
+        f"bpd_{label}": bpd.mean().item(),
+        f"bpd_{label}_std_err": (bpd.std().item() / len(bpd) ** 0.5) if len(bpd) > 1 else None,
+        f"bpd_{label}_prior": torch.cat(parts["prior"]).mean().item(),
+        f"bpd_{label}_decoder": torch.cat(parts["decoder"]).mean().item(),
+        "nll_variance": module.variance,
+    }
+    log.info(
+        "NLL bound on %d images of %s: %.4f bits/dim (L_T %.2e, L_0 %.4f), variance %s",
+        len(bpd),
+        label,
+        result[f"bpd_{label}"],
+        result[f"bpd_{label}_prior"],
+        result[f"bpd_{label}_decoder"],
+        module.variance,
+    )
+    return result
+
+
 def evaluate(cfg: DictConfig) -> dict:
     device = pick_device(cfg.device)
+    if not cfg.fid and not cfg.nll:
+        raise ValueError("fid=false and nll=false leave nothing to measure; set one to true")
+    result: dict = {"n": cfg.n, "source": str(cfg.source)}
+    if cfg.nll:
+        result.update(negative_log_likelihood(cfg, device))
+    if cfg.fid:
+        result.update(inception_metrics(cfg, device))
+    suffix = ".fid.json" if cfg.fid else ".nll.json"
+    out = Path(cfg.out) if cfg.out else Path(str(cfg.source).rstrip("/") + suffix)
+    out.write_text(json.dumps(result, indent=1))
+    print(json.dumps(result))
+    return result
+
+
+def inception_metrics(cfg: DictConfig, device: torch.device) -> dict:
     check_count(cfg.n, cfg.features)
     weights = inception_weights(cfg.weights, cfg.cache_dir)
     inception_score = cfg.inception_score
@@ -133,12 +225,7 @@ def evaluate(cfg: DictConfig) -> dict:
     entries = [parse_entry(e) for e in cfg.table] if cfg.table else [(None, None)]
     if cfg.table and Path(cfg.source).suffix != ".ckpt":
         raise ValueError("table= needs source= to be a checkpoint (.ckpt) to sample from")
-    result: dict = {
-        "n": cfg.n,
-        "reference": key,
-        "source": str(cfg.source),
-        "features": cfg.features,
-    }
+    result: dict = {"reference": key, "features": cfg.features}
     rows = []
     for entry_name, entry_steps in entries:
         channels = int(reference.shape[1])
@@ -159,11 +246,9 @@ def evaluate(cfg: DictConfig) -> dict:
             values = measure(metrics, checked(batches, bar), cfg.n, cfg.reference_split, sampler)
         result.update(values)
         rows.append((entry_name, entry_steps, values))
-    out = Path(cfg.out) if cfg.out else Path(str(cfg.source).rstrip("/") + ".fid.json")
-    out.write_text(json.dumps(result, indent=1))
     if cfg.table:
+        out = Path(cfg.out) if cfg.out else Path(str(cfg.source).rstrip("/") + ".fid.json")
         write_table(rows, out.with_suffix(""), cfg.n, cfg.reference_split)
-    print(json.dumps(result))
     return result
 
 

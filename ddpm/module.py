@@ -19,6 +19,7 @@ from torch.optim.lr_scheduler import ConstantLR
 from torch.optim.swa_utils import AveragedModel
 
 from ddpm.checkpoint import CheckpointError, load_checkpoint
+from ddpm.likelihood import bpd_estimate, reverse_log_variance, vb_term_bpd
 from ddpm.resume import NonFiniteGuard, RNGCapture
 from ddpm.schedule import NoiseSchedule
 
@@ -89,6 +90,11 @@ class DiffusionModule(L.LightningModule):
         compile: train through `nn.Module.compile` of the network (same module, same state-dict
             keys; copies and pickles of it are eager); if compiling fails (no compiler, an
             unsupported op), a warning says why and training goes on eagerly.
+        learn_sigma: the network also outputs v, the reverse variance's interpolation between
+            log β̃_t and log β_t, trained by L_hybrid = L_simple + vlb_weight · L_vlb with the
+            mean's gradient stopped in L_vlb (Nichol & Dhariwal 2021, Sec. 3.1, λ = 0.001).
+        nll_variance: the fixed reverse variance ("large": β, "small": β̃) of the bound
+            (`val/bpd`, eval.py nll=true) for a model without learned variances.
     """
 
     def __init__(
@@ -109,6 +115,9 @@ class DiffusionModule(L.LightningModule):
         nonfinite_max_skips: int = 100,
         channels_last: bool = False,
         compile: bool = False,
+        learn_sigma: bool = False,
+        vlb_weight: float = 0.001,
+        nll_variance: str = "large",
     ) -> None:
         super().__init__()
         net, schedule, optimizer, lr_scheduler = map(
@@ -130,8 +139,16 @@ class DiffusionModule(L.LightningModule):
             raise ValueError(
                 f"module.nonfinite_check_every must be >= 1, got {nonfinite_check_every}"
             )
+        if nll_variance not in ("large", "small"):
+            raise ValueError(
+                f"module.nll_variance must be 'large' or 'small', got {nll_variance!r}"
+            )
+        if vlb_weight < 0:
+            raise ValueError(f"module.vlb_weight must be >= 0, got {vlb_weight}")
         self.save_hyperparameters()
-        self.net: nn.Module = hydra.utils.instantiate(net)
+        # learned variances: the network's output doubles, ε (or x_0, v) then the variance v
+        out_channels = {"out_channels": 2 * net.get("in_channels", 3)} if learn_sigma else {}
+        self.net: nn.Module = hydra.utils.instantiate(net, **out_channels)
         self.schedule: NoiseSchedule = hydra.utils.instantiate(schedule)
         self.ema = EMA(self.net, decay=ema_decay, warmup=ema_warmup)
         self.class_names: list[str] = []  # from the datamodule; saved in every checkpoint
@@ -176,8 +193,20 @@ class DiffusionModule(L.LightningModule):
     def num_classes(self) -> int | None:
         return getattr(self.net, "num_classes", None)
 
+    @property
+    def variance(self) -> str:
+        """The reverse variance of the bound: learned, or the configured fixed one."""
+        return "learned" if self.hparams.learn_sigma else self.hparams.nll_variance
+
+    def split_output(self, out: Tensor) -> tuple[Tensor, Tensor | None]:
+        """The network's output -> (its prediction per `objective`, v or None)."""
+        if not self.hparams.learn_sigma:
+            return out, None
+        prediction, v = out.chunk(2, dim=1)
+        return prediction, v
+
     def eps_from_output(self, out: Tensor, x_t: Tensor, t: Tensor) -> Tensor:
-        """Convert the network's raw prediction (per `objective`) to ε, which samplers take."""
+        """Convert the network's prediction (per `objective`) to ε, which samplers take."""
         if self.hparams.objective == "eps":
             return out
         if self.hparams.objective == "x0":
@@ -207,7 +236,7 @@ class DiffusionModule(L.LightningModule):
             y = torch.where(drop, torch.full_like(y, self.num_classes), y)
         if hp.channels_last:
             x_t = x_t.contiguous(memory_format=torch.channels_last)
-        out = self._forward(net, x_t, t, y if self.num_classes else None)
+        out, v = self.split_output(self._forward(net, x_t, t, y if self.num_classes else None))
 
         # what the network predicts, and the weight of its error
         if hp.objective == "eps":
@@ -229,6 +258,11 @@ class DiffusionModule(L.LightningModule):
             else:
                 weight = x0_weight / (snr + 1)
             losses = losses * weight
+        if v is not None:  # L_hybrid: + λ L_vlb, L_vlb = T · E_t[L_t], the mean's gradient stopped
+            eps = self.eps_from_output(out.detach().float(), x_t.float(), t)
+            logvar = reverse_log_variance(self.schedule, t, x0.ndim, "learned", v.float())
+            vb = vb_term_bpd(self.schedule, x0.float(), x_t.float(), t, eps, logvar, clip_x0=False)
+            losses = losses + hp.vlb_weight * self.schedule.num_timesteps * vb
         return (losses, t) if return_t else losses
 
     def _forward(self, net: nn.Module, x_t: Tensor, t: Tensor, y: Tensor | None) -> Tensor:
@@ -271,6 +305,17 @@ class DiffusionModule(L.LightningModule):
         gen = torch.Generator(device=x0.device).manual_seed(batch_idx)
         loss = self.loss_fn(x0, y, net=self.ema.module, generator=gen).mean()
         self.log("val/loss", loss, prog_bar=True, sync_dist=True)
+        # the bound in bits/dim: comparable across schedules and objectives, unlike the loss
+        labels = y if self.num_classes else None
+        bpd = bpd_estimate(
+            self.model_out(self.ema.module, labels),
+            self.schedule,
+            x0,
+            self.variance,
+            generator=gen.manual_seed(batch_idx),
+            clip_x0=True,
+        )
+        self.log("val/bpd", bpd.mean(), sync_dist=True)
         return loss
 
     def configure_optimizers(self) -> Any:
@@ -285,26 +330,39 @@ class DiffusionModule(L.LightningModule):
         }
 
     # ---------------------------------------------------------------- sampling
+    def model_out(
+        self, net: nn.Module, labels: Tensor | None = None
+    ) -> Callable[[Tensor, Tensor], tuple[Tensor, Tensor | None]]:
+        """`model_out(x_t, t) -> (ε, v or None)` of the (conditional) network, for the bound."""
+
+        def fn(x_t: Tensor, t: Tensor) -> tuple[Tensor, Tensor | None]:
+            out, v = self.split_output(net(x_t, t, labels) if labels is not None else net(x_t, t))
+            return self.eps_from_output(out, x_t, t), v
+
+        return fn
+
     def model_fn(
         self, net: nn.Module, labels: Tensor | None = None, guidance: float = 0.0
-    ) -> Callable[[Tensor, Tensor], Tensor]:
-        """`model_fn(x_t, t) -> ε` for a sampler; with labels and guidance w > 0 it returns
-        (1 + w) ε(x_t, y) - w ε(x_t, ∅) (Ho & Salimans 2022, eq. 6)."""
+    ) -> Callable[[Tensor, Tensor], Tensor | tuple[Tensor, Tensor]]:
+        """`model_fn(x_t, t) -> ε` for a sampler, or (ε, v) for a model with learned variances;
+        with labels and guidance w > 0, ε is (1 + w) ε(x_t, y) - w ε(x_t, ∅) (Ho & Salimans
+        2022, eq. 6) and v the conditional one's (as GLIDE guides only the mean)."""
         if labels is not None and not self.num_classes:
             raise ValueError("labels were given but the model is not class-conditional")
         if guidance and labels is None:
             raise ValueError("guidance needs labels (and a class-conditional model)")
 
-        def fn(x_t: Tensor, t: Tensor) -> Tensor:
-            if labels is None:
-                return self.eps_from_output(net(x_t, t), x_t, t)
-            if not guidance:
-                return self.eps_from_output(net(x_t, t, labels), x_t, t)
-            null = torch.full_like(labels, self.num_classes)
-            out = net(torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([labels, null]))
-            eps = self.eps_from_output(out, torch.cat([x_t, x_t]), torch.cat([t, t]))
-            cond, uncond = eps.chunk(2)
-            return (1 + guidance) * cond - guidance * uncond
+        def fn(x_t: Tensor, t: Tensor) -> Tensor | tuple[Tensor, Tensor]:
+            if labels is None or not guidance:
+                eps, v = self.model_out(net, labels)(x_t, t)
+            else:
+                null = torch.full_like(labels, self.num_classes)
+                both = self.model_out(net, torch.cat([labels, null]))
+                eps, v = both(torch.cat([x_t, x_t]), torch.cat([t, t]))
+                cond, uncond = eps.chunk(2)
+                eps = (1 + guidance) * cond - guidance * uncond
+                v = None if v is None else v.chunk(2)[0]
+            return eps if v is None else (eps, v)
 
         return fn
 

@@ -2,7 +2,8 @@
 
     sample_xxx(model_fn, schedule, x_T, steps, *, generator=None, callback=None, ...) -> x_0
 
-`model_fn(x_t, t) -> ε` (B, C, H, W) for (B,) int64 timesteps of the training chain.
+`model_fn(x_t, t) -> ε` (B, C, H, W) for (B,) int64 timesteps of the training chain, or (ε, v)
+for a model with learned variances (v interpolates log β̃ .. log β; only DDPM's variance uses it).
 `callback(i, t, x_t, x0_pred)` is called after every step (i counts steps from 0), for animations.
 `generator` is a torch.Generator, or one per image (see `image_generators`) so that image k of a
 seed is the same whatever batch it was drawn in.
@@ -30,7 +31,7 @@ from torch import Tensor
 
 from ddpm.schedule import NoiseSchedule
 
-ModelFn = Callable[[Tensor, Tensor], Tensor]
+ModelFn = Callable[[Tensor, Tensor], Tensor | tuple[Tensor, Tensor]]
 Callback = Callable[[int, Tensor, Tensor, Tensor], None]
 Generator = torch.Generator | Sequence[torch.Generator] | None
 LOGSNR_FLOOR = -5.1  # λ at which `logsnr` spacing's even grid stops (see `timesteps`)
@@ -120,6 +121,10 @@ def timesteps(
     return ts
 
 
+def _eps_and_v(out: Tensor | tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor | None]:
+    return out if isinstance(out, tuple) else (out, None)
+
+
 @torch.no_grad()
 def sample_ddpm(
     model_fn: ModelFn,
@@ -134,17 +139,23 @@ def sample_ddpm(
 ) -> Tensor:
     """DDPM ancestral sampling, Ho et al. 2020 Algorithm 2 (eqs. 6-7, 11), respaced when steps < T.
 
-    `variance="large"` uses σ_t² = β_t, `"small"` the posterior variance β̃_t. With steps < T
-    the chain runs on a subsequence τ of timesteps with β_τi = 1 - ᾱ_τi / ᾱ_τ(i-1) (Nichol &
-    Dhariwal 2021, Sec. 4), which with all T steps is exactly the training chain.
+    `variance="large"` uses σ_t² = β_t, `"small"` the posterior variance β̃_t, `"learned"` the
+    model's exp(frac log β_t + (1 - frac) log β̃_t), frac = (v + 1)/2 (Nichol & Dhariwal 2021,
+    eq. 15, on the respaced β and β̃), `"auto"` learned when the model gives v, else small.
+    With steps < T the chain runs on a subsequence τ of timesteps with β_τi = 1 - ᾱ_τi /
+    ᾱ_τ(i-1) (Nichol & Dhariwal 2021, Sec. 4), which with all T steps is the training chain.
     """
-    if variance not in ("large", "small"):
-        raise ValueError(f"DDPM variance must be 'large' or 'small', got {variance!r}")
+    if variance not in ("large", "small", "learned", "auto"):
+        raise ValueError(
+            f"DDPM variance must be 'large', 'small', 'learned' or 'auto', got {variance!r}"
+        )
     T = schedule.num_timesteps
     ts = timesteps(T, steps or T)
     chain = schedule.respace(ts)
     # Python floats: the loop multiplies tensors of any dtype by them without a cast
     sigma = (chain.betas if variance == "large" else chain.posterior_variance).sqrt().tolist()
+    log_betas = chain.betas.log().tolist()
+    log_small = chain.posterior_log_variance_clipped.tolist()
     coef_x0 = chain.posterior_mean_coef1.tolist()  # eq. 7, weight of x_0 in μ̃
     coef_xt = chain.posterior_mean_coef2.tolist()  # eq. 7, weight of x_t
     sqrt_recip = chain.sqrt_recip_alphas_cumprod.tolist()
@@ -153,13 +164,23 @@ def sample_ddpm(
     x = x_T
     for i, idx in enumerate(reversed(range(len(ts)))):
         t = torch.full((x.shape[0],), int(ts[idx]), device=x.device, dtype=torch.long)
-        eps = model_fn(x, t)
+        eps, v = _eps_and_v(model_fn(x, t))
+        if variance == "learned" and v is None:
+            raise ValueError(
+                "variance='learned' needs a model trained with module.learn_sigma=true"
+            )
+        learned = v is not None and variance in ("learned", "auto")
         x0 = sqrt_recip[idx] * x - sqrt_recipm1[idx] * eps  # eq. 15
         if clip_x0:
             x0 = x0.clamp(-1, 1)
         x = coef_x0[idx] * x0 + coef_xt[idx] * x  # the posterior mean μ̃ (eq. 7)
         if idx > 0:  # no noise is added at the last step (Algorithm 2, line 3: z = 0 if t = 1)
-            x = x + sigma[idx] * randn(x.shape, generator, x.device).to(x.dtype)
+            if learned:
+                frac = (v.to(x.dtype) + 1) / 2
+                std = torch.exp(0.5 * (frac * log_betas[idx] + (1 - frac) * log_small[idx]))
+            else:
+                std = sigma[idx]
+            x = x + std * randn(x.shape, generator, x.device).to(x.dtype)
         if callback is not None:
             callback(i, t, x, x0)
     return x
@@ -169,7 +190,7 @@ def _x0_and_eps(model_fn: ModelFn, x: Tensor, t: Tensor, a_bar: float, clip_x0: 
     """The model's ε, its x_0 = (x_t - √(1-ᾱ) ε) / √ᾱ (eq. 15), clipped, and the ε that fits it.
 
     Written out here, not `schedule.predict_x0`: ᾱ is the respaced chain's Python float."""
-    eps = model_fn(x, t)
+    eps, _ = _eps_and_v(model_fn(x, t))
     x0 = (x - (1 - a_bar) ** 0.5 * eps) / a_bar**0.5
     if clip_x0:
         x0 = x0.clamp(-1, 1)

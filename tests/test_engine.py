@@ -74,7 +74,7 @@ def test_checkpoint_carries_how_its_grid_was_drawn(trained_run: Path):
     assert module.sampling == {
         "sampler": "ddpm",
         "steps": 3,
-        "variance": "small",
+        "variance": "auto",  # β̃ for a model without learned variances
         "clip_x0": True,
         "guidance": 2.0,
     }
@@ -88,7 +88,7 @@ def test_sample_py_defaults_to_the_checkpoint_settings(trained_run: Path):
     assert sampler == {
         "sampler": "ddpm",
         "steps": 3,
-        "variance": "small",
+        "variance": "auto",
         "clip_x0": True,
     }
     assert guidance == 2.0 and cfg.use_ema  # EMA weights unless asked otherwise

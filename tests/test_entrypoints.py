@@ -28,6 +28,8 @@ def test_train_writes_run_directory(trained_run: Path):
     with open(trained_run / "logs" / "metrics.csv") as f:
         rows = list(csv.DictReader(f))
     assert any(r.get("train/loss") for r in rows) and any(r.get("val/loss") for r in rows)
+    assert all(float(r["val/bpd"]) > 0 for r in rows if r.get("val/bpd"))  # the bound, logged
+    assert any(r.get("val/bpd") for r in rows)
     lrs = [float(r["train/lr"]) for r in rows if r.get("train/lr")]
     assert lrs and lrs[-1] > lrs[0]  # the warm-up raises the learning rate
 

@@ -367,3 +367,37 @@ def test_an_rgb_npz_against_a_grayscale_reference_is_converted_as_files_are(tmp_
     expected = np.stack([np.asarray(Image.fromarray(a).convert("L")) for a in rgb])
     assert gray.shape == (3, 1, 8, 8) and np.array_equal(gray[:, 0].numpy(), expected)
     assert npz_images(tmp_path / "rgb.npz", 3, channels=3).shape == (3, 3, 8, 8)
+
+
+def test_eval_py_prints_the_nll_bound_of_held_out_images(trained_run: Path, tmp_path: Path):
+    """nll=true: the bound over all T steps of n images training held out, in bits/dim."""
+    out = tmp_path / "nll.json"
+    proc = run_script(
+        "eval.py",
+        f"source={trained_run / 'checkpoints' / 'last.ckpt'}",
+        "nll=true",
+        "fid=false",
+        "n=4",
+        "batch_size=4",
+        f"out={out}",
+        f"hydra.run.dir={tmp_path}",
+    )
+    result = json.loads(out.read_text())
+    bpd = result["bpd_mnist5k_val"]
+    # a 4-step model is far from the data, but the bound is a finite, positive number of bits
+    # of which L_T (x_T vs N(0, I)) is a tiny part
+    assert 0 < bpd < 100 and result["bpd_mnist5k_val_std_err"] > 0
+    assert 0 <= result["bpd_mnist5k_val_prior"] < 0.01 * bpd
+    assert result["nll_variance"] == "large"
+    assert '"bpd_mnist5k_val"' in proc.stdout and "fid" not in json.dumps(result)
+
+    bad = run_script(
+        "eval.py",
+        f"source={tmp_path}",
+        "nll=true",
+        "fid=false",
+        "n=2",
+        f"hydra.run.dir={tmp_path}",
+        check=False,
+    )
+    assert bad.returncode != 0 and "nll=true needs source= to be a checkpoint" in bad.stderr

@@ -1,0 +1,164 @@
+"""The variational bound in bits/dim against closed forms: Gaussian data with its exact denoiser,
+and improved-diffusion's formulas written out again here (in NumPy, from the papers)."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from ddpm.likelihood import (
+    bpd_estimate,
+    bpd_exact,
+    discretized_gaussian_log_likelihood,
+    float64,
+    normal_kl,
+    reverse_log_variance,
+    vb_term_bpd,
+)
+from ddpm.schedule import NoiseSchedule
+
+MU = torch.linspace(-0.5, 0.5, 1024, dtype=torch.float64).reshape(1, 1, 32, 32)
+S = 0.1  # 5 s within [-1, 1]: the end bins of the decoder never matter
+
+
+def exact_model(schedule: NoiseSchedule):
+    """ε*(x_t, t) of N(MU, S²) data, with no variance output (fixed variances)."""
+    a_bar = schedule.alphas_cumprod.double()
+
+    def model_out(x, t):
+        a = a_bar[t].reshape(-1, 1, 1, 1)
+        return (1 - a).sqrt() * (x - a.sqrt() * MU) / (a * S**2 + 1 - a), None
+
+    return model_out
+
+
+def np_cdf(x):  # improved-diffusion's approx_standard_normal_cdf
+    return 0.5 * (1.0 + np.tanh(np.sqrt(2.0 / np.pi) * (x + 0.044715 * np.power(x, 3))))
+
+
+def analytic_bpd(schedule: NoiseSchedule, variance: str) -> dict[str, float]:
+    """E[bound] / dims / log 2 for N(MU, S²) data and the exact denoiser.
+
+    Given x_t the exact x̂_0 = E[x_0 | x_t] misses x_0 by a N(0, v_t) error,
+    v_t = S²σ²/(α²S² + σ²), independent of x_t. So
+    E[L_{t-1}] = ½(log σ_p² - log β̃ + β̃/σ_p² - 1 + c1² v_t / σ_p²) with c1 the
+    posterior mean's weight of x_0, L_0 = E[-log P_bin(e)] over e ~ N(0, v_0) (Gauss-Hermite), and
+    E[L_T] = ½(-log σ_T² + σ_T² + α_T² E[x_0²] - 1)."""
+    ab = schedule.alphas_cumprod.double().numpy()
+    betas = schedule.betas.double().numpy()
+    ab_prev = np.concatenate([[1.0], ab[:-1]])
+    post_var = betas * (1 - ab_prev) / (1 - ab)
+    log_post = np.log(np.concatenate([post_var[1:2], post_var[1:]]))
+    coef1 = betas * np.sqrt(ab_prev) / (1 - ab)
+    log_model = (
+        log_post if variance == "small" else np.concatenate([log_post[:1], np.log(betas[1:])])
+    )
+    v = S**2 * (1 - ab) / (ab * S**2 + 1 - ab)
+    kl = 0.5 * (
+        log_model - log_post + np.exp(log_post - log_model) - 1 + coef1**2 * v / np.exp(log_model)
+    )
+    nodes, weights = np.polynomial.hermite_e.hermegauss(80)
+    e = nodes * np.sqrt(v[0])
+    inv = np.exp(-0.5 * log_model[0])
+    prob = np_cdf(inv * (e + 1 / 255)) - np_cdf(inv * (e - 1 / 255))
+    decoder = -(weights * np.log(np.maximum(prob, 1e-12))).sum() / weights.sum()
+    mu2 = float((MU**2).mean()) + S**2
+    prior = 0.5 * (-np.log(1 - ab[-1]) + (1 - ab[-1]) + ab[-1] * mu2 - 1)
+    parts = {"kl": kl[1:].sum(), "decoder": decoder, "prior": prior}
+    parts = {k: float(v) / math.log(2) for k, v in parts.items()}
+    return {**parts, "bpd": sum(parts.values())}
+
+
+def check_against_closed_form(name: str, variance: str, images: int, tolerance: float):
+    """Each part of the bound to `tolerance` relative. Every term is one Monte-Carlo draw per
+    pixel: L_0 varies most, so it is checked on 4M pixels (one network call), the T-call loop
+    on `images` 32x32 images."""
+    schedule = getattr(NoiseSchedule, name)(1000)
+    want = analytic_bpd(schedule, variance)
+    g = torch.Generator().manual_seed(0)
+    x0 = MU + S * torch.randn(images, 1, 32, 32, generator=g, dtype=torch.float64)
+    model = exact_model(schedule)
+    got = bpd_exact(model, schedule, x0, variance, generator=g, clip_x0=False)
+    kl = got["terms"][:, 1:].sum(1).mean().item()
+    assert abs(kl / want["kl"] - 1) < tolerance, (kl, want)
+    # L_T is ~1e-6 bits here: checked against the total, not its own size
+    assert abs(got["prior"].mean().item() - want["prior"]) < tolerance * want["bpd"]
+    assert torch.allclose(got["bpd"], got["terms"].sum(1) + got["prior"])
+    assert torch.equal(got["decoder"], got["terms"][:, 0]) and got["terms"].shape == (images, 1000)
+
+    many = MU + S * torch.randn(4096, 1, 32, 32, generator=g, dtype=torch.float64)
+    precise, t0 = float64(schedule, "cpu"), torch.zeros(len(many), dtype=torch.long)
+    x_1 = precise.q_sample(many, t0, torch.randn(many.shape, generator=g, dtype=torch.float64))
+    log_variance = reverse_log_variance(precise, t0, many.ndim, variance)
+    decoder = vb_term_bpd(precise, many, x_1, t0, model(x_1, t0)[0], log_variance, clip_x0=False)
+    assert abs(decoder.mean().item() / want["decoder"] - 1) < 1e-3, (decoder.mean(), want)
+    total = kl + got["prior"].mean().item() + decoder.mean().item()
+    assert abs(total / want["bpd"] - 1) < tolerance
+
+
+@pytest.mark.parametrize(("name", "variance"), [("linear", "large"), ("cosine", "small")])
+def test_exact_bound_of_gaussian_data_is_near_the_closed_form(name, variance):
+    # 16 images: the KL sum's Monte-Carlo error is ~0.3 %
+    check_against_closed_form(name, variance, images=16, tolerance=1e-2)
+
+
+@pytest.mark.slow
+def test_exact_bound_of_gaussian_data_equals_the_closed_form_to_1e3():
+    # 1024 images: the KL sum's Monte-Carlo error is ~0.03 %
+    check_against_closed_form("linear", "large", images=1024, tolerance=1e-3)
+
+
+def test_estimated_bound_is_unbiased_and_close():
+    """The two-call estimate (importance-sampled t) averages to the exact bound."""
+    schedule = NoiseSchedule.linear(1000)
+    g = torch.Generator().manual_seed(1)
+    x0 = MU + S * torch.randn(64, 1, 32, 32, generator=g, dtype=torch.float64)
+    model = exact_model(schedule)
+    estimates = torch.cat(
+        [bpd_estimate(model, schedule, x0, "large", generator=g, clip_x0=False) for _ in range(8)]
+    )
+    want = analytic_bpd(schedule, "large")["bpd"]
+    standard_error = estimates.std().item() / len(estimates) ** 0.5
+    assert abs(estimates.mean().item() - want) < 4 * standard_error + 1e-3 * want
+    assert estimates.std().item() / want < 0.5  # one batch of 64 is within a few percent
+
+
+def test_formulas_match_improved_diffusion():
+    g = torch.Generator().manual_seed(0)
+    m1, m2, lv1, lv2 = torch.randn(4, 1000, generator=g, dtype=torch.float64)
+    want = 0.5 * (-1.0 + lv2 - lv1 + np.exp(lv1 - lv2) + (m1 - m2) ** 2 * np.exp(-lv2))
+    assert torch.allclose(normal_kl(m1, lv1, m2, lv2), want.clone().detach(), rtol=1e-12)
+
+    x = torch.randint(0, 256, (1000,), generator=g).double() / 127.5 - 1
+    mean = x + 0.05 * torch.randn(1000, generator=g, dtype=torch.float64)
+    log_scale = torch.full((1000,), -3.0, dtype=torch.float64)
+    xn, mn, inv = x.numpy(), mean.numpy(), np.exp(3.0)
+    plus, minus = np_cdf(inv * (xn - mn + 1 / 255)), np_cdf(inv * (xn - mn - 1 / 255))
+    log_probs = np.where(
+        xn < -0.999,
+        np.log(np.maximum(plus, 1e-12)),
+        np.where(
+            xn > 0.999,
+            np.log(np.maximum(1 - minus, 1e-12)),
+            np.log(np.maximum(plus - minus, 1e-12)),
+        ),
+    )
+    got = discretized_gaussian_log_likelihood(x, mean, log_scale)
+    assert np.allclose(got.numpy(), log_probs, rtol=1e-10)
+    assert (x == -1).any() and (x == 1).any()  # both end bins were exercised
+
+
+def test_learned_variance_interpolates_between_the_fixed_ones():
+    schedule = NoiseSchedule.linear(1000)
+    t = torch.tensor([0, 10, 500, 999])
+    small = reverse_log_variance(schedule, t, 2, "small")
+    large = reverse_log_variance(schedule, t, 2, "large")
+    v = torch.tensor([-1.0, 1.0, 0.0, 0.5]).reshape(4, 1)
+    learned = reverse_log_variance(schedule, t, 2, "learned", v)
+    log_betas = torch.log(schedule.betas[t]).reshape(4, 1)
+    assert torch.allclose(learned[0], small[0]) and torch.allclose(learned[1], log_betas[1])
+    assert torch.allclose(learned[2], (small[2] + log_betas[2]) / 2)
+    assert bool((small[1:] <= large[1:]).all())
+    with pytest.raises(ValueError, match="variance must be one of"):
+        reverse_log_variance(schedule, t, 2, "medium")
