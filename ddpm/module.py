@@ -17,6 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 from torch.optim.lr_scheduler import ConstantLR
 from torch.optim.swa_utils import AveragedModel
+from torchmetrics import MeanMetric
 
 from ddpm.checkpoint import CheckpointError, load_checkpoint
 from ddpm.likelihood import bpd_estimate, reverse_log_variance, vb_term_bpd
@@ -157,6 +158,9 @@ class DiffusionModule(L.LightningModule):
         self.sampling: dict[str, Any] = {}
         if channels_last:
             self.net.to(memory_format=torch.channels_last)
+        # train/loss_mean: the loss averaged over each epoch (one batch's train/loss is noisy:
+        # its std over seeds is ~15x val/loss's), what a sweep's table compares
+        self.epoch_loss = MeanMetric(sync_on_compute=False)
         self._compiled = bool(compile)
         if compile:  # after the EMA copy above, which stays eager
             self.net.compile()
@@ -282,6 +286,8 @@ class DiffusionModule(L.LightningModule):
         losses, t = self.loss_fn(x0, y, return_t=True)
         loss = losses.mean()
         self.log("train/loss", loss, prog_bar=True)
+        self.epoch_loss.update(loss.detach())
+        self.log("train/loss_mean", self.epoch_loss, on_step=False, on_epoch=True)
         # per quarter of t, as improved-diffusion logs it (NaN for a quarter with no sample)
         quarter = (4 * t) // self.schedule.num_timesteps
         for q in range(4):

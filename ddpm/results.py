@@ -6,7 +6,13 @@
 
 Each run of a multirun leaves run.json (its overrides) and metrics.json (its final metrics);
 runs that differ only in `seed=` form one configuration. Writes results.md and results.csv
-into the sweep directory (or --out) and prints the Markdown.
+into the sweep directory (or --out) and prints the Markdown. A run with run.json but no
+metrics.json did not finish (crashed, killed or still running): it is named in a warning and
+in the table's footnote, never silently left out.
+
+By default the table shows what compares across schedules and objectives: the NLL bound
+val/bpd, FID/KID when measured, then val/loss and the epoch-mean training loss (both depend on
+the schedule and the objective's weighting: rank a schedule sweep on bpd or FID, not on them).
 """
 
 from __future__ import annotations
@@ -34,6 +40,27 @@ def configuration(overrides: list[str], ignore: tuple[str, ...] = IGNORED) -> st
     return " ".join(sorted(keep)) or "(defaults)"
 
 
+def read_json(path: Path) -> dict:
+    """A run's JSON file, or an error that names it (a run killed while writing leaves it cut)."""
+    try:
+        value = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        msg = f"{path}: not readable JSON ({e}); rerun that job or delete the file"
+        raise ValueError(msg) from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{path}: expected a JSON object, got {type(value).__name__}")
+    return value
+
+
+def unfinished_runs(sweep_dir: str | Path) -> list[Path]:
+    """Run directories with run.json but no metrics.json: jobs that did not finish."""
+    return sorted(
+        info.parent
+        for info in Path(sweep_dir).rglob("run.json")
+        if not (info.parent / "metrics.json").is_file()
+    )
+
+
 def read_sweep(sweep_dir: str | Path) -> list[tuple[str, str, dict[str, float]]]:
     """(configuration, seed, metrics) for every finished run under `sweep_dir`."""
     runs = []
@@ -41,8 +68,8 @@ def read_sweep(sweep_dir: str | Path) -> list[tuple[str, str, dict[str, float]]]
         info_file = metrics_file.with_name("run.json")
         if not info_file.is_file():
             continue
-        info = json.loads(info_file.read_text())
-        metrics = json.loads(metrics_file.read_text())
+        info = read_json(info_file)
+        metrics = read_json(metrics_file)
         runs.append((configuration(info["overrides"]), str(info.get("seed")), metrics))
     if not runs:
         raise FileNotFoundError(
@@ -69,10 +96,18 @@ def summarize(
     runs: list[tuple[str, str, dict[str, float]]], metrics: list[str] | None = None
 ) -> tuple[list[str], list[dict]]:
     """Rows of {configuration, seeds, <metric>: (mean, std)}; std is over seeds (n - 1)."""
-    if not metrics:  # the validation metrics and the final training loss
-        found = {k for _, _, m in runs for k in m}
-        metrics = sorted(k for k in found if k.startswith("val/"))
-        metrics += ["train/loss"] if "train/loss" in found else []
+    found = {k for _, _, m in runs for k in m}
+    if not metrics:  # the comparable ones first, then the losses
+        fair = ["val/bpd"] + sorted(k for k in found if k.startswith(("val/fid", "val/kid")))
+        rest = sorted(k for k in found if k.startswith("val/") and k not in fair)
+        metrics = [k for k in fair if k in found] + rest
+        # the epoch-mean training loss; runs from before it existed have one batch's loss
+        metrics += [k for k in ("train/loss_mean", "train/loss") if k in found][:1]
+    missing = [k for k in metrics if k not in found]
+    if missing:
+        raise ValueError(
+            f"no run logged {missing[0]!r}; the runs logged: {', '.join(sorted(found))}"
+        )
     names = metrics
     groups: dict[str, list[dict[str, float]]] = defaultdict(list)
     for config, _seed, values in runs:
@@ -94,7 +129,9 @@ def _finite(value: object) -> bool:
     return isinstance(value, (int, float)) and math.isfinite(value)
 
 
-def write_tables(names: list[str], rows: list[dict], out_dir: Path) -> str:
+def write_tables(
+    names: list[str], rows: list[dict], out_dir: Path, unfinished: list[Path] | None = None
+) -> str:
     header = "| configuration | seeds | " + " | ".join(names) + " |"
     lines = [header, "|---|---|" + "---|" * len(names)]
     csv = ["configuration,seeds," + ",".join(f"{n},{n}_std" for n in names)]
@@ -106,6 +143,12 @@ def write_tables(names: list[str], rows: list[dict], out_dir: Path) -> str:
         lines.append(f"| {row['configuration']} | {row['seeds']} | " + " | ".join(cells) + " |")
         numbers = ",".join(f"{row[n][0]:.6g},{row[n][1]:.6g}" for n in names)
         csv.append(f'"{row["configuration"]}",{row["seeds"]},{numbers}')
+    if unfinished:
+        lines.append("")
+        lines.append(
+            f"{len(unfinished)} run(s) did not finish and are not in the table: "
+            + ", ".join(str(p) for p in unfinished)
+        )
     markdown = "\n".join(lines) + "\n"
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "results.md").write_text(markdown)
@@ -122,10 +165,19 @@ def main(argv: list[str] | None = None) -> str:
     args = parser.parse_args(argv)
     if bool(args.sweep_dir) == bool(args.wandb_group):
         parser.error("give a sweep directory or --wandb-group, not both")
-    runs = read_wandb_group(args.wandb_group) if args.wandb_group else read_sweep(args.sweep_dir)
-    names, rows = summarize(runs, args.metrics)
+    try:
+        if args.wandb_group:
+            runs = read_wandb_group(args.wandb_group)
+        else:
+            runs = read_sweep(args.sweep_dir)
+        names, rows = summarize(runs, args.metrics)
+    except (ValueError, FileNotFoundError) as e:
+        parser.error(str(e))
+    unfinished = unfinished_runs(args.sweep_dir) if args.sweep_dir else []
+    for run in unfinished:
+        print(f"WARNING: {run} has no metrics.json: the job did not finish", file=sys.stderr)
     out = Path(args.out or args.sweep_dir or ".")
-    markdown = write_tables(names, rows, out)
+    markdown = write_tables(names, rows, out, unfinished)
     print(markdown)
     return markdown
 

@@ -157,7 +157,7 @@ def run(cfg: DictConfig) -> float | None:
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
-    name = cfg.get("optimized_metric") or "val/loss"
+    name = cfg.get("optimized_metric") or "val/bpd"
     if name not in metrics:
         message = f"optimized_metric={name} was not logged; logged: {sorted(metrics)}"
         if _optimizing():

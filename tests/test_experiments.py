@@ -63,6 +63,8 @@ def test_sweep_over_schedules_with_offline_wandb_and_results_table(tmp_path: Pat
     assert all(any(h.get("denoising/_type") == "videos" for h in r["history"]) for r in runs)
 
     markdown = results_main([str(sweep), "--metrics", "val/loss", "train/loss"])
+    # the bound every sweep over schedules can be ranked on, logged by each run
+    assert all(any(h.get("val/bpd", 0) > 0 for h in r["history"]) for r in runs)
     table = (sweep / "results.md").read_text()
     assert table == markdown
     rows = table.splitlines()[2:]
@@ -98,8 +100,44 @@ def test_results_mean_and_std_over_seeds(tmp_path: Path):
     assert csv[0] == "configuration,seeds,val/loss,val/loss_std"
     assert csv[1] == '"debug=fast schedule=cosine",2,2,0'
     assert csv[2] == f'"debug=fast schedule=linear",2,2,{math.sqrt(2):.6g}'
-    with pytest.raises(FileNotFoundError, match="no finished runs"):
+
+
+def test_results_rank_on_comparable_metrics_and_name_what_is_missing(tmp_path: Path, capsys):
+    """The default columns: bpd, FID/KID, then the losses (the epoch mean, not one batch's);
+    an unfinished job is warned about and footnoted; a cut metrics.json and an unknown
+    --metrics column are named, without a traceback."""
+    for k, (schedule, bpd, loss) in enumerate([("linear", 3.1, 0.17), ("cosine", 2.9, 0.33)]):
+        job = tmp_path / str(k)
+        job.mkdir()
+        (job / "run.json").write_text(json.dumps({"overrides": [f"schedule={schedule}"]}))
+        metrics = {
+            "val/loss": loss,
+            "val/bpd": bpd,
+            "val/fid70_train_ddpm2": 9.0,
+            "train/loss": 0.5,
+            "train/loss_mean": 0.4,
+        }
+        (job / "metrics.json").write_text(json.dumps(metrics))
+    (tmp_path / "2").mkdir()
+    (tmp_path / "2" / "run.json").write_text(json.dumps({"overrides": ["schedule=sigmoid"]}))
+    markdown = results_main([str(tmp_path)])
+    header = markdown.splitlines()[0]
+    assert header == (
+        "| configuration | seeds | val/bpd | val/fid70_train_ddpm2 | val/loss | train/loss_mean |"
+    )
+    assert "1 run(s) did not finish" in markdown and str(tmp_path / "2") in markdown
+    assert f"WARNING: {tmp_path / '2'} has no metrics.json" in capsys.readouterr().err
+
+    with pytest.raises(SystemExit):
+        results_main([str(tmp_path), "--metrics", "val/fid"])
+    assert "no run logged 'val/fid'; the runs logged: " in capsys.readouterr().err
+    (tmp_path / "1" / "metrics.json").write_text('{"val/loss": 0.3')  # cut by a kill
+    with pytest.raises(SystemExit):
+        results_main([str(tmp_path)])
+    assert f"{tmp_path / '1' / 'metrics.json'}: not readable JSON" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
         results_main([str(tmp_path / "0" / "nothing")])
+    assert "no finished runs" in capsys.readouterr().err
 
 
 @pytest.mark.slow
