@@ -145,6 +145,7 @@ class ImageDataModule(L.LightningDataModule):
         split_seed: int = 0,
         seed: int = 0,
         split: str = "train",
+        val_split: str | None = None,
         subset: str | None = None,
         class_folders: bool = True,
         skip_bad: bool = False,
@@ -167,6 +168,14 @@ class ImageDataModule(L.LightningDataModule):
         self.num_workers, self.split_seed, self.seed = num_workers, split_seed, seed
         self._train_loader: ResumableLoader | None = None
         self.options = {"split": split, "class_folders": class_folders, "skip_bad": skip_bad}
+        # validation on another split of the source (CIFAR-10's test set) instead of images
+        # held out of `split`: then training sees all of it, as the papers train
+        self.val_split = val_split
+        if val_split is not None and val_fraction:
+            raise ValueError(
+                f"dataset.val_split={val_split} validates on another split: set "
+                "dataset.val_fraction=0 (or drop val_split to hold images out of training)"
+            )
         if subset is not None:
             self.options["subset"] = subset
         self.class_names: list[str] = []
@@ -213,16 +222,22 @@ class ImageDataModule(L.LightningDataModule):
         order = torch.randperm(n, generator=torch.Generator().manual_seed(self.split_seed))
         n_val = int(round(n * self.val_fraction))
         val, train = order[:n_val], order[n_val:]
-        labels = data.labels
-        if labels is not None and self.num_classes:
-            labels = torch.where(labels < 0, self.num_classes, labels)  # unlabelled: null class
+        labels = self._labels(data)
         self.train_set = TensorImages(data.images[train], None if labels is None else labels[train])
         self.val_set = TensorImages(data.images[val], None if labels is None else labels[val])
+        if self.val_split is not None:
+            held = self.load(self.val_split)
+            self.val_set = TensorImages(held.images, self._labels(held))
         if len(self.train_set) < self.batch_size:
             raise ValueError(
                 f"dataset {self.name!r} has {len(self.train_set)} training images, fewer than "
                 f"dataset.batch_size={self.batch_size}"
             )
+
+    def _labels(self, data: Images) -> Tensor | None:
+        if data.labels is None or not self.num_classes:
+            return data.labels
+        return torch.where(data.labels < 0, self.num_classes, data.labels)  # unlabelled: null
 
     def _loader(self, dataset: TensorImages, train: bool) -> DataLoader:
         rank, world = 0, 1

@@ -300,3 +300,22 @@ def test_one_image_file_decodes_like_a_folder(tmp_path):
     (tmp_path / "bad.png").write_bytes(b"not a png")
     with pytest.raises(ValueError, match=r"cannot read the image .*bad\.png"):
         load_image(tmp_path / "bad.png", 28, 1)
+
+
+def test_val_split_trains_on_all_of_the_training_split(fake_cifar: Path):
+    """dataset.val_split=test, val_fraction=0: all 15 training images train, the 3 test images
+    validate (DDPM trained on all 50,000 CIFAR-10 images and reported NLL on the test set)."""
+    dm = ImageDataModule(
+        name="cifar10",
+        data_dir=str(fake_cifar),
+        image_size=32,
+        channels=3,
+        batch_size=4,
+        val_fraction=0.0,
+        val_split="test",
+    )
+    dm.setup("fit")
+    assert len(dm.train_set) == 15 and len(dm.val_set) == 3
+    assert dm.val_set.labels.tolist() == [0, 3, 9]
+    with pytest.raises(ValueError, match="dataset.val_split=test validates on another split"):
+        ImageDataModule(name="cifar10", val_fraction=0.02, val_split="test")
