@@ -61,8 +61,10 @@ def main() -> None:
         guidance = float(module.sampling.get("guidance", 0.0) or 0.0)
     key = "readable_as_label" if module.num_classes else "readable"
     print(f"{args.ckpt}: {args.n} images, guidance w = {guidance}")
-    print("| sampler | steps | precision | read as asked (p > 0.9) | weakest digit | "
-          "background | seconds | readable per second |")
+    print(
+        "| sampler | steps | precision | read as asked (p > 0.9) | weakest digit | "
+        "background | seconds | readable per second |"
+    )
     print("|---|---|---|---|---|---|---|---|")
     for precision in args.precision:
         for config in args.configs:

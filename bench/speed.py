@@ -48,10 +48,24 @@ PEERS = ("lucidrains", "diffusers")
 # the network of each size: (image size, channels, widths, res blocks, attention resolution,
 # dropout), the batch on CPU
 SIZES = {
-    "quickstart": {"image_size": 28, "channels": 1, "widths": (32, 64, 64), "blocks": 1,
-                   "attn": 7, "dropout": 0.0, "cpu_batch": 64},
-    "cifar10": {"image_size": 32, "channels": 3, "widths": (128, 256, 256, 256), "blocks": 2,
-                "attn": 16, "dropout": 0.1, "cpu_batch": 8},
+    "quickstart": {
+        "image_size": 28,
+        "channels": 1,
+        "widths": (32, 64, 64),
+        "blocks": 1,
+        "attn": 7,
+        "dropout": 0.0,
+        "cpu_batch": 64,
+    },
+    "cifar10": {
+        "image_size": 32,
+        "channels": 3,
+        "widths": (128, 256, 256, 256),
+        "blocks": 2,
+        "attn": 16,
+        "dropout": 0.1,
+        "cpu_batch": 8,
+    },
 }
 VARIANTS = ("fp32", "bf16", "fp32+cl", "bf16+cl", "fp32+fused", "bf16+fused", "bf16+compile")
 # dense bf16 / fp32 (TF32 off) peak FLOP/s by device name, for MFU
@@ -192,9 +206,7 @@ class Contender:
             layers_per_block=self.size["blocks"],
             block_out_channels=widths,
             down_block_types=tuple("AttnDownBlock2D" if a else "DownBlock2D" for a in attn),
-            up_block_types=tuple(
-                "AttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attn)
-            ),
+            up_block_types=tuple("AttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attn)),
             attention_head_dim=None if self.args.size == "cifar10" else widths[-1],  # 1 head
             dropout=self.size["dropout"],
             downsample_padding=0,
@@ -345,10 +357,27 @@ def table(results: list[dict], sample_key: str) -> str:
 
 def run_child(name: str, size: str, variant: str, args: argparse.Namespace) -> dict | None:
     command = [
-        sys.executable, "-m", "bench.speed", "--one", name, "--size", size, "--variant", variant,
-        "--device", args.device, "--steps", str(args.steps), "--warmup", str(args.warmup),
-        "--sample-steps", str(args.sample_steps), "--sample-batch", str(args.sample_batch),
-        "--ddpm-steps", str(args.ddpm_steps),
+        sys.executable,
+        "-m",
+        "bench.speed",
+        "--one",
+        name,
+        "--size",
+        size,
+        "--variant",
+        variant,
+        "--device",
+        args.device,
+        "--steps",
+        str(args.steps),
+        "--warmup",
+        str(args.warmup),
+        "--sample-steps",
+        str(args.sample_steps),
+        "--sample-batch",
+        str(args.sample_batch),
+        "--ddpm-steps",
+        str(args.ddpm_steps),
     ]
     if args.batch:
         command += ["--batch", str(args.batch)]
@@ -386,8 +415,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
         args.batch = args.batch or (128 if gpu else SIZES[args.size]["cpu_batch"])
         print(json.dumps(measure(args.one, args)))
         return []
-    unknown = {v for v in args.variants for part in v.split("+")
-               if part not in ("fp32", "bf16", "cl", "compile", "fused")}
+    unknown = {
+        v
+        for v in args.variants
+        for part in v.split("+")
+        if part not in ("fp32", "bf16", "cl", "compile", "fused")
+    }
     if unknown:
         parser.error(f"unknown variants {sorted(unknown)}; e.g. {', '.join(VARIANTS)}")
     jobs = [
@@ -406,8 +439,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
             result = run_child(job[2], job[0], job[1], args)
             if result is not None:
                 rounds.setdefault(job, []).append(result)
-                print(f"round {k + 1}: {' '.join(job)}: {result['train_img_s']:.1f} train img/s",
-                      file=sys.stderr)
+                print(
+                    f"round {k + 1}: {' '.join(job)}: {result['train_img_s']:.1f} train img/s",
+                    file=sys.stderr,
+                )
     results = []
     for runs in rounds.values():  # the median round of each, by training speed
         runs.sort(key=lambda r: r["train_img_s"])
