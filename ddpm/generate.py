@@ -144,7 +144,7 @@ def denoised(
     noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(seed)).to(device)
     x_t = module.schedule.q_sample(x0, t, noise)
     y = None if labels is None else labels.to(device).expand(len(ts))
-    eps = module.model_fn(module.ema.module, y)(x_t, t)
+    eps, _ = module.model_out(module.ema.module, y)(x_t, t)
     return x_t, module.schedule.predict_x0(x_t, t, eps).clamp(-1, 1)
 
 

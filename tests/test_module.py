@@ -4,7 +4,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from ddpm.generate import generate, generate_all
+from ddpm.generate import denoised, generate, generate_all
 from ddpm.module import EMA, DiffusionModule
 from ddpm.resume import DivergenceError, NonFiniteGuard
 
@@ -318,6 +318,8 @@ def test_learned_variances_train_and_sample():
     for name in ("ddpm", "ddim", "dpmpp_2m"):
         out = generate_all(module, 4, sampler={"sampler": name, "steps": 5}, progress=False)
         assert out.shape == (4, 1, 8, 8) and out.abs().max() <= 1
+    x_t, x0_hat = denoised(module, x[:1], [0, 50, 99])  # the noise-level figure's model half
+    assert x_t.shape == x0_hat.shape == (3, 1, 8, 8)
     with pytest.raises(ValueError, match="learn_sigma"):
         generate_all(
             make(),
