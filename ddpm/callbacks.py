@@ -13,7 +13,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from matplotlib.figure import Figure
 from torchvision.utils import make_grid
 
-from ddpm.generate import generate, generate_all, initial_noise, shard
+from ddpm.generate import first_frame, generate, generate_all, shard
 from ddpm.inception import inception_weights
 from ddpm.metrics import InceptionMetrics, check_count, measure
 from ddpm.reference import prepare_reference, reference_subset, stats_key
@@ -87,7 +87,7 @@ class SampleGrid(L.Callback):
         return path
 
     def _animation(self, trainer, module, recorder, path: Path, nrow: int) -> None:
-        x_T = initial_noise(module, self.n, self.seed).cpu()
+        x_T = first_frame(module, self.n, self.seed)
         save_animation(recorder, path, lambda images: to_pil(images, nrow), x_T)
         for logger in trainer.loggers:
             if hasattr(logger, "log_video"):  # W&B
@@ -112,6 +112,36 @@ class SampleGrid(L.Callback):
             shutil.copyfile(self._last[2], final)
         else:
             self._draw(trainer, module, self.final_steps, "final", animate=self.animate)
+
+
+class ReconstructionGrid(L.Callback):
+    """An autoencoder's reconstructions of the first `n` validation images, at each validation
+    (`samples/recon_step_XXXXXXX.png`) and at the end (`samples/recon_final.png`): the images in
+    the top rows, their reconstructions (from the posterior mean) in the rows below."""
+
+    def __init__(self, n: int = 32) -> None:
+        if n < 1:
+            raise ValueError(f"callbacks.reconstruction_grid.n must be >= 1, got {n}")
+        self.n = n
+
+    @torch.no_grad()
+    def _draw(self, trainer: L.Trainer, module: L.LightningModule, name: str) -> None:
+        datamodule = trainer.datamodule
+        images = datamodule.val_set.images[: self.n].to(module.device).float() / 127.5 - 1
+        with trainer.precision_plugin.forward_context():
+            recon, _ = module(images, sample=False)
+        nrow = int(len(images) ** 0.5) or 1
+        both = torch.cat([images, recon.float().clamp(-1, 1)])
+        save_grid(both.cpu(), Path(trainer.default_root_dir) / "samples" / f"{name}.png", nrow)
+
+    @rank_zero_only
+    def on_validation_epoch_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        if not trainer.sanity_checking:
+            self._draw(trainer, module, f"recon_step_{trainer.global_step:07d}")
+
+    @rank_zero_only
+    def on_train_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        self._draw(trainer, module, "recon_final")
 
 
 class LossCurve(L.Callback):

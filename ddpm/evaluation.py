@@ -136,6 +136,11 @@ def negative_log_likelihood(cfg: DictConfig, device: torch.device) -> dict:
     if source.suffix != ".ckpt":
         raise ValueError(f"nll=true needs source= to be a checkpoint (.ckpt), got {source}")
     module = load_module(source, map_location=device)
+    if module.autoencoder is not None:
+        raise ValueError(
+            f"{source} is a latent DDPM: its bound is of latents, not of 256-level pixels, and "
+            "not comparable in bits/dim; measure it with FID/KID (fid=true)"
+        )
     images, labels, label = held_out_images(cfg)
     net = module.ema.module
     if images.shape[1:] != (net.in_channels, net.image_size, net.image_size):

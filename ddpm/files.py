@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import tempfile
 from collections.abc import Callable
+from itertools import count
 from pathlib import Path
 from typing import BinaryIO
 
@@ -24,3 +25,15 @@ def atomic_write(path: str | Path, write: Callable[[BinaryIO], None]) -> Path:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def move_aside(path: str | Path) -> Path:
+    """Rename a bad file to `<name>.corrupt` (or .corrupt1, .corrupt2 ... if taken), keeping it
+    for a look instead of deleting it; returns where it went."""
+    path = Path(path)
+    for k in count():
+        aside = path.with_name(f"{path.name}.corrupt{k or ''}")
+        if not aside.exists():
+            path.rename(aside)
+            return aside
+    raise AssertionError("unreachable")

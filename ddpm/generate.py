@@ -52,6 +52,13 @@ def initial_noise(module, n: int, seed: int = 0, first: int = 0) -> Tensor:
     return randn(shape, image_generators(seed, first, n), module.device)
 
 
+@torch.no_grad()
+def first_frame(module, n: int, seed: int = 0, first: int = 0) -> Tensor:
+    """x_T as an animation's first frame, on the CPU: the noise itself, or for a latent model
+    what the decoder makes of it."""
+    return module.decode(initial_noise(module, n, seed, first)).float().cpu()
+
+
 def generate(
     module,
     n: int,
@@ -101,8 +108,8 @@ def generate(
 
             def step(i: int, t: Tensor, x: Tensor, x0: Tensor, k: int = k, count: int = count):
                 bar.update(count / total_steps)
-                if callback is not None and k == first:
-                    callback(i, t, x, x0)
+                if callback is not None and k == first:  # frames as images (latents decoded)
+                    callback(i, t, module.decode(x), module.decode(x0))
 
             was_training = net.training
             net.eval()
@@ -120,6 +127,7 @@ def generate(
                         callback=step,
                         **options,
                     )
+                    x_0 = module.decode(x_0)
             finally:
                 net.train(was_training)
             bar.n = k + count - first  # exact, whatever the fractional steps summed to
@@ -137,15 +145,19 @@ def denoised(
     module, image: Tensor, ts: Sequence[int], seed: int = 0, labels: Tensor | None = None
 ) -> tuple[Tensor, Tensor]:
     """`image` (1, C, H, W) in [-1, 1] noised to each t of `ts` (q_sample, eq. 4), and the EMA
-    model's estimate of x_0 from each (eq. 15): two (len(ts), C, H, W) tensors."""
+    model's estimate of x_0 from each (eq. 15): two (len(ts), C, H, W) tensors (for a latent
+    model, the image's latent is noised and both are decoded)."""
     device = module.device
-    x0 = image.to(device).expand(len(ts), -1, -1, -1)
+    x0 = module.encode(image.to(device)).expand(len(ts), -1, -1, -1)
     t = torch.tensor(list(ts), device=device, dtype=torch.long)
     noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(seed)).to(device)
     x_t = module.schedule.q_sample(x0, t, noise)
     y = None if labels is None else labels.to(device).expand(len(ts))
     eps, _ = module.model_out(module.ema.module, y)(x_t, t)
-    return x_t, module.schedule.predict_x0(x_t, t, eps).clamp(-1, 1)
+    x0_hat = module.schedule.predict_x0(x_t, t, eps)
+    if module.autoencoder is None:
+        return x_t, x0_hat.clamp(-1, 1)
+    return module.decode(x_t), module.decode(x0_hat)
 
 
 def shard(n: int, rank: int = 0, world_size: int = 1) -> tuple[int, int]:

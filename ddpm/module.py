@@ -19,6 +19,7 @@ from torch.optim.lr_scheduler import ConstantLR
 from torch.optim.swa_utils import AveragedModel
 from torchmetrics import MeanMetric
 
+from ddpm.autoencoder import build_autoencoder, downsampling, load_autoencoder
 from ddpm.checkpoint import CheckpointError, load_checkpoint
 from ddpm.likelihood import bpd_estimate, reverse_log_variance, vb_term_bpd
 from ddpm.resume import NonFiniteGuard, RNGCapture
@@ -96,6 +97,11 @@ class DiffusionModule(L.LightningModule):
             mean's gradient stopped in L_vlb (Nichol & Dhariwal 2021, Sec. 3.1, λ = 0.001).
         nll_variance: the fixed reverse variance ("large": β, "small": β̃) of the bound
             (`val/bpd`, eval.py nll=true) for a model without learned variances.
+        autoencoder: latent diffusion (Rombach et al. 2022): the path of an autoencoder
+            checkpoint (`ddpm.autoencoder`) whose scaled latents the network models; its
+            network and weights become part of this module, so the checkpoint is
+            self-contained (the path is replaced by the network's config). Images in and out
+            (`encode`, `decode`) go through it.
     """
 
     def __init__(
@@ -119,6 +125,7 @@ class DiffusionModule(L.LightningModule):
         learn_sigma: bool = False,
         vlb_weight: float = 0.001,
         nll_variance: str = "large",
+        autoencoder: str | dict | None = None,
     ) -> None:
         super().__init__()
         net, schedule, optimizer, lr_scheduler = map(
@@ -150,6 +157,11 @@ class DiffusionModule(L.LightningModule):
         # learned variances: the network's output doubles, ε (or x_0, v) then the variance v
         out_channels = {"out_channels": 2 * net.get("in_channels", 3)} if learn_sigma else {}
         self.net: nn.Module = hydra.utils.instantiate(net, **out_channels)
+        self.autoencoder: nn.Module | None = None
+        if autoencoder:
+            self._attach_autoencoder(autoencoder)
+        # LDM's scale factor: latents times this have unit variance (set from the data)
+        self.register_buffer("latent_scale", torch.tensor(1.0))
         self.schedule: NoiseSchedule = hydra.utils.instantiate(schedule)
         self.ema = EMA(self.net, decay=ema_decay, warmup=ema_warmup)
         self.class_names: list[str] = []  # from the datamodule; saved in every checkpoint
@@ -164,6 +176,42 @@ class DiffusionModule(L.LightningModule):
         self._compiled = bool(compile)
         if compile:  # after the EMA copy above, which stays eager
             self.net.compile()
+
+    def _attach_autoencoder(self, autoencoder: str | dict) -> None:
+        if isinstance(autoencoder, str):  # a path, at the start of training: read it once
+            net, info = load_autoencoder(autoencoder)
+            self.hparams["autoencoder"] = info
+        else:  # the description stored in a checkpoint: the weights come with its state_dict
+            net, info = build_autoencoder(autoencoder["net"]), autoencoder
+        latent = net.config.latent_channels
+        if self.net.in_channels != latent:
+            raise ValueError(
+                f"the autoencoder's latents have {latent} channels, the network takes "
+                f"{self.net.in_channels}: set model.in_channels={latent}"
+            )
+        self.autoencoder = net.eval().requires_grad_(False)
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        """(C, H, W) of the images this model produces (decoded, for a latent model)."""
+        net = self.ema.module
+        if self.autoencoder is None:
+            return (net.in_channels, net.image_size, net.image_size)
+        size = net.image_size * downsampling(self.autoencoder)
+        return (self.autoencoder.config.out_channels, size, size)
+
+    def decode(self, x: Tensor) -> Tensor:
+        """What the network models -> images in [-1, 1]: the identity in pixel space, the
+        autoencoder's decoder on unscaled latents in latent space."""
+        if self.autoencoder is None:
+            return x
+        return self.autoencoder.decode(x / self.latent_scale.to(x.dtype)).sample.clamp(-1, 1)
+
+    def encode(self, images: Tensor) -> Tensor:
+        """Images in [-1, 1] -> what the network models (the posterior mean, scaled)."""
+        if self.autoencoder is None:
+            return images
+        return self.autoencoder.encode(images).latent_dist.mean * self.latent_scale.to(images.dtype)
 
     def configure_callbacks(self) -> list[L.Callback]:
         """The module's own callbacks, which no callbacks config can drop: the non-finite
@@ -183,6 +231,15 @@ class DiffusionModule(L.LightningModule):
     def on_fit_start(self) -> None:
         datamodule = getattr(self.trainer, "datamodule", None)
         self.class_names = list(getattr(datamodule, "class_names", None) or self.class_names)
+        scale = getattr(datamodule, "latent_scale", None)
+        if (scale is None) != (self.autoencoder is None):
+            raise ValueError(
+                "module.autoencoder and the dataset disagree: a latent DDPM needs a latent "
+                "dataset and the other way round (use experiment=latent_mnist5k "
+                "autoencoder=PATH, or neither)"
+            )
+        if scale is not None:
+            self.latent_scale.fill_(scale)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["class_names"] = list(self.class_names)
@@ -311,6 +368,8 @@ class DiffusionModule(L.LightningModule):
         gen = torch.Generator(device=x0.device).manual_seed(batch_idx)
         loss = self.loss_fn(x0, y, net=self.ema.module, generator=gen).mean()
         self.log("val/loss", loss, prog_bar=True, sync_dist=True)
+        if self.autoencoder is not None:  # the bound of 256-level pixels: not of latents
+            return loss
         # the bound in bits/dim: comparable across schedules and objectives, unlike the loss
         labels = y if self.num_classes else None
         bpd = bpd_estimate(

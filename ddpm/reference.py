@@ -7,16 +7,14 @@ from __future__ import annotations
 import hashlib
 import logging
 from collections.abc import Callable, Iterable
-from itertools import chain, count
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
-from ddpm.files import atomic_write
+from ddpm.files import atomic_write, move_aside
 from ddpm.inception import weights_digest
 from ddpm.metrics import REAL_STATES, InceptionMetrics
-from ddpm.resume import first_unused
 
 log = logging.getLogger(__name__)
 
@@ -105,9 +103,7 @@ def cached_reference(
         if problem is None and metrics.load_real_state(cached):
             return path
         if problem is not None:
-            names = chain([f"{path.name}.corrupt"], (f"{path.name}.corrupt{k}" for k in count(1)))
-            aside = first_unused(path.with_name(name) for name in names)
-            path.rename(aside)
+            aside = move_aside(path)
             log.warning(
                 "reference statistics %s: %s; moved to %s and computed anew", path, problem, aside
             )

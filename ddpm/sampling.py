@@ -14,7 +14,7 @@ from torchvision.transforms.v2.functional import pil_to_tensor
 
 from ddpm.device import autocast, pick_device
 from ddpm.folder import load_image
-from ddpm.generate import denoised, generate, generate_all, image_labels, initial_noise
+from ddpm.generate import denoised, first_frame, generate, generate_all, image_labels
 from ddpm.module import load_module
 from ddpm.render import (
     Recorder,
@@ -51,9 +51,9 @@ def finished_images(out: Path, overwrite: bool, resume: bool) -> int:
 
 def check_shape(module, cfg: DictConfig) -> None:
     """Refuse a checkpoint of another image size or channel count than the one asked for."""
-    net = module.ema.module
-    trained = (net.in_channels, net.image_size)
-    asked = (cfg.channels or net.in_channels, cfg.image_size or net.image_size)
+    channels, size, _ = module.image_shape
+    trained = (channels, size)
+    asked = (cfg.channels or channels, cfg.image_size or size)
     if asked != trained:
         raise ValueError(
             f"{cfg.ckpt} was trained on {trained[0]}x{trained[1]}x{trained[1]} images, not "
@@ -154,7 +154,7 @@ def write_text(
 
     layout(to_uint8(images.cpu())).save(out / "text.png")
     if recorder is not None:
-        x_T = initial_noise(module, len(labels), cfg.seed).cpu()
+        x_T = first_frame(module, len(labels), cfg.seed)
         save_animation(recorder, out / "animation.gif", layout, x_T)
     log.info("wrote %s", out / "text.png")
     return out
@@ -181,8 +181,8 @@ def sample(cfg: DictConfig) -> Path:
     if cfg.noise_levels:  # a wrong t or image fails now, not after the sampling
         noise_levels_t(cfg.noise_levels_t, module.schedule.num_timesteps)
         if cfg.noise_levels_image:
-            net = module.ema.module
-            real = load_image(cfg.noise_levels_image, net.image_size, net.in_channels)
+            channels, size, _ = module.image_shape
+            real = load_image(cfg.noise_levels_image, size, channels)
     if cfg.text:
         return write_text(cfg, module, out, sampler, guidance, precision)
 
@@ -216,7 +216,7 @@ def sample(cfg: DictConfig) -> Path:
             save_png(img, out / "images" / f"{first + k:06d}.png")
         kept.append(images)
         if recorder is not None and first == start:
-            x_T = initial_noise(module, len(images), cfg.seed, first).cpu()
+            x_T = first_frame(module, len(images), cfg.seed, first)
             save_animation(recorder, out / "animation.gif", frame, x_T)
     everything = torch.cat(kept)
     save_grid(everything[: cfg.grid_max].float() / 127.5 - 1, out / "grid.png", nrow)

@@ -91,7 +91,10 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
     datamodule: L.LightningDataModule = build(cfg.dataset, seed=cfg.seed)
     module: L.LightningModule = build(cfg.module)
-    callbacks = [build(c) for c in (cfg.get("callbacks") or {}).values()]
+    # a callback set to null (callbacks.sample_grid=null) is off, also when another config
+    # (debug=fast) then sets some of its options
+    nodes = (cfg.get("callbacks") or {}).values()
+    callbacks = [build(c) for c in nodes if c is not None and "_target_" in c]
     loggers = build_loggers(cfg, out, resuming=ckpt_path is not None)
     plugins = [build(p) for p in cfg.trainer.get("plugins") or []]
     trainer: L.Trainer = build(

@@ -106,7 +106,8 @@ class UNet(nn.Module):
 
     Args:
         image_size: height = width of the inputs; must be divisible by 2^(len(ch_mult) - 1).
-        in_channels: 1 (grayscale) or 3 (RGB); out_channels defaults to in_channels.
+        in_channels: 1 (grayscale), 3 (RGB) or a latent's channels; out_channels defaults to
+            in_channels.
         ch: base width; level i has ch * ch_mult[i] channels.
         num_res_blocks: ResBlocks per level on the way down (one more on the way up).
         attn_resolutions: feature-map sizes (e.g. [16]) that get self-attention.
@@ -137,8 +138,8 @@ class UNet(nn.Module):
                 f"downsampling factor for ch_mult={list(ch_mult)}; use fewer levels in "
                 "model.ch_mult or resize the data (dataset.image_size)"
             )
-        if in_channels not in (1, 3, 4):
-            raise ValueError(f"model.in_channels must be 1, 3 or 4, got {in_channels}")
+        if in_channels < 1:  # 1 gray, 3 RGB, or an autoencoder's latent channels
+            raise ValueError(f"model.in_channels must be >= 1, got {in_channels}")
         if not 0 <= dropout < 1:
             raise ValueError(f"model.dropout must be in [0, 1), got {dropout}")
         self.image_size = image_size

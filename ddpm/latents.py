@@ -1,0 +1,150 @@
+"""The data of a latent DDPM: a dataset's images encoded once by an autoencoder and cached.
+
+`LatentDataModule` is an `ImageDataModule` whose batches are latents: the posterior means of
+the autoencoder's encoder, times LDM's scale factor 1 / std (Rombach et al. 2022, Sec. 4.3.2,
+computed over the training latents), so the diffusion model sees unit-variance data. The cache
+(`<cache_dir>/latents/*.pt`) is keyed by the autoencoder checkpoint's bytes, the dataset, its
+options, size and split: a change of any of them encodes anew; a cache file that does not load
+or does not fit its key is named, moved aside and rebuilt.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ddpm.autoencoder import downsampling, load_autoencoder
+from ddpm.data import ImageDataModule, TensorImages
+from ddpm.files import atomic_write, move_aside
+
+log = logging.getLogger(__name__)
+
+
+def file_digest(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+@torch.no_grad()
+def encode(net: torch.nn.Module, images: Tensor, batch_size: int = 256) -> Tensor:
+    """uint8 images (N, C, H, W) -> the encoder's posterior means (N, c, H/f, W/f), float32."""
+    out = []
+    for chunk in images.split(batch_size):
+        x = chunk.float() / 127.5 - 1
+        out.append(net.encode(x).latent_dist.mean.float())
+    return torch.cat(out) if out else torch.empty(0)
+
+
+class LatentDataModule(ImageDataModule):
+    """`ImageDataModule` (all its dataset options) + `autoencoder`: the checkpoint whose
+    latents the diffusion model learns. Random flips are off: a flipped latent is not the
+    latent of a flipped image."""
+
+    def __init__(
+        self, *args: Any, autoencoder: str | None = None, cache_dir: str = ".cache/ddpm", **kwargs
+    ) -> None:
+        if not autoencoder:
+            raise ValueError(
+                "a latent DDPM needs autoencoder=PATH/TO/last.ckpt (train one with "
+                "python train.py experiment=autoencoder_mnist5k)"
+            )
+        if not Path(autoencoder).is_file():
+            raise FileNotFoundError(
+                f"autoencoder={autoencoder}: no such file; give the last.ckpt of an "
+                "experiment=autoencoder_mnist5k run"
+            )
+        kwargs["hflip"] = False
+        super().__init__(*args, **kwargs)
+        self.autoencoder, self.cache_dir = str(autoencoder), Path(cache_dir)
+        self.latent_scale: float | None = None
+
+    def key(self) -> dict[str, Any]:
+        return {
+            "autoencoder": file_digest(self.autoencoder),
+            "dataset": self.name,
+            "options": sorted(self.options.items()),
+            "data_dir": str(self.data_dir),
+            "image_size": self.image_size,
+            "channels": self.channels,
+            "val_fraction": self.val_fraction,
+            "val_split": self.val_split,
+            "split_seed": self.split_seed,
+        }
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.latent_scale is not None:
+            return
+        key = self.key()
+        name = hashlib.sha256(repr(key).encode()).hexdigest()[:16]
+        path = self.cache_dir / "latents" / f"{self.name}-{self.image_size}-{name}.pt"
+        cached = self._load(path, key)
+        if cached is None:
+            cached = self._encode(key)
+            atomic_write(path, lambda f: torch.save(cached, f))
+            log.info("latents of %s cached in %s", self.name, path)
+        self.class_names = list(cached["class_names"])
+        self.latent_scale = float(cached["scale"])
+        scale = self.latent_scale
+        self.train_set = TensorImages(cached["train"] * scale, cached["train_labels"])
+        self.val_set = TensorImages(cached["val"] * scale, cached["val_labels"])
+
+    def _load(self, path: Path, key: dict) -> dict | None:
+        if not path.is_file():
+            return None
+        try:
+            cached = torch.load(path, map_location="cpu", weights_only=True)
+            problem = None if cached.get("key") == key else "it was made for another key"
+        except Exception as e:  # truncated, empty, not a torch file ...
+            problem = f"it does not load ({type(e).__name__})"
+        if problem is None:
+            return cached
+        aside = move_aside(path)
+        log.warning("latent cache %s: %s; moved to %s and encoded anew", path, problem, aside)
+        return None
+
+    def _encode(self, key: dict) -> dict:
+        net, info = load_autoencoder(self.autoencoder)
+        trained = info.get("image_size")
+        if trained is not None and trained != self.image_size:
+            raise ValueError(
+                f"autoencoder={self.autoencoder} was trained on {trained} px images, the "
+                f"dataset is at {self.image_size} px; set dataset.image_size={trained}"
+            )
+        if net.config.in_channels != self.channels:
+            raise ValueError(
+                f"autoencoder={self.autoencoder} takes {net.config.in_channels}-channel images, "
+                f"the dataset gives {self.channels}; set dataset.channels"
+            )
+        super().setup()  # the uint8 images, split as a pixel DDPM splits them
+        log.info(
+            "encoding %d + %d images of %s with %s (f = %d)",
+            len(self.train_set),
+            len(self.val_set),
+            self.name,
+            self.autoencoder,
+            downsampling(net),
+        )
+        train, val = encode(net, self.train_set.images), encode(net, self.val_set.images)
+        std = train.std().item()
+        if not std > 0:
+            raise ValueError(f"autoencoder={self.autoencoder} maps every image to one latent")
+        return {
+            "key": key,
+            "train": train,
+            "val": val,
+            "train_labels": self.train_set.labels,
+            "val_labels": self.val_set.labels,
+            "class_names": list(self.class_names),
+            "scale": 1.0 / std,  # LDM's scale factor: unit-variance latents
+        }
+
+    def on_after_batch_transfer(self, batch: tuple[Tensor, Tensor], dataloader_idx: int):
+        return batch  # latents are already what the model learns (no uint8 scaling, no flips)
