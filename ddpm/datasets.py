@@ -252,10 +252,23 @@ def load_ffhq(root: Path, download: bool, **options: Any) -> Images:
     return load_folder(root, False, **{**options, "class_folders": False})
 
 
+def load_fontletters(
+    root: Path, download: bool = False, split: str = "train", per_class: int = 400, **_: Any
+) -> Images:
+    """Letters rendered from installed fonts, EMNIST-letters' labels and orientation
+    (`ddpm.fontletters`): no download. `test` is another draw (another seed)."""
+    from ddpm.fontletters import load_letters
+
+    _check_split("fontletters", split, ("train", "test"))
+    images, labels = load_letters(root, per_class, seed=0 if split == "train" else 1)
+    return Images(images, labels, list(string.ascii_lowercase))
+
+
 LOADERS: dict[str, Callable[..., Images]] = {
     "mnist5k": load_mnist5k,
     "mnist": load_mnist,
     "emnist": load_emnist,
+    "fontletters": load_fontletters,
     "cifar10": load_cifar10,
     "stl10": load_stl10,
     "ffhq": load_ffhq,

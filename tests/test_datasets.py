@@ -319,3 +319,28 @@ def test_val_split_trains_on_all_of_the_training_split(fake_cifar: Path):
     assert dm.val_set.labels.tolist() == [0, 3, 9]
     with pytest.raises(ValueError, match="dataset.val_split=test validates on another split"):
         ImageDataModule(name="cifar10", val_fraction=0.02, val_split="test")
+
+
+def test_fontletters_are_emnist_like_letters(tmp_path):
+    """The offline letters: 26 classes a..z (upper and lower case in one), upright white-on-
+    black 28x28 glyphs centred like EMNIST's, drawn once per seed and cached."""
+    from ddpm.datasets import load_fontletters
+
+    data = load_fontletters(tmp_path, per_class=6)
+    assert data.images.shape == (156, 1, 28, 28) and data.images.dtype == torch.uint8
+    assert data.class_names[0] == "a" and data.class_names[-1] == "z"
+    assert torch.equal(torch.bincount(data.labels), torch.full((26,), 6))
+    ink = data.images.float() / 255
+    assert ink[:, :, :3].mean() < 0.02 and ink[:, :, :, :3].mean() < 0.02  # black margins
+    assert ink.mean() > 0.08  # strokes, not empty images
+    # upright, not transposed or flipped: every upper-case 'T' (even images of a class are
+    # upper case) has its widest row, the bar, in its upper half; every 'L' in its lower half
+    widest = ink[:, 0].sum(2).argmax(1)
+    upper = torch.arange(len(ink)) % 2 == 0
+    t, L = upper & (data.labels == 19), upper & (data.labels == 11)
+    assert (widest[t] < 14).all() and (widest[L] >= 14).all()
+    again = load_fontletters(tmp_path, per_class=6)
+    assert torch.equal(again.images, data.images)
+    assert len(list((tmp_path / "fontletters").glob("*.pt"))) == 1
+    test = load_fontletters(tmp_path, split="test", per_class=6)
+    assert not torch.equal(test.images, data.images)
