@@ -160,8 +160,9 @@ class DiffusionModule(L.LightningModule):
         self.autoencoder: nn.Module | None = None
         if autoencoder:
             self._attach_autoencoder(autoencoder)
-        # LDM's scale factor: latents times this have unit variance (set from the data)
-        self.register_buffer("latent_scale", torch.tensor(1.0))
+            # LDM's scale factor: latents times this have unit variance (set from the data);
+            # a pixel model has none, so its checkpoints are as they were
+            self.register_buffer("latent_scale", torch.tensor(1.0))
         self.schedule: NoiseSchedule = hydra.utils.instantiate(schedule)
         self.ema = EMA(self.net, decay=ema_decay, warmup=ema_warmup)
         self.class_names: list[str] = []  # from the datamodule; saved in every checkpoint
