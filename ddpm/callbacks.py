@@ -130,7 +130,7 @@ class ReconstructionGrid(L.Callback):
         images = datamodule.val_set.images[: self.n].to(module.device).float() / 127.5 - 1
         with trainer.precision_plugin.forward_context():
             recon, _ = module(images, sample=False)
-        nrow = int(len(images) ** 0.5) or 1
+        nrow = min(8, len(images))  # n = 32: four rows of images, four of reconstructions
         both = torch.cat([images, recon.float().clamp(-1, 1)])
         save_grid(both.cpu(), Path(trainer.default_root_dir) / "samples" / f"{name}.png", nrow)
 
