@@ -23,6 +23,7 @@ from torch import Tensor
 from torchvision.datasets.utils import check_integrity
 
 from ddpm.folder import load_image_folder
+from ddpm.fontletters import load_letters
 
 
 @dataclass
@@ -257,8 +258,6 @@ def load_fontletters(
 ) -> Images:
     """Letters rendered from installed fonts, EMNIST-letters' labels and orientation
     (`ddpm.fontletters`): no download. `test` is another draw (another seed)."""
-    from ddpm.fontletters import load_letters
-
     _check_split("fontletters", split, ("train", "test"))
     images, labels = load_letters(root, per_class, seed=0 if split == "train" else 1)
     return Images(images, labels, list(string.ascii_lowercase))

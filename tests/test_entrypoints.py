@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import CONF, FAST, compose_config, run_script
+from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from PIL import Image
 
@@ -117,10 +118,19 @@ def test_every_config_composes_and_builds(override: str):
     }.get(override, [])
     cfg = compose_config([override, *extra, "hydra.runtime.output_dir=/tmp/ddpm-compose"])
     module = instantiate(cfg.module)
-    assert module.net.image_size == cfg.dataset.image_size
-    instantiate(cfg.dataset)
+    if "autoencoder" in cfg.module._target_:  # the first stage of a latent DDPM
+        assert module.net.config.sample_size == cfg.dataset.image_size
+        instantiate(cfg.dataset)
+    elif "Latent" in cfg.dataset._target_:  # a latent DDPM: 32 px images, f = 4 latents
+        assert module.net.image_size * 4 == cfg.dataset.image_size
+        with pytest.raises(InstantiationException, match="needs autoencoder=PATH"):
+            instantiate(cfg.dataset)  # until given its autoencoder
+    else:
+        assert module.net.image_size == cfg.dataset.image_size
+        instantiate(cfg.dataset)
     for cb in (cfg.get("callbacks") or {}).values():
-        instantiate(cb)
+        if cb is not None:  # null: a callback the config turned off
+            instantiate(cb)
 
 
 def test_sample_config_composes():
