@@ -13,6 +13,7 @@ import torch
 from conftest import CONF, FAST, compose_config, run_script, tiny_fid
 from fakes import _fake_emnist, _fake_ffhq, fake_mnist
 from omegaconf import open_dict
+from PIL import Image
 from wandb_records import summary
 
 from ddpm import evaluation, training
@@ -211,7 +212,10 @@ def test_same_seed_same_losses(tmp_path: Path):
 
 
 PRESETS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
-TRAINING_PRESETS = [p for p in PRESETS if p != "ddim_cifar10_eval"]
+# the autoencoder and latent presets have their own test below
+TRAINING_PRESETS = [
+    p for p in PRESETS if p != "ddim_cifar10_eval" and not p.startswith(("autoencoder_", "latent_"))
+]
 # the reduced size: a tiny network, batch 2, one step, grids of 2 images in 2 steps
 REDUCED = [
     "model.ch=8",
@@ -255,6 +259,55 @@ def test_every_preset_runs_one_step(preset, fake_cifar, fake_stl10, tmp_path):  
     metrics = training.train(cfg)
     assert math.isfinite(metrics["train/loss"]) and math.isfinite(metrics["val/bpd"])
     assert (tmp_path / "run" / "samples" / "final.png").is_file()
+
+
+LATENT_PRESETS = [
+    ("autoencoder_mnist5k", "latent_mnist5k"),
+    ("autoencoder_letters", "latent_letters"),
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("first", "second"), LATENT_PRESETS)
+def test_latent_presets_run_one_step_each(first, second, tmp_path):
+    """Each autoencoder preset runs a step and writes its reconstructions; the latent preset
+    then trains a step on that autoencoder's cached latents and draws its (decoded) grid."""
+    common = [
+        "+trainer.fast_dev_run=1",
+        "trainer.accelerator=cpu",
+        "trainer.precision=32-true",
+        "+trainer.enable_progress_bar=false",
+        "logger=none",
+        f"paths.data_dir={tmp_path}",
+    ]
+    cfg = compose_config(
+        [f"experiment={first}", *common, f"hydra.runtime.output_dir={tmp_path / 'ae'}"]
+    )
+    with open_dict(cfg):
+        del cfg["hydra"]
+    metrics = training.train(cfg)
+    assert math.isfinite(metrics["val/psnr"])
+    assert (tmp_path / "ae" / "samples" / "recon_final.png").is_file()
+    ae = tmp_path / "ae" / "checkpoints" / "last.ckpt"
+    cfg = compose_config(
+        [
+            f"experiment={second}",
+            *common,
+            f"autoencoder={ae}",
+            "model.ch=8",
+            "callbacks.sample_grid.n=2",
+            "callbacks.sample_grid.steps=2",
+            "callbacks.sample_grid.final_steps=2",
+            f"dataset.cache_dir={tmp_path / 'cache'}",
+            f"hydra.runtime.output_dir={tmp_path / 'latent'}",
+        ]
+    )
+    with open_dict(cfg):
+        del cfg["hydra"]
+    metrics = training.train(cfg)
+    assert math.isfinite(metrics["train/loss"])
+    grid = Image.open(tmp_path / "latent" / "samples" / "final.png")
+    assert grid.height == 2 + 32 + 2  # one row of decoded 32 px images
 
 
 @pytest.mark.slow
