@@ -135,13 +135,15 @@ def _term(
     precise: NoiseSchedule,
     x0: Tensor,
     t: Tensor,
-    noise: Tensor,
     variance: str,
     clip_x0: bool,
+    generator: torch.Generator | None,
 ) -> Tensor:
-    """L_t per image (B,) with the model called once, on x_t in the data's dtype."""
+    """L_t per image (B,) with the model called once, on x_t in the data's dtype; the noise
+    is drawn on the CPU from `generator` (the same draws on any device)."""
+    noise = torch.randn(x0.shape, generator=generator, device="cpu").to(x0)
+    x_t = precise.q_sample(x0.double(), t, noise.double())
     x0 = x0.double()
-    x_t = precise.q_sample(x0, t, noise.double())
     eps, v = model_out(x_t.to(noise.dtype), t)
     v = None if v is None else v.double()
     logvar = reverse_log_variance(precise, t, x0.ndim, variance, v)
@@ -165,9 +167,8 @@ def bpd_exact(
     precise = float64(schedule, x0.device)
     terms = []
     for t in range(schedule.num_timesteps):
-        noise = torch.randn(x0.shape, generator=generator, device="cpu").to(x0)
         ts = torch.full((x0.shape[0],), t, device=x0.device, dtype=torch.long)
-        terms.append(_term(model_out, precise, x0, ts, noise, variance, clip_x0))
+        terms.append(_term(model_out, precise, x0, ts, variance, clip_x0, generator))
         if progress is not None:
             progress(1)
     terms = torch.stack(terms, 1)
@@ -194,8 +195,7 @@ def bpd_estimate(
     precise = float64(schedule, x0.device)
     prior = prior_bpd(precise, x0.double())
     zeros = torch.zeros(B, device=x0.device, dtype=torch.long)
-    noise = torch.randn(x0.shape, generator=generator, device="cpu").to(x0)
-    decoder = _term(model_out, precise, x0, zeros, noise, variance, clip_x0)
+    decoder = _term(model_out, precise, x0, zeros, variance, clip_x0, generator)
     if T == 1:
         return decoder + prior
     # the inverse CDF of p(t) ∝ 1/t on 1..T-1, read at stratified uniforms
@@ -208,6 +208,5 @@ def bpd_estimate(
     index = torch.searchsorted(cdf, u.clamp(max=1 - 1e-12))
     t = (index + 1).to(x0.device)
     p_t = (weights / weights.sum())[index].to(x0.device)
-    noise = torch.randn(x0.shape, generator=generator, device="cpu").to(x0)
-    middle = _term(model_out, precise, x0, t, noise, variance, clip_x0) / p_t
+    middle = _term(model_out, precise, x0, t, variance, clip_x0, generator) / p_t
     return decoder + middle + prior

@@ -27,7 +27,6 @@ import signal
 import subprocess
 import uuid
 from collections.abc import Iterable
-from itertools import chain, count
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +40,7 @@ from omegaconf import DictConfig
 from torch import Tensor
 
 from ddpm.checkpoint import CheckpointError, load_checkpoint
+from ddpm.files import move_aside
 
 log = logging.getLogger(__name__)
 
@@ -122,9 +122,7 @@ def find_checkpoint(run_dir: str | Path) -> tuple[Path, dict[str, Any]] | None:
         if int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0"))) != 0:
             corrupt = []
         for bad in corrupt:
-            names = chain([f"{bad.name}.corrupt"], (f"{bad.name}.corrupt{k}" for k in count(1)))
-            target = first_unused(bad.with_name(name) for name in names)
-            bad.rename(target)
+            target = move_aside(bad)
             log.warning("renamed %s to %s", bad.name, target.name)
         return path, ckpt
     return None
