@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from bad_cases_sample_eval import SAMPLE_EVAL_CASES
+from bad_cases_train import TRAIN_CASES
 from conftest import compose_config
 from omegaconf import open_dict
 
@@ -196,6 +198,11 @@ CASES = [
         r"table entries are sampler:steps, e.g. ddim:50; got 'ddim50'",
     ),
 ]
+
+
+# round two (issue 16): the sample/eval cases and the train cases live beside this file, one
+# list each, run by the same test below
+CASES += SAMPLE_EVAL_CASES + TRAIN_CASES
 
 
 @pytest.fixture(scope="module")
