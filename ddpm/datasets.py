@@ -254,12 +254,25 @@ def load_ffhq(root: Path, download: bool, **options: Any) -> Images:
 
 
 def load_fontletters(
-    root: Path, download: bool = False, split: str = "train", per_class: int = 400, **_: Any
+    root: Path,
+    download: bool = False,
+    split: str = "train",
+    per_class: int = 400,
+    subset: str | None = None,
+    **_: Any,
 ) -> Images:
     """Letters rendered from installed fonts, EMNIST-letters' labels and orientation
-    (`ddpm.fontletters`): no download. `test` is another draw (another seed)."""
+    (`ddpm.fontletters`): no download. `test` is another draw (another seed); `subset` is
+    `letters` (upper and lower case, as EMNIST's), `upper` or `lower`."""
     _check_split("fontletters", split, ("train", "test"))
-    images, labels = load_letters(root, per_class, seed=0 if split == "train" else 1)
+    cases = {None: "both", "letters": "both", "upper": "upper", "lower": "lower"}
+    if subset not in cases:
+        raise ValueError(
+            f"dataset.subset={subset} is not a fontletters subset: letters (both cases), "
+            "upper or lower"
+        )
+    seed = 0 if split == "train" else 1
+    images, labels = load_letters(root, per_class, seed=seed, cases=cases[subset])
     return Images(images, labels, list(string.ascii_lowercase))
 
 

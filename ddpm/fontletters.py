@@ -7,8 +7,9 @@ typefaces, not handwriting. Each image is a glyph with a random stroke width (as
 dilated), a random affine map (rotation, shear, scale, shift) and an elastic distortion, fitted
 into the 20x20 centre of a 28x28 image and softened like EMNIST's. Labels and orientation are
 EMNIST-letters' as `ddpm.datasets.load_emnist` returns them: classes 0..25 = 'a'..'z', upper
-and lower case in one class, upright. The set is drawn from a seed and cached under
-`<data_dir>/fontletters/`.
+and lower case in one class, upright; `cases="upper"` (or `"lower"`) draws one case only, for
+models that should write capitals without learning two shapes per class. The set is drawn
+from a seed and cached under `<data_dir>/fontletters/`.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import torch
 import torchvision.transforms.v2.functional as TF
 from PIL import Image, ImageDraw, ImageFilter, ImageFont
 
-from ddpm.files import atomic_write
+from ddpm.files import atomic_write, move_aside
 
 FONTS = [
     "DejaVuSans.ttf", "DejaVuSans-Bold.ttf", "DejaVuSans-Oblique.ttf", "DejaVuSans-BoldOblique.ttf",
@@ -32,6 +33,7 @@ FONTS = [
     "cmr10.ttf", "cmss10.ttf", "cmtt10.ttf", "cmb10.ttf", "cmti10.ttf",
 ]  # fmt: skip
 VERSION = 1  # of the recipe below: part of the cache's name
+CASES = ("both", "upper", "lower")
 
 
 def font_dir() -> Path:
@@ -88,15 +90,21 @@ def augment(img: Image.Image, rng: np.random.Generator) -> np.ndarray:
     return np.asarray(out.filter(ImageFilter.GaussianBlur(0.5)))
 
 
-def render_letters(per_class: int = 400, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """(per_class x 26, 1, 28, 28) uint8 letters and their labels 0..25, half upper case."""
+def render_letters(
+    per_class: int = 400, seed: int = 0, cases: str = "both"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(per_class x 26, 1, 28, 28) uint8 letters and their labels 0..25: half upper case
+    (even images of a class) with `cases="both"`, else all of the one case."""
+    if cases not in CASES:
+        raise ValueError(f"fontletters cases must be one of {CASES}, got {cases!r}")
     fonts = [ImageFont.truetype(str(font_dir() / name), 32) for name in FONTS]
     rng = np.random.default_rng(seed)
     glyphs = {}  # (font, char) -> the glyph, drawn once
     images, labels = [], []
     for label, lower in enumerate(string.ascii_lowercase):
         for k in range(per_class):
-            char = lower.upper() if k % 2 == 0 else lower
+            upper = cases == "upper" or (cases == "both" and k % 2 == 0)
+            char = lower.upper() if upper else lower
             font = (k // 2) % len(fonts)
             if (font, char) not in glyphs:
                 glyphs[font, char] = glyph(fonts[font], char)
@@ -106,16 +114,17 @@ def render_letters(per_class: int = 400, seed: int = 0) -> tuple[torch.Tensor, t
 
 
 def load_letters(
-    root: Path, per_class: int = 400, seed: int = 0
+    root: Path, per_class: int = 400, seed: int = 0, cases: str = "both"
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The set of `per_class` and `seed`, from its cache or rendered (and cached)."""
-    path = Path(root) / "fontletters" / f"letters-v{VERSION}-{per_class}-{seed}.pt"
+    """The set of `per_class`, `seed` and `cases`, from its cache or rendered (and cached)."""
+    name = f"letters-v{VERSION}-{per_class}-{seed}" + ("" if cases == "both" else f"-{cases}")
+    path = Path(root) / "fontletters" / f"{name}.pt"
     if path.is_file():
         try:
             data = torch.load(path, weights_only=True)
             return data["images"], data["labels"]
-        except Exception:  # a cut or foreign file: render it again below
-            path.unlink()
-    images, labels = render_letters(per_class, seed)
+        except Exception:  # a cut or foreign file: kept for a look, rendered again below
+            move_aside(path)
+    images, labels = render_letters(per_class, seed, cases)
     atomic_write(path, lambda f: torch.save({"images": images, "labels": labels}, f))
     return images, labels

@@ -344,3 +344,15 @@ def test_fontletters_are_emnist_like_letters(tmp_path):
     assert len(list((tmp_path / "fontletters").glob("*.pt"))) == 1
     test = load_fontletters(tmp_path, split="test", per_class=6)
     assert not torch.equal(test.images, data.images)
+    # capitals only: a cache of its own; every 'T' has its bar on top, every 'L' at the bottom
+    upper = load_fontletters(tmp_path, per_class=6, subset="upper")
+    widest = (upper.images.float() / 255)[:, 0].sum(2).argmax(1)
+    assert (widest[upper.labels == 19] < 14).all() and (widest[upper.labels == 11] >= 14).all()
+    assert len(list((tmp_path / "fontletters").glob("*.pt"))) == 3
+    with pytest.raises(ValueError, match="dataset.subset=digits is not a fontletters subset"):
+        load_fontletters(tmp_path, per_class=6, subset="digits")
+    # a cut cache file is kept aside for a look and the set drawn again
+    cache = next((tmp_path / "fontletters").glob("letters-v1-6-0.pt"))
+    cache.write_bytes(cache.read_bytes()[:100])
+    assert torch.equal(load_fontletters(tmp_path, per_class=6).images, data.images)
+    assert cache.with_name(cache.name + ".corrupt").is_file()
