@@ -261,17 +261,46 @@ def test_every_preset_runs_one_step(preset, fake_cifar, fake_stl10, tmp_path):  
     assert (tmp_path / "run" / "samples" / "final.png").is_file()
 
 
+# the large-image presets at reduced size: 32 px images, a narrow KL-f4 autoencoder (8 px
+# latents) and a narrow UNet, batches of 2 of the few fake images
+LARGE_AE = [
+    "dataset.image_size=32",
+    "dataset.batch_size=2",
+    "dataset.val_fraction=0.25",
+    "module.net.block_out_channels=[8,8,8]",
+    "module.net.norm_num_groups=4",
+    "module.net.layers_per_block=1",
+]
+LARGE_LATENT = [
+    "dataset.image_size=32",
+    "dataset.batch_size=2",
+    "dataset.val_fraction=0.25",
+    "model.image_size=8",
+    "model.num_res_blocks=1",
+    "model.attn_resolutions=[4]",
+]
 LATENT_PRESETS = [
-    ("autoencoder_mnist5k", "latent_mnist5k"),
-    ("autoencoder_letters", "latent_letters"),
+    ("autoencoder_mnist5k", "latent_mnist5k", [], []),
+    ("autoencoder_letters", "latent_letters", [], []),
+    ("autoencoder_stl10_96", "latent_stl10_96", LARGE_AE, LARGE_LATENT),
+    ("autoencoder_ffhq_128", "latent_ffhq_128", LARGE_AE, LARGE_LATENT),
 ]
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(("first", "second"), LATENT_PRESETS)
-def test_latent_presets_run_one_step_each(first, second, tmp_path):
+@pytest.mark.parametrize(
+    ("first", "second", "first_extra", "second_extra"),
+    LATENT_PRESETS,
+    ids=[p[1] for p in LATENT_PRESETS],
+)
+def test_latent_presets_run_one_step_each(
+    first, second, first_extra, second_extra, fake_stl10, tmp_path
+):  # noqa: F811
     """Each autoencoder preset runs a step and writes its reconstructions; the latent preset
-    then trains a step on that autoencoder's cached latents and draws its (decoded) grid."""
+    then trains a step on that autoencoder's cached latents and draws its (decoded) grid. The
+    STL-10 / FFHQ pairs compose at full size (their latent UNet fits their autoencoder's
+    latents) and run at reduced size."""
+    _fake_ffhq(tmp_path)
     common = [
         "+trainer.fast_dev_run=1",
         "trainer.accelerator=cpu",
@@ -280,8 +309,18 @@ def test_latent_presets_run_one_step_each(first, second, tmp_path):
         "logger=none",
         f"paths.data_dir={tmp_path}",
     ]
+    full_ae = compose_config([f"experiment={first}", "hydra.runtime.output_dir=/tmp/x"])
+    full = compose_config([f"experiment={second}", "autoencoder=x", "hydra.runtime.output_dir=/x"])
+    f = 2 ** (len(full_ae.module.net.block_out_channels) - 1)
+    assert full.model.image_size * f == full.dataset.image_size == full_ae.dataset.image_size
+    assert full.model.in_channels == full_ae.module.net.latent_channels
     cfg = compose_config(
-        [f"experiment={first}", *common, f"hydra.runtime.output_dir={tmp_path / 'ae'}"]
+        [
+            f"experiment={first}",
+            *common,
+            *first_extra,
+            f"hydra.runtime.output_dir={tmp_path / 'ae'}",
+        ]
     )
     with open_dict(cfg):
         del cfg["hydra"]
@@ -293,6 +332,7 @@ def test_latent_presets_run_one_step_each(first, second, tmp_path):
         [
             f"experiment={second}",
             *common,
+            *second_extra,
             f"autoencoder={ae}",
             "model.ch=8",
             "callbacks.sample_grid.n=2",
@@ -307,7 +347,8 @@ def test_latent_presets_run_one_step_each(first, second, tmp_path):
     metrics = training.train(cfg)
     assert math.isfinite(metrics["train/loss"])
     grid = Image.open(tmp_path / "latent" / "samples" / "final.png")
-    assert grid.height == 2 + 32 + 2  # one row of decoded 32 px images
+    # decoded 32 px images (cells of 32 px and a 2 px border), not 8 px latents
+    assert (grid.width - 2) % 34 == 0 and (grid.height - 2) % 34 == 0
 
 
 @pytest.mark.slow
