@@ -4,13 +4,15 @@ by the same framework (`python train.py experiment=autoencoder_mnist5k`).
 The network is diffusers' `AutoencoderKL` (LDM's architecture: downsampling factor
 f = 2^(len(block_out_channels) - 1), `latent_channels` c), so a pretrained one, e.g. Stable
 Diffusion's VAE in a local folder, loads with `AutoencoderKL.from_pretrained(folder)` for
-users who have it. The loss is a reconstruction term plus β · KL to N(0, I) per latent
-dimension; LDM's perceptual and adversarial terms need weights this machine cannot download,
-so they are not here.
+users who have it, and `python -m ddpm.autoencoder FOLDER OUT.ckpt` wraps it into an
+autoencoder checkpoint that `autoencoder=OUT.ckpt` takes like a trained one. The loss is a
+reconstruction term plus β · KL to N(0, I) per latent dimension; LDM's perceptual and
+adversarial terms need weights this machine cannot download, so they are not here.
 """
 
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 from typing import Any
 
@@ -132,3 +134,62 @@ def load_autoencoder(path: str | Path) -> tuple[nn.Module, dict]:
         "source": str(path),
     }
     return net.eval().requires_grad_(False), info
+
+
+def wrap_pretrained(folder: str | Path, out: str | Path, image_size: int | None = None) -> Path:
+    """An `AutoencoderKL` saved with diffusers' `save_pretrained` (e.g. Stable Diffusion's VAE
+    folder, `config.json` + weights) as an autoencoder checkpoint of this project: its config
+    as `hyper_parameters.net`, its weights as `net.*`, loadable with `weights_only=True`.
+    The latent DDPM computes its own scale factor from the data (LDM's recipe), so the
+    folder's `scaling_factor` is not used."""
+    from diffusers import AutoencoderKL
+
+    folder, out = Path(folder), Path(out)
+    if not (folder / "config.json").is_file():
+        raise FileNotFoundError(
+            f"{folder} has no config.json: give the folder diffusers' save_pretrained wrote "
+            "(for Stable Diffusion's VAE, the vae/ subfolder of the pipeline)"
+        )
+    if out.exists():
+        raise FileExistsError(f"{out} exists: give another output path")
+    net = AutoencoderKL.from_pretrained(folder)
+    config = {k: list(v) if isinstance(v, tuple) else v for k, v in net.config.items()}
+    config = {k: v for k, v in config.items() if not k.startswith("_")}
+    hparams = {
+        "net": {"_target_": "diffusers.AutoencoderKL", **config},
+        "optimizer": None,
+        "loss": None,
+        "kl_weight": None,  # not trained here
+    }
+    ckpt = {
+        "hyper_parameters": hparams,
+        "state_dict": {f"net.{k}": v for k, v in net.state_dict().items()},
+        # a size only when given: the network is convolutional, and its sample_size (e.g. 512)
+        # need not be the size of the data the DDPM is trained on
+        "autoencoder": {"image_size": image_size},
+        "class_names": [],
+    }
+    out.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(ckpt, out)
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m ddpm.autoencoder",
+        description="Wrap a pretrained diffusers AutoencoderKL folder into an autoencoder "
+        "checkpoint for train.py autoencoder=OUT.ckpt",
+    )
+    parser.add_argument("folder", help="folder written by AutoencoderKL.save_pretrained")
+    parser.add_argument("out", help="the checkpoint to write (.ckpt)")
+    parser.add_argument("--image-size", type=int, help="image size it is used at (px)")
+    args = parser.parse_args(argv)
+    try:
+        path = wrap_pretrained(args.folder, args.out, args.image_size)
+    except (FileNotFoundError, FileExistsError, OSError, ValueError) as e:
+        parser.error(str(e))
+    print(f"wrote {path}: train.py experiment=... autoencoder={path}")
+
+
+if __name__ == "__main__":
+    main()

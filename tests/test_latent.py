@@ -156,3 +156,34 @@ def test_latent_bad_inputs_are_named(autoencoder: Path, latent_run: Path, tmp_pa
         check=False,
     )
     assert proc.returncode != 0 and "is a latent DDPM" in proc.stderr
+
+
+def test_a_pretrained_diffusers_vae_folder_wraps_into_an_autoencoder_checkpoint(tmp_path: Path):
+    """A folder written by AutoencoderKL.save_pretrained (Stable Diffusion's VAE is one) becomes
+    a checkpoint that load_autoencoder (weights_only=True) rebuilds with the same outputs."""
+    from diffusers import AutoencoderKL
+
+    from ddpm.autoencoder import main
+
+    torch.manual_seed(0)
+    vae = AutoencoderKL(
+        block_out_channels=(8, 8), norm_num_groups=4, latent_channels=2, layers_per_block=1,
+        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+    ).eval()  # fmt: skip
+    vae.save_pretrained(tmp_path / "vae")
+    main([str(tmp_path / "vae"), str(tmp_path / "vae.ckpt"), "--image-size", "16"])
+    net, info = load_autoencoder(tmp_path / "vae.ckpt")
+    x = torch.rand(2, 3, 16, 16) * 2 - 1
+    with torch.no_grad():
+        mean = net.encode(x).latent_dist.mean
+        torch.testing.assert_close(mean, vae.encode(x).latent_dist.mean, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(net(x).sample, vae(x).sample, rtol=1e-5, atol=1e-6)
+    assert info["image_size"] == 16 and info["net"]["latent_channels"] == 2
+    before = (tmp_path / "vae.ckpt").read_bytes()
+    with pytest.raises(SystemExit):  # argparse's one-line error: the file is kept
+        main([str(tmp_path / "vae"), str(tmp_path / "vae.ckpt")])
+    assert (tmp_path / "vae.ckpt").read_bytes() == before
+    with pytest.raises(FileNotFoundError, match="has no config.json"):
+        from ddpm.autoencoder import wrap_pretrained
+
+        wrap_pretrained(tmp_path, tmp_path / "other.ckpt")
