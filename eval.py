@@ -14,12 +14,14 @@ from __future__ import annotations
 import hydra
 from omegaconf import DictConfig
 
+from ddpm.errors import one_line_errors
 from ddpm.evaluation import evaluate
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="eval")
 def main(cfg: DictConfig) -> None:
-    evaluate(cfg)
+    with one_line_errors():  # a bad input is one line (HYDRA_FULL_ERROR=1: the whole trace)
+        evaluate(cfg)
 
 
 if __name__ == "__main__":

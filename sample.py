@@ -7,7 +7,9 @@
 
 writes out/grid.png, out/images/000000.png ... (one PNG per image) and, when asked, out/samples.npz
 (uint8 NHWC, as OpenAI's and EDM's evaluators read), out/animation.gif, out/noise_levels.png,
-out/text.png, all from the EMA weights.
+out/text.png, all from the EMA weights, and out/sample.json, the settings they were drawn with:
+resume=true continues only with the same ones (and draws again a PNG that does not decode);
+overwrite=true removes sample.py's own files of out/ first, nothing else.
 """
 
 from __future__ import annotations
@@ -15,12 +17,14 @@ from __future__ import annotations
 import hydra
 from omegaconf import DictConfig
 
+from ddpm.errors import one_line_errors
 from ddpm.sampling import sample
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="sample")
 def main(cfg: DictConfig) -> None:
-    sample(cfg)
+    with one_line_errors():  # a bad input is one line (HYDRA_FULL_ERROR=1: the whole trace)
+        sample(cfg)
 
 
 if __name__ == "__main__":

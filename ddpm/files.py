@@ -1,4 +1,5 @@
-"""Writing a file so that readers see the old one or the new one, never half of one."""
+"""Writing a file so that readers see the old one or the new one, never half of one; and
+checking at start that an output place can be written at all."""
 
 from __future__ import annotations
 
@@ -37,3 +38,29 @@ def move_aside(path: str | Path) -> Path:
             path.rename(aside)
             return aside
     raise AssertionError("unreachable")
+
+
+def check_output_dir(
+    directory: str | Path, key: str, value: str | Path | None = None, fix: str = "DIR"
+) -> None:
+    """Refuse, before any work, an output directory that is a file or lies under one, or that
+    cannot be written (read-only disk, no permission). The message names the option `key`,
+    its `value` (the directory itself, or a file to go in it) and the fix (`key`=`fix`).
+    Writes a probe file into the nearest existing folder (permission bits don't stop root, a
+    read-only disk does) and makes no folder."""
+    directory = Path(directory).absolute()
+    value = Path(value).absolute() if value is not None else directory
+    ancestor = directory
+    while not ancestor.exists():
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        where = "is a file" if ancestor == value else f"lies under the file {ancestor}"
+        raise NotADirectoryError(f"{key}={value} {where}; give a path in a directory: {key}={fix}")
+    try:
+        with tempfile.TemporaryFile(dir=ancestor):
+            pass
+    except OSError as e:
+        raise PermissionError(
+            f"{key}={value}: cannot write to {ancestor} ({e.strerror or e}); choose a "
+            f"writable place: {key}={fix}"
+        ) from None
