@@ -8,6 +8,7 @@ captions (torchvision's own PNG writer is deprecated since 0.29); `textwrap` wra
 from __future__ import annotations
 
 import math
+import re
 import textwrap
 from collections.abc import Callable
 from pathlib import Path
@@ -18,6 +19,13 @@ from torch import Tensor
 from torchvision.transforms.v2.functional import to_pil_image
 from torchvision.utils import make_grid
 
+from ddpm.files import atomic_write
+
+# sample.py's output folder, which eval.py reads too: images/000000.png ... (image k of the
+# run), and sample.json, the settings they were drawn with
+IMAGE_NAME = re.compile(r"\d{6}\.png")
+SETTINGS = "sample.json"
+
 
 def to_uint8(x: Tensor) -> Tensor:
     """[-1, 1] float images -> uint8 [0, 255], rounding as image files store them."""
@@ -25,8 +33,10 @@ def to_uint8(x: Tensor) -> Tensor:
 
 
 def save_png(image: Tensor, path: str | Path) -> None:
-    """Write one uint8 image (C, H, W), C = 1 (grayscale PNG) or 3 (RGB), as a PNG."""
-    to_pil_image(image.cpu()).save(path)
+    """Write one uint8 image (C, H, W), C = 1 (grayscale PNG) or 3 (RGB), as a PNG: whole or
+    not at all (`atomic_write`), so a kill or a full disk leaves no truncated file."""
+    picture = to_pil_image(image.cpu())
+    atomic_write(path, lambda f: picture.save(f, format="PNG"))
 
 
 def save_grid(images: Tensor, path: str | Path, nrow: int | None = None) -> Path:

@@ -3,7 +3,10 @@ asked samples.npz, animation.gif, noise_levels.png, text.png (see sample.py for 
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
+import re
 from pathlib import Path
 
 import numpy as np
@@ -13,10 +16,13 @@ from PIL import Image
 from torchvision.transforms.v2.functional import pil_to_tensor
 
 from ddpm.device import autocast, pick_device
+from ddpm.files import atomic_write, check_output_dir
 from ddpm.folder import load_image
 from ddpm.generate import denoised, first_frame, generate, generate_all, image_labels
 from ddpm.module import load_module
 from ddpm.render import (
+    IMAGE_NAME,
+    SETTINGS,
     Recorder,
     letter_labels,
     noise_levels_figure,
@@ -33,20 +39,140 @@ from ddpm.samplers import sampler_settings
 log = logging.getLogger(__name__)
 
 
-def finished_images(out: Path, overwrite: bool, resume: bool) -> int:
-    """How many images out/ already holds (0..k-1) to continue from; refuses to mix otherwise."""
-    earlier = [p for p in (out / "grid.png", out / "images", out / "text.png") if p.exists()]
-    if not earlier or overwrite:
-        return 0
-    if not resume:
+OUTPUTS = ("grid.png", "samples.npz", "animation.gif", "noise_levels.png", "text.png", SETTINGS)
+# temporary files of writes cut short (`atomic_write`): .000003.png.<random>.tmp
+TEMP_NAME = re.compile(r"\.(\d{6}\.png|" + "|".join(map(re.escape, OUTPUTS)) + r")\..+\.tmp")
+
+
+def own_files(out: Path) -> list[Path]:
+    """What earlier runs of sample.py left in out/: its named outputs, its numbered images and
+    the temporary files of killed writes; nothing else a user keeps there."""
+    found = [out / name for name in OUTPUTS if (out / name).is_file()]
+    for folder in (out, out / "images"):
+        if folder.is_dir():
+            found += sorted(p for p in folder.iterdir() if TEMP_NAME.fullmatch(p.name))
+    if (out / "images").is_dir():
+        found += sorted(p for p in (out / "images").iterdir() if IMAGE_NAME.fullmatch(p.name))
+    return found
+
+
+def check_earlier(out: Path, overwrite: bool, resume: bool) -> list[Path]:
+    """Earlier outputs of sample.py in out/; refuses to mix unless resume= or overwrite= says
+    what to do with them."""
+    earlier = [p for p in own_files(out) if not p.name.endswith(".tmp")]
+    if earlier and not overwrite and not resume:
+        names = sorted({p.name if p.parent == out else "images" for p in earlier})
         raise FileExistsError(
-            f"{out} already holds samples ({', '.join(p.name for p in earlier)}); choose another "
+            f"{out} already holds samples ({', '.join(names)}); choose another "
             "out=DIR, pass resume=true to continue an interrupted run, or overwrite=true"
         )
-    k = 0
-    while (out / "images" / f"{k:06d}.png").is_file():
-        k += 1
-    return k
+    return earlier
+
+
+def settings_record(
+    cfg: DictConfig, sampler: dict, guidance: float, labels: list[int] | None, nrow: int | None
+) -> dict:
+    """What decides the pixels of image k: a resumed run must draw with the same, or the
+    folder would hold two sets (n is not among them: image k is the same whatever n)."""
+    with open(cfg.ckpt, "rb") as f:
+        digest = hashlib.file_digest(f, "sha256").hexdigest()
+    if labels is not None and nrow is not None:
+        labels = "cycle"  # one class per column, as many images as asked
+    options = dict(sampler)
+    return {
+        "ckpt_sha256": digest,
+        "seed": int(cfg.seed),
+        "sampler": options.pop("sampler"),
+        "steps": options.pop("steps", None),
+        **{f"sampler.{k}": v for k, v in sorted(options.items())},
+        "guidance": guidance,
+        "labels": labels,
+        "use_ema": bool(cfg.use_ema),
+        "precision": str(cfg.precision),
+        "text": None if cfg.text is None else str(cfg.text),
+        "ckpt": str(Path(cfg.ckpt).absolute()),  # for reading only: a moved file is the same
+        "n": int(cfg.n),
+    }
+
+
+def check_settings(out: Path, record: dict) -> None:
+    """Refuse to resume images drawn with other settings than this run's (out/sample.json)."""
+    path = out / SETTINGS
+    try:
+        saved = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise FileExistsError(
+            f"{out} holds samples but no {SETTINGS} (the settings they were drawn with), so "
+            "resume=true cannot check they match this run's; choose another out=DIR, or "
+            "overwrite=true to replace them"
+        ) from None
+    except (OSError, ValueError) as e:
+        raise ValueError(
+            f"{path} is not readable JSON ({e}); choose another out=DIR, or overwrite=true to "
+            "replace the samples there"
+        ) from None
+
+    def same(key: str) -> bool:
+        old, new = saved.get(key), record.get(key)
+        if key == "labels" and isinstance(old, list) and isinstance(new, list):
+            return old[: len(new)] == new[: len(old)]  # image k's label, for every common k
+        return old == new
+
+    keys = [k for k in {**saved, **record} if k not in ("ckpt", "n") and not same(k)]
+    if keys:
+
+        def short(value: object) -> str:
+            text = json.dumps(value)
+            return text if len(text) <= 40 else text[:37] + "..."
+
+        diff = "; ".join(
+            f"{k} {short(saved.get(k))} there, {short(record.get(k))} now" for k in keys
+        )
+        raise ValueError(
+            f"{out} holds samples drawn with other settings ({diff}): resume=true continues "
+            "only with the same settings; rerun with those, choose another out=DIR, or "
+            "overwrite=true to replace them"
+        )
+
+
+def finished_images(out: Path, n: int, shape: tuple[int, ...]) -> list[torch.Tensor]:
+    """The images 0..k-1 that out/images holds whole, k <= n; a file that does not decode (a
+    0-byte or truncated PNG of a kill or a full disk) or has another shape ends the run of
+    trusted ones: it is drawn again, with every image after it."""
+    kept = []
+    for k in range(n):
+        path = out / "images" / f"{k:06d}.png"
+        if not path.is_file():
+            break
+        try:
+            image = load_png(path)
+        except (OSError, SyntaxError, ValueError) as e:  # PIL's errors of a cut or empty file
+            log.warning(
+                "%s is not a whole PNG (%s: %s): drawing it again, and the images after it",
+                path,
+                type(e).__name__,
+                e,
+            )
+            break
+        if tuple(image.shape[1:]) != shape:
+            log.warning(
+                "%s is %s, not the model's %s: drawing it again, and the images after it",
+                path,
+                "x".join(map(str, image.shape[1:])),
+                "x".join(map(str, shape)),
+            )
+            break
+        kept.append(image)
+    more = sum(1 for p in own_files(out) if IMAGE_NAME.fullmatch(p.name) and int(p.stem) >= n)
+    if more:
+        log.info(
+            "images/ holds %d images beyond n=%d, drawn with the same settings: kept; "
+            "grid.png and samples.npz hold the first %d",
+            more,
+            n,
+            n,
+        )
+    return kept
 
 
 def check_shape(module, cfg: DictConfig) -> None:
@@ -121,17 +247,22 @@ def noise_levels_t(ts: list[int] | None, num_timesteps: int) -> list[int]:
     return [int(t) for t in ts]
 
 
-def write_text(
-    cfg: DictConfig, module, out: Path, sampler: dict, guidance: float, precision
-) -> Path:
-    """text="...": each letter drawn by a letters model, laid out as wrapped lines."""
+def check_text(cfg: DictConfig, module) -> None:
+    """Refuse a text= that the model cannot write, before any letter is drawn."""
     if not module.num_classes or not module.class_names:
         raise ValueError(
             "text= needs a class-conditional model trained on letters (dataset=emnist)"
         )
     if cfg.text_width < 1:
         raise ValueError(f"text_width must be >= 1 (characters per line), got {cfg.text_width}")
-    lines = wrap_words(cfg.text, cfg.text_width)
+    letter_labels(wrap_words(str(cfg.text), cfg.text_width), module.class_names)
+
+
+def write_text(
+    cfg: DictConfig, module, out: Path, sampler: dict, guidance: float, precision
+) -> Path:
+    """text="...": each letter drawn by a letters model, laid out as wrapped lines."""
+    lines = wrap_words(str(cfg.text), cfg.text_width)
     labels = letter_labels(lines, module.class_names)
     recorder = Recorder(sampler["steps"] or module.schedule.num_timesteps) if cfg.animate else None
     images = generate_all(
@@ -163,10 +294,17 @@ def write_text(
 def sample(cfg: DictConfig) -> Path:
     if cfg.n < 1 or cfg.batch_size < 1:
         raise ValueError(
-            f"n and batch_size must be >= 1, got n={cfg.n}, batch_size={cfg.batch_size}"
+            f"n and batch_size must be >= 1, got n={cfg.n}, batch_size={cfg.batch_size}: n is "
+            "the number of images (e.g. n=64), batch_size the images per forward pass"
+        )
+    if cfg.text is not None and not str(cfg.text).strip():
+        raise ValueError(
+            f"text={str(cfg.text)!r} holds no letters; give a sentence (text='HELLO WORLD') "
+            "or drop text= to draw n images"
         )
     out = Path(cfg.out)
-    start = finished_images(out, cfg.overwrite, cfg.resume)
+    check_output_dir(out, "out")
+    earlier = check_earlier(out, cfg.overwrite, cfg.resume)
     device = pick_device(cfg.device)
     precision = autocast(cfg.precision, device)  # a wrong value fails before any work
     module = load_module(cfg.ckpt, map_location=device)
@@ -183,14 +321,35 @@ def sample(cfg: DictConfig) -> Path:
         if cfg.noise_levels_image:
             channels, size, _ = module.image_shape
             real = load_image(cfg.noise_levels_image, size, channels)
+    labels, nrow = (None, None) if cfg.text else resolve_labels(cfg, cfg.n, module)
+    if labels is None and not cfg.text:
+        if cfg.guidance:
+            raise ValueError(
+                f"guidance={cfg.guidance} needs labels to guide towards, and labels=null draws "
+                "unconditional samples; give labels=cycle (or a list, or class_name=NAME), or "
+                "drop guidance="
+            )
+        guidance = 0.0  # unconditional samples of a conditional model: nothing to guide towards
+    if cfg.text:
+        check_text(cfg, module)
+
+    # every check passed: only now is anything in out/ changed
+    record = settings_record(cfg, sampler, guidance, labels, nrow)
+    if earlier and cfg.resume and not cfg.overwrite:
+        check_settings(out, record)
+    for path in own_files(out):
+        # overwrite=true: all of it; resume=true: what is made from the images (grid, npz ...)
+        # is made anew for this run's n and options; always: temporary files of cut writes
+        derived = path.parent == out and path.name != SETTINGS
+        if cfg.overwrite or derived or path.name.endswith(".tmp"):
+            path.unlink()
+    atomic_write(out / SETTINGS, lambda f: f.write(json.dumps(record, indent=1).encode()))
     if cfg.text:
         return write_text(cfg, module, out, sampler, guidance, precision)
 
-    labels, nrow = resolve_labels(cfg, cfg.n, module)
-    if labels is None and cfg.guidance is None:
-        guidance = 0.0  # unconditional samples of a conditional model: nothing to guide towards
     (out / "images").mkdir(parents=True, exist_ok=True)
-    kept = [load_png(out / "images" / f"{k:06d}.png") for k in range(start)]
+    kept = finished_images(out, cfg.n, module.image_shape) if cfg.resume else []
+    start = len(kept)
     recorder = Recorder(sampler["steps"] or module.schedule.num_timesteps) if cfg.animate else None
     row = nrow or max(1, int(min(cfg.batch_size, cfg.n - start) ** 0.5))
 
@@ -221,7 +380,8 @@ def sample(cfg: DictConfig) -> Path:
     everything = torch.cat(kept)
     save_grid(everything[: cfg.grid_max].float() / 127.5 - 1, out / "grid.png", nrow)
     if cfg.npz:
-        np.savez(out / "samples.npz", arr_0=everything.permute(0, 2, 3, 1).numpy())
+        array = everything.permute(0, 2, 3, 1).numpy()
+        atomic_write(out / "samples.npz", lambda f: np.savez(f, arr_0=array))
     if cfg.noise_levels:
         first_label = None if labels is None else torch.tensor(labels[:1])
         ts = noise_levels_t(cfg.noise_levels_t, module.schedule.num_timesteps)
