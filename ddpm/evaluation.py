@@ -5,6 +5,7 @@ with nll=true a checkpoint's negative log-likelihood bound in bits/dim on held-o
 from __future__ import annotations
 
 import csv
+import inspect
 import json
 import logging
 from collections.abc import Iterator
@@ -17,7 +18,9 @@ from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 from tqdm import tqdm
 
+from ddpm.datasets import LOADERS
 from ddpm.device import pick_device
+from ddpm.files import atomic_write, check_output_dir
 from ddpm.folder import IMAGE_SUFFIXES, convert
 from ddpm.generate import generate
 from ddpm.inception import has_classifier, inception_weights
@@ -25,7 +28,7 @@ from ddpm.likelihood import bpd_exact
 from ddpm.metrics import InceptionMetrics, check_count, measure
 from ddpm.module import load_module
 from ddpm.reference import cached_reference, reference_subset, stats_key
-from ddpm.render import to_uint8
+from ddpm.render import IMAGE_NAME, SETTINGS, to_uint8
 from ddpm.samplers import sampler_label, sampler_settings
 
 log = logging.getLogger(__name__)
@@ -38,25 +41,107 @@ def read_image(path: Path, channels: int) -> np.ndarray:
         return np.asarray(convert(img, "L" if channels == 1 else "RGB"))
 
 
-def npz_images(path: Path, n: int, channels: int = 3) -> torch.Tensor:
-    """The first n images of an .npz's arr_0 as (n, C, H, W) uint8: (N, H, W, C) as OpenAI's and
-    EDM's evaluators store them, or (N, H, W) grayscale. RGB images compared with a grayscale
-    reference are converted as image files are (PIL's "L"); grayscale ones are repeated to RGB
-    by the metrics, which is PIL's "RGB" of them."""
-    array = np.load(path)["arr_0"]
+def npz_array(path: Path) -> np.ndarray:
+    """An .npz's arr_0 as uint8 (N, H, W, C), checked: (N, H, W) grayscale gets C = 1, and
+    (N, C, H, W) (PyTorch's layout, C = 1 or 3 and W not) is transposed."""
+    try:
+        archive = np.load(path)
+    except (OSError, ValueError, EOFError) as e:
+        raise ValueError(
+            f"source={path} is not a readable .npz ({type(e).__name__}: {e}); write it with "
+            "np.savez(path, arr_0=images)"
+        ) from None
+    if not isinstance(archive, np.lib.npyio.NpzFile):
+        raise ValueError(
+            f"source={path} holds one bare array (.npy), not an .npz archive; write it with "
+            "np.savez(path, arr_0=images)"
+        )
+    with archive:
+        if "arr_0" not in archive.files:
+            raise ValueError(
+                f"source={path} has no arr_0 (it holds {', '.join(archive.files) or 'nothing'}); "
+                "eval.py reads the images from arr_0, as OpenAI's and EDM's evaluators do: "
+                "np.savez(path, arr_0=images)"
+            )
+        try:
+            array = archive["arr_0"]
+        except ValueError as e:  # an object array, which would need pickle
+            raise ValueError(f"source={path}: arr_0 is not a plain array ({e})") from None
+    if array.ndim == 4 and array.shape[1] in (1, 3) and array.shape[-1] not in (1, 3):
+        log.info("%s: arr_0 is (N, C, H, W) %s; read as (N, H, W, C)", path, array.shape)
+        array = array.transpose(0, 2, 3, 1)
     if array.ndim == 3:
         array = array[..., None]
     if array.ndim != 4 or array.shape[-1] not in (1, 3) or array.dtype != np.uint8:
         raise ValueError(
-            f"{path}: arr_0 is {array.dtype} {array.shape}; expected uint8 images (N, H, W, C) "
-            "with C = 1 or 3, or (N, H, W)"
+            f"source={path}: arr_0 is {array.dtype} {array.shape}; expected uint8 images "
+            "(N, H, W, C) with C = 1 or 3, (N, C, H, W) or (N, H, W)"
         )
+    return array
+
+
+def npz_images(path: Path, n: int, channels: int = 3) -> torch.Tensor:
+    """The first n images of an .npz's arr_0 as (n, C, H, W) uint8: (N, H, W, C) as OpenAI's and
+    EDM's evaluators store them, (N, C, H, W), or (N, H, W) grayscale (`npz_array`). RGB images
+    compared with a grayscale reference are converted as image files are (PIL's "L");
+    grayscale ones are repeated to RGB by the metrics, which is PIL's "RGB" of them."""
+    array = npz_array(path)
     if len(array) < n:
-        raise ValueError(f"{path} holds {len(array)} images, fewer than n={n}")
+        raise ValueError(f"source={path} holds {len(array)} images, fewer than n={n}; lower n")
     array = array[:n]
     if channels == 1 and array.shape[-1] == 3:
         array = np.stack([np.asarray(Image.fromarray(a).convert("L")) for a in array])[..., None]
-    return torch.from_numpy(array).permute(0, 3, 1, 2)
+    return torch.from_numpy(np.ascontiguousarray(array)).permute(0, 3, 1, 2)
+
+
+def source_folder(source: Path) -> Path:
+    """The folder of images to measure: sample.py's output folder means its images/ (one PNG
+    per image), not its grid.png, text.png or noise-level figure."""
+    if (source / SETTINGS).is_file() or (
+        (source / "grid.png").is_file() and (source / "images").is_dir()
+    ):
+        log.info(
+            "source=%s is a sample.py output folder: measuring its images/, not grid.png", source
+        )
+        return source / "images"
+    return source
+
+
+def image_files(source: Path, n: int) -> list[Path]:
+    """The first n image files of a folder (sorted, subfolders included), all of one size."""
+    folder = source_folder(source)
+    found = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+    if folder != source:
+        found = [p for p in found if IMAGE_NAME.fullmatch(p.name)]
+    if len(found) < n:
+        raise ValueError(
+            f"source={folder} holds {len(found)} image files "
+            f"({', '.join(sorted(IMAGE_SUFFIXES))}), fewer than n={n}; lower n or add images"
+        )
+    files = found[:n]
+    sizes: dict[tuple[int, int], Path] = {}
+    for path in files:  # PIL reads the size from the header, not the pixels
+        try:
+            with Image.open(path) as img:
+                sizes.setdefault(img.size, path)
+        except (OSError, SyntaxError) as e:
+            raise ValueError(f"source: cannot read {path} ({e}); remove or replace it") from None
+    if len(sizes) > 1:
+        (a, first), (b, other) = list(sizes.items())[:2]
+        raise ValueError(
+            f"source={folder} holds images of different sizes ({first.name} is {a[0]}x{a[1]}, "
+            f"{other.name} {b[0]}x{b[1]}): FID compares images of one size; resize them all "
+            "to the reference's size, or give a folder of one size"
+        )
+    lossy = [p for p in files if p.suffix.lower() in (".jpg", ".jpeg")]
+    if lossy:
+        log.warning(
+            "source: %d of %d images are JPEGs, whose compression artefacts raise FID; "
+            "papers measure lossless images (PNG or an .npz)",
+            len(lossy),
+            len(files),
+        )
+    return files
 
 
 def source_batches(
@@ -76,10 +161,7 @@ def source_batches(
     if source.suffix == ".npz":
         return iter(npz_images(source, cfg.n, channels).split(cfg.batch_size)), None
     if source.is_dir():
-        found = sorted(p for p in source.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
-        files = found[: cfg.n]
-        if len(files) < cfg.n:
-            raise ValueError(f"{source} holds {len(files)} image files, fewer than n={cfg.n}")
+        files = image_files(source, cfg.n)
 
         def read() -> Iterator[torch.Tensor]:
             for i in range(0, len(files), cfg.batch_size):
@@ -189,24 +271,108 @@ def negative_log_likelihood(cfg: DictConfig, device: torch.device) -> dict:
     return result
 
 
-def evaluate(cfg: DictConfig) -> dict:
-    device = pick_device(cfg.device)
+def output_path(cfg: DictConfig) -> Path:
+    """Where the JSON goes: out=, or beside the source (<source>.fid.json / .nll.json)."""
+    suffix = ".fid.json" if cfg.fid else ".nll.json"
+    return Path(cfg.out) if cfg.out else Path(str(cfg.source).rstrip("/") + suffix)
+
+
+def check_inputs(cfg: DictConfig) -> None:
+    """Every option and file that can be checked without the Inception network or sampling:
+    a bad one fails here, before minutes of work, with its name and the fix."""
     if not cfg.fid and not cfg.nll:
         raise ValueError("fid=false and nll=false leave nothing to measure; set one to true")
+    least, why = (2, "FID needs at least 2 images per set") if cfg.fid else (1, "n must be >= 1")
+    if not isinstance(cfg.n, int) or cfg.n < least:
+        raise ValueError(
+            f"n={cfg.n}: {why}, got {cfg.n}; give the number of source images to measure "
+            "(papers: n=50000)"
+        )
+    if not isinstance(cfg.batch_size, int) or cfg.batch_size < 1:
+        raise ValueError(
+            f"batch_size={cfg.batch_size}: give the images per forward pass, >= 1 "
+            "(e.g. batch_size=100)"
+        )
+    out = output_path(cfg)
+    if out.is_dir():
+        raise IsADirectoryError(
+            f"out={out} is a directory; give the JSON's file name, e.g. out={out / 'fid.json'}"
+        )
+    check_output_dir(out.parent, "out", out, fix="DIR/fid.json")
+    source = Path(cfg.source)
+    if source.suffix == ".ckpt":
+        module = load_module(source, map_location="cpu")
+        if cfg.guidance and not module.num_classes:
+            raise ValueError(
+                f"guidance={cfg.guidance} needs a class-conditional model, and {source} is "
+                "unconditional (trained with model.num_classes=null); drop guidance="
+            )
+        size = module.image_shape[-1]
+        for entry in cfg.table or []:
+            parse_entry(entry)
+    else:
+        given = [k for k in ("steps", "guidance", "table") if cfg[k]]
+        if given:
+            raise ValueError(
+                f"{', '.join(f'{k}={cfg[k]}' for k in given)} applies to checkpoint sources "
+                f"(.ckpt), which eval.py samples from; source={source} holds images: drop it"
+            )
+        if cfg.nll:
+            raise ValueError(f"nll=true needs source= to be a checkpoint (.ckpt), got {source}")
+        if source.suffix == ".npz":
+            size = npz_array(source).shape[2]
+        elif source.is_dir():
+            with Image.open(image_files(source, cfg.n)[0]) as first:
+                size = first.width
+        else:
+            raise FileNotFoundError(f"source={source}: not an .npz, a folder of images or a .ckpt")
+    if cfg.fid:
+        check_reference_split(cfg)
+        if size != cfg.dataset.image_size:
+            raise ValueError(
+                f"source images are {size} px, the reference {cfg.dataset.name} is "
+                f"{cfg.dataset.image_size} px: compare at one resolution (dataset.image_size)"
+            )
+
+
+def check_reference_split(cfg: DictConfig) -> None:
+    """reference_split must name a part of the dataset; a dataset that is one set (mnist5k,
+    a folder) calls it train, the name its metrics carry."""
+    loader = LOADERS.get(cfg.dataset.name)
+    takes_split = loader is not None and "split" in inspect.signature(loader).parameters
+    if not takes_split and cfg.reference_split != "train":
+        raise ValueError(
+            f"reference_split={cfg.reference_split!r}: dataset {cfg.dataset.name} has no "
+            "splits (its images are one set, named train); use reference_split=train"
+        )
+
+
+def evaluate(cfg: DictConfig) -> dict:
+    device = pick_device(cfg.device)
+    check_inputs(cfg)
     result: dict = {"n": cfg.n, "source": str(cfg.source)}
     if cfg.nll:
         result.update(negative_log_likelihood(cfg, device))
     if cfg.fid:
         result.update(inception_metrics(cfg, device))
-    suffix = ".fid.json" if cfg.fid else ".nll.json"
-    out = Path(cfg.out) if cfg.out else Path(str(cfg.source).rstrip("/") + suffix)
-    out.write_text(json.dumps(result, indent=1))
+    out = output_path(cfg)
+    atomic_write(out, lambda f: f.write(json.dumps(result, indent=1).encode()))
     print(json.dumps(result))
     return result
 
 
 def inception_metrics(cfg: DictConfig, device: torch.device) -> dict:
     check_count(cfg.n, cfg.features)
+    datamodule = hydra.utils.instantiate(cfg.dataset, split=cfg.reference_split)
+    # the statistics are keyed by the images' content: they are read even on a cache hit
+    try:
+        images = datamodule.load().images
+    except ValueError as e:  # the loader knows the splits, and names its own option
+        if str(e).startswith("dataset.split="):
+            raise ValueError(str(e).replace("dataset.split=", "reference_split=", 1)) from None
+        raise
+    reference = reference_subset(images, cfg.reference_n)
+    check_count(len(reference), cfg.features)
     weights = inception_weights(cfg.weights, cfg.cache_dir)
     inception_score = cfg.inception_score
     if inception_score == "auto":
@@ -216,11 +382,6 @@ def inception_metrics(cfg: DictConfig, device: torch.device) -> dict:
     metrics = InceptionMetrics(
         weights, device, cfg.features, kid=cfg.kid, inception_score=bool(inception_score)
     )
-
-    datamodule = hydra.utils.instantiate(cfg.dataset, split=cfg.reference_split)
-    # the statistics are keyed by the images' content: they are read even on a cache hit
-    reference = reference_subset(datamodule.load().images, cfg.reference_n)
-    check_count(len(reference), cfg.features)
     key = stats_key(
         datamodule.name, cfg.reference_split, reference, weights, cfg.features, cfg.cache_dir
     )
@@ -228,8 +389,6 @@ def inception_metrics(cfg: DictConfig, device: torch.device) -> dict:
     log.info("reference statistics: %s", cache)
 
     entries = [parse_entry(e) for e in cfg.table] if cfg.table else [(None, None)]
-    if cfg.table and Path(cfg.source).suffix != ".ckpt":
-        raise ValueError("table= needs source= to be a checkpoint (.ckpt) to sample from")
     result: dict = {"reference": key, "features": cfg.features}
     rows = []
     for entry_name, entry_steps in entries:
@@ -252,7 +411,7 @@ def inception_metrics(cfg: DictConfig, device: torch.device) -> dict:
         result.update(values)
         rows.append((entry_name, entry_steps, values))
     if cfg.table:
-        out = Path(cfg.out) if cfg.out else Path(str(cfg.source).rstrip("/") + ".fid.json")
+        out = output_path(cfg)
         write_table(rows, out.with_suffix(""), cfg.n, cfg.reference_split)
     return result
 

@@ -171,8 +171,9 @@ def main(argv: list[str] | None = None) -> str:
         else:
             runs = read_sweep(args.sweep_dir)
         names, rows = summarize(runs, args.metrics)
-    except (ValueError, FileNotFoundError) as e:
-        parser.error(str(e))
+    except (ValueError, FileNotFoundError) as e:  # the data, not the usage: no usage line
+        print(f"Error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
     unfinished = unfinished_runs(args.sweep_dir) if args.sweep_dir else []
     for run in unfinished:
         print(f"WARNING: {run} has no metrics.json: the job did not finish", file=sys.stderr)

@@ -1,6 +1,7 @@
 """Reference statistics are cached and reused; eval.py writes FID as JSON."""
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -10,7 +11,7 @@ from conftest import run_script
 from PIL import Image
 
 from ddpm.datasets import load_mnist5k
-from ddpm.evaluation import npz_images, read_image, write_table
+from ddpm.evaluation import image_files, npz_images, read_image, write_table
 from ddpm.folder import load_image_folder
 from ddpm.inception import fid_helper_file
 from ddpm.metrics import REAL_STATES, InceptionMetrics, check_count, metric_name
@@ -401,3 +402,164 @@ def test_eval_py_prints_the_nll_bound_of_held_out_images(trained_run: Path, tmp_
         check=False,
     )
     assert bad.returncode != 0 and "nll=true needs source= to be a checkpoint" in bad.stderr
+
+
+# Bad sources that need files of their own (the bad-input table's fixture has none of these):
+# (case, overrides ({files} filled in), the message). Each fails before the Inception network
+# is loaded, and leaves the files as they were.
+EVAL_FILE_CASES = [
+    (
+        "npz without arr_0",
+        ["source={no_arr_0}"],
+        r"^source=.*no_arr_0.npz has no arr_0 \(it holds images\); eval.py reads the images from "
+        r"arr_0, as OpenAI's and EDM's evaluators do: np.savez\(path, arr_0=images\)",
+    ),
+    (
+        "flat npz",
+        ["source={flat}"],
+        r"^source=.*flat.npz: arr_0 is uint8 \(80, 784\); expected uint8 images \(N, H, W, C\)",
+    ),
+    (
+        "a bare .npy named .npz",
+        ["source={bare}"],
+        r"^source=.*bare.npz holds one bare array \(.npy\), not an .npz archive",
+    ),
+    (
+        "images of mixed sizes",
+        ["source={mixed}"],
+        r"^source=.*mixed holds images of different sizes \(00.png is 28x28, 40.png 32x32\): "
+        r"FID compares images of one size",
+    ),
+    (
+        "images of another size than the reference",
+        ["source={large}"],
+        r"^source images are 32 px, the reference mnist5k is 28 px: compare at one resolution",
+    ),
+    (
+        "sample.py's output folder with too few images",
+        ["source={sampled}", "n=70"],
+        r"^source=.*sampled/images holds 4 image files .*fewer than n=70",
+    ),
+    (
+        "guidance on an unconditional checkpoint",
+        ["source={uncond}", "guidance=3"],
+        r"^guidance=3 needs a class-conditional model, and .*uncond.ckpt is unconditional",
+    ),
+    (
+        "guidance for a source of images",
+        ["source={nchw}", "guidance=3"],
+        r"^guidance=3 applies to checkpoint sources \(.ckpt\), which eval.py samples from",
+    ),
+    (
+        "out= on a read-only disk",
+        ["source={nchw}", "out={readonly}/fid.json"],
+        r"^out=.*readonly/fid.json: cannot write to .*readonly \(Read-only file system\); "
+        r"choose a writable place: out=DIR/fid.json",
+    ),
+]
+
+
+@pytest.fixture(scope="module")
+def bad_sources(trained_run: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    root = tmp_path_factory.mktemp("sources")
+    digits = load_mnist5k().images[:80]  # (80, 1, 28, 28)
+    np.savez(root / "no_arr_0.npz", images=digits.numpy())
+    np.savez(root / "flat.npz", arr_0=digits.reshape(80, -1).numpy())
+    np.save(root / "bare.npy", digits.numpy())
+    (root / "bare.npy").rename(root / "bare.npz")
+    np.savez(root / "nchw.npz", arr_0=digits.numpy())
+    for name, sizes in (("mixed", [28] * 40 + [32] + [28] * 39), ("large", [32] * 80)):
+        (root / name).mkdir()
+        for k, size in enumerate(sizes):
+            Image.new("L", (size, size), color=k).save(root / name / f"{k:02d}.png")
+    from conftest import compose_config
+
+    from ddpm import sampling
+
+    ckpt = trained_run / "checkpoints" / "last.ckpt"
+    args = [f"ckpt={ckpt}", f"out={root / 'sampled'}", "n=4", "steps=2"]
+    sampling.sample(compose_config(args, name="sample"))
+    state = torch.load(ckpt, weights_only=True)
+    state["hyper_parameters"] = {**state["hyper_parameters"]}
+    state["hyper_parameters"]["net"] = {**state["hyper_parameters"]["net"], "num_classes": None}
+    state["state_dict"] = {k: v for k, v in state["state_dict"].items() if "class_embed" not in k}
+    torch.save(state, root / "uncond.ckpt")
+    (root / "readonly").mkdir()
+    names = ["no_arr_0", "flat", "bare", "nchw"]
+    files = {name: str(root / f"{name}.npz") for name in names}
+    files |= {n: str(root / n) for n in ("mixed", "large", "sampled", "readonly")}
+    return {**files, "uncond": str(root / "uncond.ckpt"), "root": str(root)}
+
+
+def _no_inception(monkeypatch) -> None:
+    """The Inception network must not be loaded: every check comes before it."""
+    from ddpm import evaluation
+
+    def started(*args, **kwargs):
+        raise AssertionError("the Inception work started before the input was checked")
+
+    monkeypatch.setattr(evaluation, "inception_weights", started)
+    monkeypatch.setattr(evaluation, "InceptionMetrics", started)
+
+
+def _snapshot(root: Path) -> dict[str, bytes]:
+    return {str(p): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize(
+    "overrides,message", [c[1:] for c in EVAL_FILE_CASES], ids=[c[0] for c in EVAL_FILE_CASES]
+)
+def test_a_bad_source_is_named_before_any_work(
+    overrides, message, bad_sources, monkeypatch, tmp_path
+):
+    import tempfile
+
+    from conftest import compose_config
+
+    from ddpm import evaluation, files
+
+    if any("readonly" in o for o in overrides):  # as root, only a read-only disk refuses
+        real = tempfile.TemporaryFile
+
+        def probe(*args, dir=None, **kwargs):
+            if "readonly" in str(dir):
+                raise OSError(30, "Read-only file system")
+            return real(*args, dir=dir, **kwargs)
+
+        monkeypatch.setattr(files.tempfile, "TemporaryFile", probe)
+    _no_inception(monkeypatch)
+    args = ["n=70", "features=64", f"cache_dir={tmp_path / 'cache'}", f"out={tmp_path / 'r.json'}"]
+    args += [o.format(**bad_sources) for o in overrides]
+    before = _snapshot(Path(bad_sources["root"]))
+    with pytest.raises((ValueError, OSError)) as info:
+        evaluation.evaluate(compose_config(args, name="eval"))
+    assert re.search(message, str(info.value)), str(info.value)
+    print(f"BAD-INPUT|eval|{' '.join(overrides)}|{str(info.value).splitlines()[0]}")
+    assert _snapshot(Path(bad_sources["root"])) == before
+    assert not (tmp_path / "r.json").exists()
+
+
+def test_nchw_npz_jpegs_and_sample_output_folders_are_read_as_meant(
+    bad_sources, tmp_path: Path, caplog
+):
+    """An (N, C, H, W) npz is transposed (C = 1 or 3 and W not: unambiguous); a JPEG folder is
+    read, with a warning that JPEG artefacts raise FID; sample.py's output folder means its
+    images/, never grid.png."""
+    digits = load_mnist5k().images[:80]
+    assert torch.equal(npz_images(Path(bad_sources["nchw"]), 80, 1), digits)
+    jpegs = tmp_path / "jpegs"
+    jpegs.mkdir()
+    for k in range(3):
+        Image.fromarray(digits[k, 0].numpy()).save(jpegs / f"{k}.jpg", quality=95)
+    with caplog.at_level("WARNING"):
+        assert [p.name for p in image_files(jpegs, 3)] == ["0.jpg", "1.jpg", "2.jpg"]
+    assert "3 of 3 images are JPEGs, whose compression artefacts raise FID" in caplog.text
+    sampled = Path(bad_sources["sampled"])
+    (sampled / "images" / "notes.png").write_bytes(b"")  # not one of sample.py's images
+    try:
+        files = image_files(sampled, 4)
+    finally:
+        (sampled / "images" / "notes.png").unlink()
+    assert [p.relative_to(sampled).as_posix() for p in files] == [
+        f"images/{k:06d}.png" for k in range(4)
+    ]
