@@ -40,7 +40,7 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
             f"refused to load {path}: it holds objects other than plain tensors and numbers, "
             f"which could run code when unpickled{what}. Only load checkpoints written by this "
             "project or from a source you trust."
-        ) from e
+        ) from None  # not torch's error, whose advice is to load it unsafely (weights_only=False)
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as e:
         raise CheckpointError(
             f"{path} is not a readable checkpoint (truncated or corrupt?): {e}"

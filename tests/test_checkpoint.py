@@ -56,3 +56,56 @@ def test_checkpoint_round_trip_rebuilds_the_ema(trained_run: Path):
     assert torch.equal(module.ema.module.conv_in.weight, state["ema.module.conv_in.weight"])
     assert not module.training
     assert pickle.dumps(module.hparams)  # plain data
+
+
+@pytest.mark.slow
+def test_unsafe_file_is_refused_in_one_line_without_torchs_advice(tmp_path: Path):
+    """Every entry point that loads a checkpoint, given a malicious one: the project's refusal
+    only. Torch's own error ends with "Re-running torch.load with weights_only=False will
+    likely succeed", an invitation to run the payload; it must never be shown (nor, under
+    HYDRA_FULL_ERROR=1, the chained cause that holds it)."""
+    import os
+    import subprocess
+    import sys
+
+    from conftest import FAST, ROOT, run_script
+
+    marker = tmp_path / "pwned"
+    evil = tmp_path / "evil.ckpt"
+    torch.save({"state_dict": {}, "hyper_parameters": _Payload(str(marker))}, evil)
+    planted = tmp_path / "planted"
+    (planted / "checkpoints").mkdir(parents=True)
+    (planted / "checkpoints" / "last.ckpt").write_bytes(evil.read_bytes())
+    runs = [
+        ("sample.py", f"ckpt={evil}", f"out={tmp_path / 's'}", f"hydra.run.dir={tmp_path / 's'}"),
+        ("eval.py", f"source={evil}", f"out={tmp_path / 'e.json'}", f"hydra.run.dir={tmp_path}"),
+        ("train.py", *FAST, f"resume={evil}", f"hydra.run.dir={tmp_path / 'a'}"),
+        ("train.py", *FAST, f"hydra.run.dir={planted}"),  # resume=auto finds it
+        (
+            "train.py",
+            *FAST,
+            "experiment=latent_mnist5k",
+            f"autoencoder={evil}",
+            f"hydra.run.dir={tmp_path / 'b'}",
+        ),
+    ]
+    for script, *overrides in runs:
+        proc = run_script(script, *overrides, check=False)
+        shown = proc.stdout + proc.stderr
+        assert proc.returncode != 0, (script, overrides)
+        assert "refused to load" in shown and "weights_only=False" not in shown, shown[-2000:]
+        assert "Traceback" not in shown, (script, overrides, shown[-2000:])
+    # the whole trace (HYDRA_FULL_ERROR=1): still not torch's advice
+    env = {**os.environ, "HYDRA_FULL_ERROR": "1"}
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "train.py"), *runs[2][1:]],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    shown = proc.stdout + proc.stderr
+    assert "Traceback" in shown and "refused to load" in shown
+    assert "weights_only=False" not in shown
+    assert not marker.exists()
