@@ -163,6 +163,7 @@ def run_info(cfg: Any, trainer: Any) -> dict[str, Any]:
         "overrides": overrides,
         "git": git_state(),
         "seed": int(cfg.seed),
+        "tags": list(cfg.get("tags") or []),
         "world_size": world,
         "batch_size_per_device": batch,
         "accumulate_grad_batches": accumulate,
@@ -197,19 +198,23 @@ def _digest(text: str) -> str:
     return hashlib.sha1(text.encode()).hexdigest()[:8]
 
 
-def ddp_child_command(local_rank: int) -> tuple[list[str], str]:
+def ddp_child_command(local_rank: int, script: str | None = None) -> tuple[list[str], str]:
     """The command Lightning's DDP launcher runs for ranks 1.. under Hydra.
 
     Lightning's own (`_hydra_subprocess_cmd`) repeats sys.argv, so in a multirun every child
     starts the whole sweep again, and it points the child at hydra.run.dir, not at the job's
-    directory. This reruns just this job: its own overrides, its own output directory."""
+    directory. This reruns just this job: its own overrides, its own output directory. In a
+    job of hydra-submitit-launcher sys.argv is submitit's (`submitit.core._submit FOLDER`),
+    so the entry point's own `script` is run."""
     from hydra.core.hydra_config import HydraConfig
     from hydra.utils import get_original_cwd, to_absolute_path
 
     import __main__
 
     hc = HydraConfig.get()
-    if __main__.__spec__ is None:
+    if script is not None:
+        command = [sys.executable, script]
+    elif __main__.__spec__ is None:
         command = [sys.executable, to_absolute_path(sys.argv[0])]
     else:
         command = [sys.executable, "-m", __main__.__spec__.name]
@@ -223,7 +228,11 @@ def ddp_child_command(local_rank: int) -> tuple[list[str], str]:
     return command, get_original_cwd()
 
 
-def use_ddp_child_command() -> None:
+def use_ddp_child_command(script: str | None = None) -> None:
+    """Lightning's DDP launcher starts ranks 1.. with `ddp_child_command` (running `script`,
+    the entry point's file, when given)."""
+    from functools import partial
+
     from lightning.pytorch.strategies.launchers import subprocess_script
 
-    subprocess_script._hydra_subprocess_cmd = ddp_child_command
+    subprocess_script._hydra_subprocess_cmd = partial(ddp_child_command, script=script)
