@@ -10,7 +10,8 @@
 Each run writes to runs/<name>/<date_time>/ (on SLURM runs/<name>/<job id>, which a requeued job
 keeps): config.yaml (resolved), checkpoints/ (last.ckpt and every N steps), samples/ (grids
 during training and final.png), loss_curve.png, logs. resume=auto (the default) continues from
-the newest checkpoint of that directory that loads, skipping corrupt ones by name.
+the checkpoint of that directory with the highest step that loads, skipping corrupt ones by
+name. Ctrl-C, SIGTERM and SIGUSR1 save checkpoints/last.ckpt at the end of the current step.
 """
 
 from __future__ import annotations
@@ -18,14 +19,16 @@ from __future__ import annotations
 import hydra
 from omegaconf import DictConfig
 
+from ddpm.errors import one_line_errors
 from ddpm.tracking import use_ddp_child_command
 from ddpm.training import run
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg: DictConfig) -> float | None:
-    use_ddp_child_command()  # DDP children rerun this job, not the whole sweep
-    return run(cfg)
+    use_ddp_child_command(__file__)  # DDP children rerun this job, not the whole sweep
+    with one_line_errors("dataset.batch_size"):  # a bad input is one line (HYDRA_FULL_ERROR=1:
+        return run(cfg)  # the whole trace)
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@ curve, and FID / KID / IS during training."""
 
 from __future__ import annotations
 
+import math
 import shutil
 from pathlib import Path
 from typing import Any
@@ -158,9 +159,15 @@ class LossCurve(L.Callback):
     def on_train_batch_end(self, trainer: L.Trainer, module: Any, outputs: Any, batch: Any, i: int):
         step = trainer.global_step
         if step % self.every_n_steps == 0 and (not self.steps or self.steps[-1] != step):
-            loss = outputs["loss"] if isinstance(outputs, dict) else outputs
+            # Lightning passes {} for a step without a loss: no point. A skipped update
+            # (module.nonfinite=skip) has a non-finite loss: NaN, a gap in the plotted line,
+            # so the curve shows where the updates were dropped
+            loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
+            if not isinstance(loss, torch.Tensor):
+                return
+            value = float(loss.detach())  # one device sync every N steps
             self.steps.append(step)
-            self.losses.append(float(loss.detach()))  # one device sync every N steps
+            self.losses.append(value if math.isfinite(value) else math.nan)
 
     def state_dict(self) -> dict[str, Any]:
         return {"steps": list(self.steps), "losses": list(self.losses)}
@@ -253,6 +260,16 @@ class FID(L.Callback):
         self._validations += 1
         if (self._validations - 1) % self.every:
             return
+        self._measure(trainer, module, "val")
+
+    def on_test_epoch_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        """train.py test=true: the same measures against the test split (test/fid..._test)."""
+        split = getattr(trainer.datamodule, "test_split", None) or self.reference_split
+        if split != self.reference_split:
+            self.reference_split, self.metrics = split, None  # its statistics instead
+        self._measure(trainer, module, "test")
+
+    def _measure(self, trainer: L.Trainer, module: L.LightningModule, stage: str) -> None:
         if self.metrics is None:
             self._build(trainer, module)
         first, count = shard(self.n, trainer.global_rank, trainer.world_size)
@@ -272,7 +289,7 @@ class FID(L.Callback):
             self.metrics, (images for _, images in batches), self.n, self.reference_split, label
         )
         for name, value in values.items():  # already the same on every rank
-            module.log(f"val/{name}", value, rank_zero_only=False)
+            module.log(f"{stage}/{name}", value, rank_zero_only=False)
 
 
 def _progress(trainer: L.Trainer) -> bool:

@@ -7,6 +7,8 @@ happens once: afterwards a batch is one tensor index, so the loader never starve
 
 from __future__ import annotations
 
+import inspect
+import logging
 from pathlib import Path
 
 import lightning as L
@@ -17,6 +19,8 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from ddpm.datasets import LOADERS, Images
+
+log = logging.getLogger(__name__)
 
 
 def fit_size(images: Tensor, size: int) -> Tensor:
@@ -113,10 +117,13 @@ class ResumableLoader(DataLoader):
     so a resumed run continues with the very next batch."""
 
     def state_dict(self) -> dict[str, int]:
+        if not isinstance(self.sampler, EpochSampler):  # overfit_batches replaced it: no order
+            return {}
         return {"epoch": self.sampler.epoch, "position": self.sampler.position}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
-        self.sampler.resume_at(int(state["epoch"]), int(state["position"]))
+        if isinstance(self.sampler, EpochSampler) and state:
+            self.sampler.resume_at(int(state["epoch"]), int(state["position"]))
 
 
 class ImageDataModule(L.LightningDataModule):
@@ -264,6 +271,20 @@ class ImageDataModule(L.LightningDataModule):
 
     def val_dataloader(self) -> DataLoader:
         return self._loader(self.val_set, train=False)
+
+    @property
+    def test_split(self) -> str | None:
+        """The source's test split, "test"; None where it has none (mnist5k, image folders)."""
+        return "test" if "split" in inspect.signature(LOADERS[self.name]).parameters else None
+
+    def test_dataloader(self) -> DataLoader:
+        """train.py test=true: the source's test split; a source without one is tested on its
+        held-out validation images, and says so."""
+        if self.test_split is None:
+            log.warning("dataset %r has no test split: testing on the validation set", self.name)
+            return self.val_dataloader()
+        held = self.load(self.test_split)
+        return self._loader(TensorImages(held.images, self._labels(held)), train=False)
 
     def on_after_batch_transfer(self, batch: tuple[Tensor, Tensor], dataloader_idx: int):
         images, labels = batch

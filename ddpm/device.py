@@ -71,7 +71,14 @@ def pick_device(name: str) -> torch.device:
     """`auto` (CUDA if present, else CPU) or a torch device name, refused if it isn't there."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError):  # torch's message lists all its ~20 device types
+        raise ValueError(
+            f"device={name} is not a device: use device=auto, cpu, cuda or cuda:N"
+        ) from None
+    if device.type not in ("cpu", "cuda", "mps"):
+        raise ValueError(f"device={name} is not supported: use device=auto, cpu, cuda or cuda:N")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device={name} was asked for but CUDA is not available; use device=cpu")
     return device

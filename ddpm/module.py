@@ -4,6 +4,7 @@ from a checkpoint. Images are drawn from it by `ddpm.generate`."""
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -62,6 +63,15 @@ class EMA(AveragedModel):
     def step(self, model: nn.Module, step: int) -> None:
         self._current_decay = self.decay_at(step)
         self.update_parameters(model)
+
+
+def check_lr(lr: Any) -> None:
+    """A learning rate that is not a finite number > 0 (nan, -1, a word), named now: torch's
+    optimizers say "Invalid learning rate" only when training starts, without the config key."""
+    if lr is None:  # the optimizer's own default
+        return
+    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not math.isfinite(lr) or lr <= 0:
+        raise ValueError(f"module.optimizer.lr must be a finite number > 0, e.g. 2e-4; got {lr!r}")
 
 
 def _plain(cfg: Any) -> Any:
@@ -153,6 +163,7 @@ class DiffusionModule(L.LightningModule):
             )
         if vlb_weight < 0:
             raise ValueError(f"module.vlb_weight must be >= 0, got {vlb_weight}")
+        check_lr((optimizer or {}).get("lr"))
         self.save_hyperparameters()
         # learned variances: the network's output doubles, ε (or x_0, v) then the variance v
         out_channels = {"out_channels": 2 * net.get("in_channels", 3)} if learn_sigma else {}
@@ -364,11 +375,18 @@ class DiffusionModule(L.LightningModule):
         self.ema.step(self.net, self.global_step + 1)
 
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        return self._measure(batch, batch_idx, "val")
+
+    def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        """train.py test=true: the validation measures on the test split, as test/..."""
+        return self._measure(batch, batch_idx, "test")
+
+    def _measure(self, batch: tuple[Tensor, Tensor], batch_idx: int, stage: str) -> Tensor:
         x0, y = batch
         # fixed t and ε per batch, so validation losses compare across steps and runs
         gen = torch.Generator(device=x0.device).manual_seed(batch_idx)
         loss = self.loss_fn(x0, y, net=self.ema.module, generator=gen).mean()
-        self.log("val/loss", loss, prog_bar=True, sync_dist=True)
+        self.log(f"{stage}/loss", loss, prog_bar=True, sync_dist=True)
         if self.autoencoder is not None:  # the bound of 256-level pixels: not of latents
             return loss
         # the bound in bits/dim: comparable across schedules and objectives, unlike the loss
@@ -381,7 +399,7 @@ class DiffusionModule(L.LightningModule):
             generator=gen.manual_seed(batch_idx),
             clip_x0=True,
         )
-        self.log("val/bpd", bpd.mean(), sync_dist=True)
+        self.log(f"{stage}/bpd", bpd.mean(), sync_dist=True)
         return loss
 
     def configure_optimizers(self) -> Any:

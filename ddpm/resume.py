@@ -6,11 +6,14 @@ Lightning does the resuming itself (model, EMA, optimizer, LR schedule, counters
 through ResumableLoader, the data position); what is written here is what it lacks:
 - `AtomicCheckpointIO`: Lightning writes a checkpoint straight into its final path, so a kill
   or a full disk mid-write leaves a truncated file where a good one was;
-- `find_checkpoint`: the newest checkpoint of a run directory that actually loads, skipping
-  corrupt or truncated ones by name;
+- `find_checkpoint`: the checkpoint of a run directory with the highest step that actually
+  loads, skipping corrupt or truncated ones by name (and `remove_dead_writes` deletes the
+  temporary files of writes that were killed);
+- `ModelCheckpoint`: keep-last-K that holds across kills and resumes;
 - `Preemption`: Lightning stops on SIGTERM only at the end of an epoch and saves nothing, and
   its SLURM handler saves from inside the signal handler, possibly mid-step; this saves at the
   end of the current step, then requeues on SLURM and exits;
+- `Interrupt`: Lightning saves nothing on Ctrl-C; this saves like `Preemption`;
 - `RNGCapture`: Lightning saves no RNG state, so a resumed run would draw other t and ε;
 - `NonFiniteGuard`: a NaN loss or gradient stops the run (or skips the update) before any
   checkpoint holds the diverged weights.
@@ -90,13 +93,109 @@ class ModelCheckpoint(callbacks.ModelCheckpoint):
             self._save_last_checkpoint(trainer, candidates)
         super().on_train_end(trainer, pl_module)
 
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        super().on_train_start(trainer, pl_module)
+        # on every rank alike (the lists decide the collective saves); rank 0 deletes
+        if self.save_top_k > 0 and self.dirpath:
+            self._adopt_untracked(trainer)
+
+    def _adopt_untracked(self, trainer: L.Trainer) -> None:
+        """Keep-last-K across kills: a run killed between writing a new periodic checkpoint
+        and deleting the one it replaces leaves that one on disk but in no checkpoint's list,
+        so nothing would ever delete it; so would files of steps after the one resumed from
+        (resume=PATH of an earlier one: the resumed run writes its own as step_N-v1). Here such
+        files of this callback (each holds its own score) join the list again, and the ones
+        beyond K are deleted, now or as newer ones are written."""
+        tracked = {Path(f).resolve() for f in self.best_k_models}
+        for path in sorted(Path(self.dirpath).glob(f"*{self.FILE_EXTENSION}")):
+            if path.resolve() in tracked or path.name.startswith(self.CHECKPOINT_NAME_LAST):
+                continue
+            ckpt = _peek(path)
+            state = ((ckpt or {}).get("callbacks") or {}).get(self.state_key) or {}
+            score = state.get("current_score")
+            if score is None:
+                continue  # not one of this callback's: not ours to delete
+            self.best_k_models[str(path)] = torch.as_tensor(score)
+        trainer.strategy.barrier("ddpm_adopt_untracked")  # every rank has read before any delete
+        scores = self.best_k_models
+        best, worst = (min, max) if self.mode == "min" else (max, min)
+        while len(scores) > self.save_top_k:
+            path = worst(scores, key=scores.get)
+            del scores[path]
+            if Path(path).exists():
+                log.info("keep-last-%d: removed %s, from before the resume", self.save_top_k, path)
+            self._remove_checkpoint(trainer, path)  # on rank 0
+        if scores:  # what Lightning's _update_best_and_save keeps alongside the list
+            self.best_model_path = best(scores, key=scores.get)
+            self.best_model_score = scores[self.best_model_path]
+            if len(scores) == self.save_top_k:
+                self.kth_best_model_path = worst(scores, key=scores.get)
+                self.kth_value = scores[self.kth_best_model_path]
+
+    def _should_remove_checkpoint(self, trainer: L.Trainer, previous: str, current: str) -> bool:
+        """Lightning never deletes the checkpoint a run resumed from, so every resume from a
+        periodic checkpoint would leave one more than K behind; here one of this callback's
+        own files in its directory goes when it falls out of the K, resumed from or not."""
+        if previous == current or "://" in str(previous):  # remote: as Lightning does
+            return super()._should_remove_checkpoint(trainer, previous, current)
+        return Path(self.dirpath).absolute() in Path(previous).absolute().parents
+
+
+def _peek(path: Path) -> dict[str, Any] | None:
+    """A checkpoint's contents without reading its tensors (mmap: only the pickled index is
+    read, milliseconds even for a large model); None for a file that doesn't load."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # truncated, unsafe, not a torch zip file ...: load_checkpoint says which
+        return None
+    return ckpt if isinstance(ckpt, dict) else None
+
+
+def checkpoint_step(path: Path) -> int | None:
+    """The global step a checkpoint was saved at, read cheaply (`_peek`); None if unreadable."""
+    step = (_peek(path) or {}).get("global_step")
+    return step if isinstance(step, int) else None
+
 
 def checkpoint_files(run_dir: str | Path) -> list[Path]:
-    """A run's checkpoints, newest first: checkpoints/*.ckpt and Lightning's SLURM
-    hpc_ckpt_*.ckpt in the run directory."""
+    """A run's checkpoints, newest first by the step saved in each (file times change when a
+    run directory is copied), then by file time: checkpoints/*.ckpt and Lightning's SLURM
+    hpc_ckpt_*.ckpt in the run directory. Files whose step can't be read come first, so that
+    `find_checkpoint` names them and sets them aside."""
     run_dir = Path(run_dir)
     files = [*run_dir.glob("checkpoints/*.ckpt"), *run_dir.glob("hpc_ckpt_*.ckpt")]
-    return sorted(files, key=lambda p: (p.stat().st_mtime_ns, p.name), reverse=True)
+    steps = {p: checkpoint_step(p) for p in files}
+
+    def newest(p: Path) -> tuple:
+        step = steps[p]
+        return (step is None, -1 if step is None else step, p.stat().st_mtime_ns, p.name)
+
+    return sorted(files, key=newest, reverse=True)
+
+
+# the temporary files of AtomicCheckpointIO: .<name>.<8 hex>.tmp
+_TEMPORARY = ".*.ckpt.*.tmp"
+
+
+def remove_dead_writes(run_dir: str | Path) -> list[Path]:
+    """Delete the temporary files that checkpoint writes killed midway left behind (each as
+    large as a checkpoint, and never read): at the start of a run in `run_dir`, before it
+    writes any. Under DDP the first rank only."""
+    if _rank() != 0:
+        return []
+    run_dir = Path(run_dir)
+    dead = [*run_dir.glob(f"checkpoints/{_TEMPORARY}"), *run_dir.glob(_TEMPORARY)]
+    for path in dead:
+        path.unlink(missing_ok=True)
+    if dead:
+        names = ", ".join(p.name for p in dead)
+        log.warning("removed %d unfinished checkpoint writes of a killed run: %s", len(dead), names)
+    return dead
+
+
+def _rank() -> int:
+    """This process's DDP rank from the environment (0 outside DDP)."""
+    return int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0")))
 
 
 def first_unused(candidates: Iterable[Path]) -> Path:
@@ -105,8 +204,9 @@ def first_unused(candidates: Iterable[Path]) -> Path:
 
 
 def find_checkpoint(run_dir: str | Path) -> tuple[Path, dict[str, Any]] | None:
-    """The newest checkpoint of `run_dir` that loads, and its contents (loaded once: a resumed
-    run reads it for checks before Lightning does). Corrupt ones newer than it are reported by
+    """The newest checkpoint of `run_dir` (by step, `checkpoint_files`) that loads, and its
+    contents (loaded once: a resumed run reads it for checks before Lightning does). Corrupt
+    ones tried before it (unreadable ones come first) are reported by
     name, skipped and renamed to <name>.corrupt: kept for a look, but out of the way of the
     resumed run (which would otherwise write its last.ckpt as last-v1.ckpt). When none loads,
     nothing is renamed."""
@@ -119,7 +219,7 @@ def find_checkpoint(run_dir: str | Path) -> tuple[Path, dict[str, Any]] | None:
             corrupt.append(path)
             continue
         # under DDP every rank looks; only the first renames
-        if int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0"))) != 0:
+        if _rank() != 0:
             corrupt = []
         for bad in corrupt:
             target = move_aside(bad)
@@ -149,8 +249,89 @@ def resume_from(resume: str | None, out: Path) -> tuple[Path, dict[str, Any]] | 
                 "above); give one with resume=PATH, or a new hydra.run.dir to start afresh"
             )
         return found
-    # a missing, corrupt or unsafe file: a clear error, now
-    return Path(resume), load_checkpoint(resume)
+    path = Path(resume)
+    if path.is_dir():
+        # a file, not a directory: "continue that run" is hydra.run.dir=DIR, and which of its
+        # checkpoints is the user's choice to name
+        found = [*checkpoint_files(path), *sorted(path.glob("*.ckpt"), reverse=True)]
+        steps = {p: checkpoint_step(p) for p in dict.fromkeys(found)}
+        listed = ", ".join(
+            f"{p} (step {step})" if step is not None else f"{p} (does not load)"
+            for p, step in steps.items()
+        )
+        raise CheckpointError(
+            f"resume={resume} is a directory; resume takes a .ckpt file"
+            + (f", e.g. one of: {listed}" if listed else " (it holds none)")
+            + f". To continue the run in that directory, use hydra.run.dir={resume} (resume=auto)"
+        )
+    ckpt = load_checkpoint(path)  # a missing, corrupt or unsafe file: a clear error, now
+    check_not_another_run(path, out)
+    return path, ckpt
+
+
+# what a run writes into its directory (Hydra's own .hydra/ and log come before the run starts)
+RUN_OUTPUTS = (
+    "checkpoints",
+    "run.json",
+    "metrics.json",
+    "loss_curve.png",
+    "samples",
+    "config.yaml",
+)
+
+
+def check_not_another_run(path: Path, out: Path) -> None:
+    """resume=PATH of a checkpoint from elsewhere into a run directory that already holds a
+    run: continuing would overwrite that run's results (metrics.json, loss_curve.png,
+    samples/final.png, run.json) with those of another. A checkpoint inside `out` continues
+    that run from an earlier step; a new directory starts a branch from the file."""
+    out, path = out.resolve(), path.resolve()
+    if out in path.parents:
+        return
+    held = [name for name in RUN_OUTPUTS if (out / name).exists()]
+    if not held:
+        return
+    origin = path.parent.parent if path.parent.name == "checkpoints" else path.parent
+    raise CheckpointError(
+        f"resume={path} is not a checkpoint of the run in {out}, which holds another run "
+        f"({', '.join(held)}) that this one would overwrite. To continue the checkpoint's run: "
+        f"hydra.run.dir={origin}; to continue the run in {out}: resume=auto; to start from the "
+        "checkpoint in a directory of its own: a new hydra.run.dir (or copy the checkpoint "
+        f"into {out / 'checkpoints'} to continue from it there)"
+    )
+
+
+def check_same_process(
+    path: Path, ckpt: dict[str, Any], schedule: dict, objective: str, allow: bool
+) -> None:
+    """A resume with another noise schedule (T, type, βs) or objective would go on training
+    the weights for another task: refused, naming each change, unless `resume_changes=allow`
+    (then a warning). The checkpoint's own values are in its hyper_parameters."""
+    saved = ckpt.get("hyper_parameters") or {}
+    changes = []
+    old_schedule = saved.get("schedule")
+    if isinstance(old_schedule, dict):
+        kinds = [str(s.get("_target_", "")).rsplit(".", 1)[-1] for s in (old_schedule, schedule)]
+        if kinds[0] != kinds[1]:  # another kind (its options differ too): schedule=<name>
+            changes.append(("schedule", *kinds))
+        else:
+            for key in sorted(set(old_schedule) | set(schedule)):
+                if old_schedule.get(key) != schedule.get(key):
+                    old, new = old_schedule.get(key), schedule.get(key)
+                    changes.append((f"schedule.{key}", repr(old), repr(new)))
+    if "objective" in saved and saved["objective"] != objective:
+        changes.append(("module.objective", repr(saved["objective"]), repr(objective)))
+    if not changes:
+        return
+    listed = ", ".join(f"{key}={old} (this run: {new})" for key, old, new in changes)
+    if allow:
+        log.warning("resume_changes=allow: resuming %s with changed settings: %s", path, listed)
+        return
+    raise CheckpointError(
+        f"{path} was trained with {listed}. Resume with the checkpoint's values, or set "
+        "resume_changes=allow to go on training it with the new ones (or start a new run: a "
+        "new hydra.run.dir)"
+    )
 
 
 def check_same_network(path: Path, ckpt: dict[str, Any], net: dict) -> None:
@@ -222,17 +403,30 @@ class Preempted(SystemExit):
 
 
 class Preemption(L.Callback):
-    """On SIGTERM or SIGUSR1 (SLURM's warning before a time limit or preemption), finish the
-    current step, save `<checkpoints>/last.ckpt`, requeue the job on SLURM (`scontrol requeue`,
-    as Lightning's auto-requeue does), and exit with code 128 + signal.
+    """On SIGTERM, SIGUSR1 (SLURM's warning before a time limit or preemption, with
+    `sbatch --signal=USR1@120`) or SIGUSR2 (submitit's, or the one SUBMITIT_PREEMPT_SIGNAL
+    names), finish the current step, save `<checkpoints>/last.ckpt`, requeue the job, and exit.
+
+    Requeueing: in a job of hydra-submitit-launcher, submitit's own handler of its signal
+    (replaced here while training) is called after the save: it resubmits the same Hydra job
+    and requeues (`scontrol requeue` on SLURM, a restart under submitit_local), counting
+    timeouts against max_num_timeout. Elsewhere on SLURM `scontrol requeue` is run here (as
+    Lightning's auto-requeue does) and the process exits with code 128 + signal.
 
     The rerun of the same command continues from that checkpoint (train.py's resume=auto);
     on SLURM the run directory is named after the job id, which a requeued job keeps.
     Under DDP the flag is agreed across ranks every step, since only some may get the signal.
     """
 
-    def __init__(self, signals: tuple[str, ...] = ("SIGTERM", "SIGUSR1"), requeue: bool = True):
+    def __init__(
+        self,
+        signals: tuple[str, ...] = ("SIGTERM", "SIGUSR1", "SIGUSR2"),
+        requeue: bool = True,
+    ):
         self.signals = [signal.Signals[s] for s in signals]
+        submitit = os.environ.get("SUBMITIT_PREEMPT_SIGNAL")  # submitit's signal, if not USR2
+        if submitit and f"SIG{submitit}" in signal.Signals.__members__:
+            self.signals.append(signal.Signals[f"SIG{submitit}"])
         self.requeue = requeue
         self.received: int | None = None
         self._previous: dict[int, Any] = {}
@@ -277,6 +471,12 @@ class Preemption(L.Callback):
         message = (
             f"stopped by {signal.Signals(signum).name} at step {trainer.global_step}; saved {path}"
         )
+        submitit = _submitit_requeue(self._previous.get(signum))
+        if self.requeue and submitit is not None:
+            log.warning("%s; submitit requeues the job", message)
+            self._restore()
+            submitit(signum, None)  # exits (requeued), or raises when it may not requeue
+            raise Preempted(128 + int(signum))  # a rank other than submitit's first task
         job = _slurm_job_id()
         if self.requeue and job and trainer.is_global_zero:
             try:
@@ -294,12 +494,97 @@ class Preemption(L.Callback):
         raise Preempted(128 + int(signum))
 
 
+def _submitit_requeue(handler: Any) -> Any:
+    """submitit's handler of its preemption signal (which checkpoints the Hydra job and
+    requeues it), if `handler` is that one; None for any other."""
+    owner = getattr(handler, "__self__", None)
+    if type(owner).__module__.startswith("submitit.") and handler.__name__ != "bypass":
+        return handler
+    return None
+
+
 def _slurm_job_id() -> str | None:
     array = os.environ.get("SLURM_ARRAY_JOB_ID")
     job = (
         f"{array}_{os.environ['SLURM_ARRAY_TASK_ID']}" if array else os.environ.get("SLURM_JOB_ID")
     )
     return job if job and re.fullmatch(r"[0-9_]+", job) else None
+
+
+class Interrupt(L.Callback):
+    """Ctrl-C (SIGINT) saves like SIGTERM: the first press finishes the current step, saves
+    `<checkpoints>/last.ckpt` and exits with code 130; a second press stops at once, unsaved.
+
+    Lightning's own Ctrl-C handling raises KeyboardInterrupt wherever the run is (possibly in
+    the middle of an optimizer step, half the weights updated), calls `on_exception`, closes
+    the loggers and exits with code 1, saving nothing: a checkpoint taken in `on_exception`
+    could hold such a half-made step. So the first press is only noted here, and acted on at
+    the end of the step, as `Preemption` does for SIGTERM.
+
+    In `on_exception` of any stop at the end of a step (this one's, `Preemption`'s), the
+    step's metrics go to the loggers before Lightning closes them: the stop comes from
+    `on_train_batch_end`, before Lightning logs the step, so metrics.csv would end one row
+    short of the saved step.
+    """
+
+    def __init__(self) -> None:
+        self.pressed = False
+        self._previous: Any = None
+
+    def _handler(self, signum: int, frame: Any) -> None:
+        log.warning(
+            "Ctrl-C: saving a checkpoint after this step (press Ctrl-C again to stop at once, "
+            "without saving)"
+        )
+        self.pressed = True
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # the second press
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        try:  # after Lightning's own handlers are in place (Trainer._run)
+            self._previous = signal.signal(signal.SIGINT, self._handler)
+        except ValueError:  # not the main thread: signals can't be caught here
+            self._previous = None
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._restore()
+
+    def _restore(self) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+            self._previous = None
+
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, i: int
+    ) -> None:
+        pressed = self.pressed
+        if trainer.world_size > 1:
+            pressed = trainer.strategy.reduce_boolean_decision(pressed, all=False)
+        if not pressed:
+            return
+        directory = Path(trainer.default_root_dir) / "checkpoints"
+        if trainer.checkpoint_callback is not None and trainer.checkpoint_callback.dirpath:
+            directory = Path(trainer.checkpoint_callback.dirpath)
+        path = directory / "last.ckpt"
+        trainer.save_checkpoint(path)
+        log.warning(
+            "stopped by SIGINT at step %d (Ctrl-C); saved %s; rerun the same command to "
+            "continue (resume=auto)",
+            trainer.global_step,
+            path,
+        )
+        self._restore()
+        raise Preempted(128 + signal.SIGINT)
+
+    def on_exception(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException
+    ) -> None:
+        self._restore()
+        if isinstance(exception, SystemExit) and trainer.training:
+            try:  # what Lightning does right after on_train_batch_end (_TrainingEpochLoop)
+                trainer._logger_connector.on_batch_end()
+                trainer._logger_connector.update_train_step_metrics()
+            except Exception as e:  # the checkpoint is saved; a lost log row is no reason to fail
+                log.warning("could not log the metrics of the last step: %s", e)
 
 
 def rng_state() -> dict[str, Any]:

@@ -17,14 +17,20 @@ import lightning as L
 import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
+from lightning.pytorch.utilities import rank_zero_only
+from lightning.pytorch.utilities.model_helpers import is_overridden
 from omegaconf import DictConfig, OmegaConf
 
 from ddpm.device import choose_precision
+from ddpm.errors import InputError
 from ddpm.resume import (
     AtomicCheckpointIO,
+    Interrupt,
     check_same_network,
+    check_same_process,
     check_writable,
     first_unused,
+    remove_dead_writes,
     resume_from,
 )
 from ddpm.tracking import dirname, record_run
@@ -77,24 +83,35 @@ def build(node: Any, **kwargs: Any) -> Any:
 
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Fit the configured module on the configured data; returns the final logged metrics."""
+    check_settings(cfg)
     L.seed_everything(cfg.seed, workers=True)
     out = Path(cfg.paths.output_dir)
     check_writable(out)
     # before building anything: a missing, corrupt or unsafe checkpoint fails now
-    found = resume_from(cfg.resume, out)
+    found = resume_from(resume_setting(cfg), out)
     ckpt_path = None
     if found is not None:
         ckpt_path, ckpt = found
         check_same_network(ckpt_path, ckpt, OmegaConf.to_container(cfg.module.net, resolve=True))
+        if "schedule" in cfg.module:  # a diffusion model (not an autoencoder)
+            schedule = OmegaConf.to_container(cfg.module.schedule, resolve=True)
+            allow = cfg.get("resume_changes", "refuse") == "allow"
+            check_same_process(ckpt_path, ckpt, schedule, cfg.module.objective, allow)
         del ckpt, found  # Lightning loads it again for the restore: don't hold two copies
+    remove_dead_writes(out)
     save_config(cfg, out)
+    if cfg.get("print_config"):
+        print_config_tree(cfg)
 
     datamodule: L.LightningDataModule = build(cfg.dataset, seed=cfg.seed)
     module: L.LightningModule = build(cfg.module)
+    if cfg.get("test") and not is_overridden("test_step", module):
+        raise ValueError(f"test=true: {type(module).__name__} has no test stage; drop test=true")
     # a callback set to null (callbacks.sample_grid=null) is off, also when another config
     # (debug=fast) then sets some of its options
     nodes = (cfg.get("callbacks") or {}).values()
     callbacks = [build(c) for c in nodes if c is not None and "_target_" in c]
+    callbacks.append(Interrupt())  # Ctrl-C saves a checkpoint, whatever the callbacks config
     loggers = build_loggers(cfg, out, resuming=ckpt_path is not None)
     plugins = [build(p) for p in cfg.trainer.get("plugins") or []]
     trainer: L.Trainer = build(
@@ -109,16 +126,108 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     log.info("run directory: %s", out)
     if ckpt_path is not None:
         log.info("resuming from %s", ckpt_path)
-    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
+    try:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
+    except torch.OutOfMemoryError as e:
+        first = (str(e).splitlines() or [""])[0]
+        batch = cfg.dataset.get("batch_size")
+        raise InputError(
+            f"Error: out of memory in training ({first}). Lower dataset.batch_size (now {batch}) "
+            "and raise trainer.accumulate_grad_batches by the same factor to keep the "
+            "effective batch"
+        ) from e
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
     log.info("finished at step %d: %s", trainer.global_step, metrics)
     warn_if_cut_short(trainer, cfg.trainer.get("max_time"))
+    if cfg.get("test") and not trainer.interrupted:
+        # the checkpoint callback's best (newest, as it ranks by step), else the weights now
+        best = getattr(trainer.checkpoint_callback, "best_model_path", "") or None
+        trainer.test(module, datamodule=datamodule, ckpt_path=best, weights_only=True)
+        metrics |= {k: float(v) for k, v in trainer.callback_metrics.items() if "test/" in k}
     if trainer.is_global_zero:  # what `python -m ddpm.results` tabulates over a sweep
         # valid JSON: a diverged metric is null, not NaN (which JSON does not have)
         finite = {k: v if math.isfinite(v) else None for k, v in metrics.items()}
         final = {"step": trainer.global_step, **finite}
         (out / "metrics.json").write_text(json.dumps(final, indent=1, allow_nan=False) + "\n")
     return metrics
+
+
+def resume_setting(cfg: DictConfig) -> Any:
+    """`resume`, or `ckpt_path` (lightning-hydra-template's name for resume=PATH)."""
+    path = cfg.get("ckpt_path")
+    if path is None:
+        return cfg.resume
+    if str(cfg.resume) not in ("auto", str(path)):
+        raise ValueError(
+            f"ckpt_path={path} and resume={cfg.resume} both say where to start from: give one "
+            "(ckpt_path=PATH is resume=PATH)"
+        )
+    return path
+
+
+@rank_zero_only
+def print_config_tree(cfg: DictConfig) -> None:
+    """The composed config as a tree, one branch per top-level key (print_config=false: off)."""
+    from rich import print as rich_print
+    from rich.syntax import Syntax
+    from rich.tree import Tree
+
+    tree = Tree("config", guide_style="dim")
+    for key, value in cfg.items():
+        text = OmegaConf.to_yaml(value, resolve=True) if OmegaConf.is_config(value) else value
+        tree.add(str(key)).add(Syntax(str(text).rstrip(), "yaml"))
+    rich_print(tree)
+
+
+def check_settings(cfg: DictConfig) -> None:
+    """Values that would otherwise fail deep in Lightning or torch (a ZeroDivisionError, a
+    TypeError), or only at the first validation, or train nothing: one line naming the key,
+    before any work."""
+    seed = cfg.get("seed")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+        raise ValueError(f"seed must be an integer, e.g. seed=0; got {seed!r}")
+    if cfg.get("resume_changes", "refuse") not in ("refuse", "allow"):
+        raise ValueError(f"resume_changes must be refuse or allow, got {cfg.resume_changes!r}")
+    trainer = cfg.trainer
+    steps = trainer.get("max_steps")
+    if isinstance(steps, bool) or not isinstance(steps, int):
+        raise ValueError(
+            f"trainer.max_steps must be an integer (optimizer steps, -1: no limit), got {steps!r}"
+        )
+    if steps == 0:
+        raise ValueError(
+            "trainer.max_steps=0 trains nothing: give the number of optimizer steps, e.g. "
+            "trainer.max_steps=10000 (-1: until trainer.max_time)"
+        )
+    interval = trainer.get("val_check_interval")
+    if interval is not None and (
+        isinstance(interval, bool) or not isinstance(interval, int | float) or interval <= 0
+    ):
+        raise ValueError(
+            "trainer.val_check_interval must be > 0 (an integer: every that many steps; a "
+            f"fraction: of an epoch), got {interval!r}"
+        )
+    accelerator = str(trainer.get("accelerator", "auto"))
+    if accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
+        mps = accelerator == "gpu" and torch.backends.mps.is_available()
+        if not mps:
+            raise ValueError(
+                f"trainer.accelerator={accelerator} (trainer=gpu) needs a GPU, and torch sees "
+                "none here: use trainer=cpu, or trainer.accelerator=auto"
+            )
+    timesteps = (cfg.get("schedule") or {}).get("timesteps")
+    if not isinstance(timesteps, int) or timesteps < 1:
+        return  # the schedule's own check names it
+    for name, node in (cfg.get("callbacks") or {}).items():
+        if node is None or "_target_" not in node:
+            continue
+        for key in ("steps", "final_steps"):
+            value = node.get(key)
+            if value is not None and not (isinstance(value, int) and 1 <= value <= timesteps):
+                raise ValueError(
+                    f"callbacks.{name}.{key} must be a number of sampling steps in [1, "
+                    f"{timesteps}] (the schedule's T, schedule.timesteps), got {value!r}"
+                )
 
 
 def warn_if_cut_short(trainer: L.Trainer, max_time: str | None) -> None:

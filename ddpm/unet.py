@@ -138,6 +138,12 @@ class UNet(nn.Module):
                 f"downsampling factor for ch_mult={list(ch_mult)}; use fewer levels in "
                 "model.ch_mult or resize the data (dataset.image_size)"
             )
+        if not isinstance(ch, int) or ch < 4:  # the time embedding's sin/cos need 2 pairs
+            raise ValueError(f"model.ch (the base width) must be an integer >= 4, got {ch!r}")
+        if not ch_mult or any(not isinstance(m, int) or m < 1 for m in ch_mult):
+            raise ValueError(
+                f"model.ch_mult must be a non-empty list of integers >= 1, got {list(ch_mult)}"
+            )
         if in_channels < 1:  # 1 gray, 3 RGB, or an autoencoder's latent channels
             raise ValueError(f"model.in_channels must be >= 1, got {in_channels}")
         if not 0 <= dropout < 1:

@@ -1,3 +1,4 @@
+import math
 import pickle
 from types import SimpleNamespace
 
@@ -172,6 +173,39 @@ def test_nonfinite_gradient_skips_the_update():
     optimizer = torch.optim.SGD(module.net.parameters(), lr=0.1)
     guard.on_before_optimizer_step(trainer, module, optimizer)
     assert all(p.grad is None for p in module.net.parameters()) and guard.skipped_steps == 1
+
+
+def test_loss_curve_marks_steps_without_a_finite_loss(tmp_path):
+    """module.nonfinite=skip: a skipped step's loss is NaN or inf, and Lightning passes {} for a
+    step without a loss; neither is plotted, and neither crashes the curve (it did, KeyError)."""
+    from ddpm.callbacks import LossCurve
+
+    curve = LossCurve(every_n_steps=1)
+    trainer = SimpleNamespace(global_step=0, default_root_dir=str(tmp_path))
+    outputs = [{"loss": torch.tensor(0.5)}, {}, {"loss": torch.tensor(float("nan"))}, None]
+    outputs += [torch.tensor(float("inf")), torch.tensor(0.25)]
+    for step, out in enumerate(outputs, 1):
+        trainer.global_step = step
+        curve.on_train_batch_end(trainer, None, out, None, step)
+    assert curve.steps == [1, 3, 5, 6]  # no point without a loss; a gap for a non-finite one
+    assert curve.losses[::3] == [0.5, 0.25] and all(math.isnan(v) for v in curve.losses[1:3])
+    LossCurve.on_train_end.__wrapped__(curve, trainer, None)  # without rank_zero_only's rank
+    assert (tmp_path / "loss_curve.png").stat().st_size > 0
+
+
+@pytest.mark.parametrize("lr", [float("nan"), -1.0, 0.0, "ten"])
+def test_bad_learning_rate_is_named(lr):
+    with pytest.raises(ValueError, match="module.optimizer.lr must be a finite number > 0"):
+        DiffusionModule(net=NET, schedule=SCHEDULE, optimizer={**OPT, "lr": lr})
+
+
+def test_unknown_device_is_named():
+    from ddpm.device import pick_device
+
+    for name in ("tpu", "cuda:x", "xla"):
+        with pytest.raises(ValueError, match=f"^device={name} is not .*use device=auto, cpu"):
+            pick_device(name)
+    assert pick_device("cpu") == torch.device("cpu")
 
 
 def test_bad_module_options_are_named():

@@ -3,6 +3,8 @@ SIGTERM / SLURM's SIGUSR1, divergence stops, atomic writes, unwritable outputs."
 
 from __future__ import annotations
 
+import csv
+import math
 import os
 import random
 import signal
@@ -16,7 +18,15 @@ import torch
 from conftest import FAST, ROOT, run_script
 
 from ddpm.checkpoint import CheckpointError
-from ddpm.resume import AtomicCheckpointIO, check_creatable, check_writable, find_checkpoint
+from ddpm.resume import (
+    AtomicCheckpointIO,
+    check_creatable,
+    check_writable,
+    checkpoint_files,
+    find_checkpoint,
+    remove_dead_writes,
+    resume_from,
+)
 
 # 40 tiny steps over 5-batch epochs (so runs cross epoch boundaries), a checkpoint every 4
 RUN = [
@@ -127,8 +137,10 @@ def test_all_checkpoints_corrupt_is_an_error_not_a_fresh_start(tmp_path: Path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("sig", ["SIGTERM", "SIGUSR1"])
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGUSR1", "SIGINT"])
 def test_signal_saves_a_checkpoint_and_exits(tmp_path: Path, sig: str):
+    """SIGTERM, SLURM's SIGUSR1 and Ctrl-C (SIGINT) each save last.ckpt at the end of the
+    step, log that step's metrics (the last row of metrics.csv), exit, and the rerun resumes."""
     run = tmp_path / "run"
     proc = start(run, "trainer.max_steps=100000")
     wait_for(run / "checkpoints" / "step_0000004.ckpt", proc)
@@ -138,6 +150,10 @@ def test_signal_saves_a_checkpoint_and_exits(tmp_path: Path, sig: str):
     assert f"stopped by {sig} at step" in out and "rerun the same command" in out
     step = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["global_step"]
     assert 4 <= step < 100000
+    # Lightning's CSV rows count steps from 0: global step N is row step N - 1
+    rows = list(csv.DictReader((run / "logs" / "metrics.csv").open()))
+    logged = [int(r["step"]) + 1 for r in rows if r.get("train/loss")]
+    assert logged[-1] == step, (logged[-3:], step)
     # and the rerun continues from there
     proc = run_script("train.py", *RUN, f"hydra.run.dir={run}", f"trainer.max_steps={step + 2}")
     assert f"resuming from {run / 'checkpoints' / 'last.ckpt'}" in proc.stdout
@@ -278,3 +294,153 @@ def test_keep_last_k_and_a_failed_save_deletes_nothing(tmp_path: Path, monkeypat
     assert kept == ["last.ckpt", "step_0000002.ckpt", "step_0000004.ckpt"]  # nothing half-written
     for name in kept:
         torch.load(tmp_path / "b" / "checkpoints" / name, weights_only=True)
+
+
+def train_in(run: Path, *overrides: str) -> dict:
+    """training.train in-process, with `run` as the run directory."""
+    from conftest import compose_config
+    from omegaconf import open_dict
+
+    from ddpm import training
+
+    cfg = compose_config([*FAST, *overrides, f"hydra.runtime.output_dir={run}"])
+    with open_dict(cfg):
+        del cfg["hydra"]  # as train.py's main receives it (HydraConfig still resolves)
+    return training.train(cfg)
+
+
+def test_auto_resume_picks_the_highest_step_not_the_newest_file(trained_run: Path, tmp_path):
+    """A copy that doesn't keep file times (cp without -p, rsync without -t) can make an older
+    checkpoint the newest file: resume=auto goes by the step saved in each."""
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run)
+    older = run / "checkpoints" / "step_0000002.ckpt"
+    later = time.time() + 3600
+    os.utime(older, (later, later))
+    path, ckpt = find_checkpoint(run)
+    assert ckpt["global_step"] == 4 and path != older
+    assert checkpoint_files(run)[-1] == older
+
+
+def test_resume_into_another_runs_directory_is_refused(trained_run: Path, tmp_path: Path):
+    """resume=PATH of one run's checkpoint with a run directory that holds another run: refused
+    before anything is written, naming both and the ways out; within its own run it is fine."""
+    import shutil
+
+    mine, other = tmp_path / "mine", tmp_path / "other"
+    shutil.copytree(trained_run, mine)
+    shutil.copytree(trained_run, other)
+    before = {p: p.read_bytes() for p in mine.rglob("*") if p.is_file()}
+    assert {"metrics.json", "loss_curve.png", "run.json"} <= {p.name for p in before}
+    ckpt = other / "checkpoints" / "step_0000002.ckpt"
+    with pytest.raises(CheckpointError) as info:
+        train_in(mine, f"resume={ckpt}")
+    message = str(info.value)
+    assert f"resume={ckpt} is not a checkpoint of the run in {mine}" in message
+    assert f"hydra.run.dir={other};" in message and "resume=auto" in message
+    assert {p: p.read_bytes() for p in mine.rglob("*") if p.is_file()} == before
+    own = mine / "checkpoints" / "step_0000002.ckpt"  # this run, from an earlier step: allowed
+    assert resume_from(str(own), mine)[1]["global_step"] == 2
+
+
+def test_dead_writes_are_removed(tmp_path: Path, caplog):
+    """The temporary files of checkpoint writes that were killed midway; nothing else."""
+    (tmp_path / "checkpoints").mkdir()
+    dead = [
+        tmp_path / "checkpoints" / ".last.ckpt.0a1b2c3d.tmp",
+        tmp_path / "checkpoints" / ".step_0000004.ckpt.deadbeef.tmp",
+        tmp_path / ".hpc_ckpt_1.ckpt.12345678.tmp",
+    ]
+    kept = [tmp_path / "checkpoints" / "last.ckpt", tmp_path / "notes.tmp"]
+    for path in dead + kept:
+        path.write_bytes(b"x" * 100)
+    with caplog.at_level("WARNING"):
+        assert sorted(remove_dead_writes(tmp_path)) == sorted(dead)
+    assert not any(p.exists() for p in dead) and all(p.exists() for p in kept)
+    assert "removed 3 unfinished checkpoint writes" in caplog.text
+    assert ".last.ckpt.0a1b2c3d.tmp" in caplog.text
+
+
+@pytest.mark.slow
+def test_keep_last_k_holds_after_kills(tmp_path: Path):
+    """save_top_k=2 across a kill: a periodic checkpoint that a kill left undeleted (between
+    writing the next one and deleting it), the checkpoint resumed from (Lightning never deletes
+    that one) and the temporary file of a killed write are all gone once the resumed run has
+    written two newer ones."""
+    run = tmp_path / "run"
+    keep = ["callbacks.model_checkpoint.save_top_k=2"]
+    train_in(run, *keep, "trainer.max_steps=8")
+    ckpts = run / "checkpoints"
+    assert sorted(p.name for p in ckpts.iterdir()) == [
+        "last.ckpt",
+        "step_0000006.ckpt",
+        "step_0000008.ckpt",
+    ]
+    # step 2's file as a kill between saving step 6 and deleting step 2 would leave it
+    left = torch.load(ckpts / "step_0000006.ckpt", weights_only=True)
+    left["global_step"] = 2
+    for state in left["callbacks"].values():
+        if "current_score" in state:
+            state["current_score"] = torch.tensor(2)
+    torch.save(left, ckpts / "step_0000002.ckpt")
+    (ckpts / ".step_0000010.ckpt.0badf00d.tmp").write_bytes(b"half a checkpoint")
+    train_in(run, *keep, "trainer.max_steps=12", f"resume={ckpts / 'step_0000006.ckpt'}")
+    assert sorted(p.name for p in ckpts.iterdir()) == [
+        "last.ckpt",
+        "step_0000010.ckpt",
+        "step_0000012.ckpt",
+    ]
+
+
+def test_out_of_memory_names_the_batch_size(monkeypatch, tmp_path: Path):
+    """Out of memory in training: one line that says which settings to lower (and how to keep
+    the effective batch), not torch's allocator report."""
+    from ddpm.errors import InputError
+    from ddpm.module import DiffusionModule
+
+    def too_big(self, batch, batch_idx):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+    monkeypatch.setattr(DiffusionModule, "training_step", too_big)
+    with pytest.raises(InputError) as info:
+        train_in(tmp_path / "run")
+    assert str(info.value).startswith(
+        "Error: out of memory in training (CUDA out of memory. Tried to allocate 20.00 GiB). "
+        "Lower dataset.batch_size (now 8) and raise trainer.accumulate_grad_batches"
+    )
+
+
+@pytest.mark.slow
+def test_skipped_nonfinite_steps_leave_the_loss_curve_whole(tmp_path: Path):
+    """module.nonfinite=skip with a learning rate that makes every loss after the first
+    non-finite: the run finishes and plots the finite points (it crashed with KeyError)."""
+    run = tmp_path / "run"
+    train_in(
+        run,
+        "module.optimizer.lr=1e38",
+        "module.nonfinite=skip",
+        "callbacks.loss_curve.every_n_steps=1",
+        "trainer.max_steps=6",
+    )
+    ckpt = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
+    assert ckpt["global_step"] == 6 and (run / "loss_curve.png").is_file()
+    curve = ckpt["callbacks"]["LossCurve"]
+    assert curve["steps"] == [1] and math.isfinite(curve["losses"][0])  # only step 1 is finite
+
+
+def test_changed_schedule_on_resume_goes_on_only_when_allowed(trained_run: Path, caplog):
+    """resume_changes=allow: the same change as the table's refused one is a warning."""
+    from ddpm.resume import check_same_process
+
+    path = trained_run / "checkpoints" / "last.ckpt"
+    ckpt = torch.load(path, weights_only=True)
+    schedule = {**ckpt["hyper_parameters"]["schedule"], "timesteps": 500}
+    objective = ckpt["hyper_parameters"]["objective"]
+    check_same_process(path, ckpt, ckpt["hyper_parameters"]["schedule"], objective, allow=False)
+    with pytest.raises(CheckpointError, match=r"schedule.timesteps=1000 \(this run: 500\)"):
+        check_same_process(path, ckpt, schedule, objective, allow=False)
+    with caplog.at_level("WARNING"):
+        check_same_process(path, ckpt, schedule, objective, allow=True)
+    assert "resume_changes=allow: resuming" in caplog.text and "timesteps=1000" in caplog.text
