@@ -23,7 +23,7 @@ import time
 
 import torch
 
-from bench.readability import readability
+from bench.readability import centre_28, readability
 from ddpm.data import fit_size
 from ddpm.datasets import load_mnist5k
 from ddpm.generate import generate_all
@@ -77,9 +77,7 @@ def samples(module, n: int) -> tuple[torch.Tensor, torch.Tensor, float]:
 
 def to_digits(images: torch.Tensor) -> torch.Tensor:
     """Generated images in [-1, 1] -> uint8 28x28 (the centre of 32 px ones)."""
-    if images.shape[-1] != 28:
-        pad = (images.shape[-1] - 28) // 2
-        images = images[..., pad : pad + 28, pad : pad + 28]
+    images = centre_28(images)
     return ((images.float() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
 
 

@@ -123,10 +123,29 @@ def load_classifier() -> tuple[nn.Module, dict]:
     return model, report
 
 
-def split_grid(path: str | Path, n: int | None = None, size: int = 28, padding: int = 2) -> Tensor:
-    """A torchvision `make_grid` PNG -> its first n tiles (n, 1, size, size), floats in [0, 1]."""
+def tile_size(height: int, width: int, padding: int = 2, sizes: tuple = (28, 32)) -> int:
+    """The tile size of a `make_grid` PNG: 28 px digits, or the 32 px (digits padded by 2 px)
+    that the latent models draw; the first size that tiles both sides exactly."""
+    for size in sizes:
+        if (height - padding) % (size + padding) == 0 and (width - padding) % (size + padding) == 0:
+            return size
+    raise ValueError(f"a {width}x{height} grid is not tiles of {sizes} px with padding {padding}")
+
+
+def centre_28(images: Tensor) -> Tensor:
+    """The 28x28 centre of larger tiles (where the 2 px padding of 32 px digits put them)."""
+    pad = (images.shape[-1] - 28) // 2
+    return images[..., pad : pad + 28, pad : pad + 28] if pad > 0 else images
+
+
+def split_grid(
+    path: str | Path, n: int | None = None, size: int | None = None, padding: int = 2
+) -> Tensor:
+    """A torchvision `make_grid` PNG -> its first n tiles (n, 1, size, size), floats in [0, 1];
+    `size` None: found from the grid's shape (`tile_size`)."""
     gray = torch.from_numpy(np.array(Image.open(path).convert("L")))
     img = gray[None].float() / 255.0  # (1, H, W)
+    size = size or tile_size(img.shape[1], img.shape[2], padding)
     step = size + padding
     rows, cols = (img.shape[1] - padding) // step, (img.shape[2] - padding) // step
     tiles = [
@@ -185,7 +204,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawTextHelpFormatter
     )
-    parser.add_argument("grid", nargs="?", help="a sample grid PNG (28x28 tiles, padding 2)")
+    parser.add_argument("grid", nargs="?", help="a sample grid PNG (28 or 32 px tiles, padding 2)")
     parser.add_argument("--ckpt", help="or a checkpoint to sample from")
     parser.add_argument("--n", type=int, default=64)
     parser.add_argument("--steps", type=int, default=None)
@@ -219,6 +238,7 @@ def main() -> None:
         images = split_grid(args.grid, args.n)
     else:
         parser.error("give a grid PNG or --ckpt")
+    images = centre_28(images)  # the classifier reads 28 px digits
     labels = torch.arange(len(images)) % 10 if args.labels == "cycle" else None
     report = readability(images, args.threshold, labels)
     print(json.dumps(report))

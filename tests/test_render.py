@@ -4,7 +4,7 @@ import pytest
 import torch
 from PIL import Image
 
-from bench.readability import split_grid
+from bench.readability import centre_28, split_grid
 from ddpm.generate import image_labels
 from ddpm.render import save_grid, save_png, to_uint8, wrap_words
 from ddpm.sampling import load_png, noise_levels_t
@@ -16,6 +16,12 @@ def test_grid_round_trips_through_png(tmp_path):
     tiles = split_grid(path, n=23)
     assert tiles.shape == (23, 1, 28, 28)
     assert torch.equal((tiles * 255).round().to(torch.uint8), to_uint8(images))
+    # the 32 px tiles of latent models: found from the grid's shape, read at their 28 px centre
+    big = torch.rand(23, 1, 32, 32, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    tiles = split_grid(save_grid(big, tmp_path / "g32" / "grid.png", nrow=10), n=23)
+    assert tiles.shape == (23, 1, 32, 32)
+    read = (centre_28(tiles) * 255).round().to(torch.uint8)
+    assert torch.equal(read, to_uint8(big[..., 2:30, 2:30]))
 
 
 def test_cycle_labels_put_one_class_per_column():
