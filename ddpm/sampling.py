@@ -286,9 +286,17 @@ def write_text(
     layout(to_uint8(images.cpu())).save(out / "text.png")
     if recorder is not None:
         x_T = first_frame(module, len(labels), cfg.seed)
-        save_animation(recorder, out / "animation.gif", layout, x_T)
+        save_animation(recorder, out / "animation.gif", layout, x_T, hold_ms=hold_ms(cfg))
     log.info("wrote %s", out / "text.png")
     return out
+
+
+def hold_ms(cfg: DictConfig) -> int:
+    """How long animation.gif shows its final frame (ms)."""
+    hold = cfg.get("animation_hold_ms", 2000)
+    if isinstance(hold, bool) or not isinstance(hold, int) or hold < 0:
+        raise ValueError(f"animation_hold_ms must be an integer >= 0 (milliseconds), got {hold!r}")
+    return hold
 
 
 def sample(cfg: DictConfig) -> Path:
@@ -302,6 +310,7 @@ def sample(cfg: DictConfig) -> Path:
             f"text={str(cfg.text)!r} holds no letters; give a sentence (text='HELLO WORLD') "
             "or drop text= to draw n images"
         )
+    hold_ms(cfg)  # a wrong value fails before any work
     out = Path(cfg.out)
     check_output_dir(out, "out")
     earlier = check_earlier(out, cfg.overwrite, cfg.resume)
@@ -376,7 +385,7 @@ def sample(cfg: DictConfig) -> Path:
         kept.append(images)
         if recorder is not None and first == start:
             x_T = first_frame(module, len(images), cfg.seed, first)
-            save_animation(recorder, out / "animation.gif", frame, x_T)
+            save_animation(recorder, out / "animation.gif", frame, x_T, hold_ms=hold_ms(cfg))
     everything = torch.cat(kept)
     save_grid(everything[: cfg.grid_max].float() / 127.5 - 1, out / "grid.png", nrow)
     if cfg.npz:

@@ -153,6 +153,7 @@ def test_text_writes_a_sentence(letters_ckpt: Path, tmp_path: Path):
         "steps=3",
         "guidance=2",
         "animate=true",
+        "animation_hold_ms=3500",
         "scale=1",
         f"out={out}",
     )
@@ -160,6 +161,8 @@ def test_text_writes_a_sentence(letters_ckpt: Path, tmp_path: Path):
     assert page.size == (5 * 28, 2 * 28)  # two lines of five letters
     gif = Image.open(out / "animation.gif")
     assert gif.size[0] == 5 * 28 and gif.n_frames == 4
+    gif.seek(gif.n_frames - 1)
+    assert gif.info["duration"] == 3500  # the sentence held as long as asked
     proc = run_script(
         "sample.py",
         f"ckpt={letters_ckpt}",
