@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import math
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -202,6 +203,9 @@ class DiffusionModule(L.LightningModule):
                 f"{self.net.in_channels}: set model.in_channels={latent}"
             )
         self.autoencoder = net.eval().requires_grad_(False)
+        # frozen and in eval mode on purpose: Lightning would otherwise warn "Found N
+        # module(s) in eval mode at the start of training" at every latent run
+        warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
 
     @property
     def image_shape(self) -> tuple[int, int, int]:
