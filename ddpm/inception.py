@@ -117,8 +117,9 @@ def inception_weights(path: str | Path | None, cache_dir: str | Path = ".cache/d
         return str(converted)
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        raise ValueError(f"refused Inception weights {path}: they hold more than tensors") from e
+    except pickle.UnpicklingError:
+        # from None: torch's error advises weights_only=False, the unsafe way round
+        raise ValueError(f"refused Inception weights {path}: they hold more than tensors") from None
     expected = _fidelity_layout()
     if not isinstance(state, dict) or set(state) != set(expected):
         raise ValueError(f"{path} is not torch-fidelity's InceptionV3 state dict (keys differ)")
