@@ -89,6 +89,24 @@ SAMPLE_EVAL_CASES: list[tuple[str, str, list[str], str]] = [
         r"directory: out=DIR/fid.json",
     ),
     (
+        "sample: unknown device",
+        "sample",
+        ["device=tpu"],
+        r"^device=tpu is not a device: use device=auto, cpu, cuda or cuda:N",
+    ),
+    (
+        "eval: unknown device",
+        "eval",
+        ["device=tpu"],
+        r"^device=tpu is not a device: use device=auto, cpu, cuda or cuda:N",
+    ),
+    (
+        "sample: negative animation hold",
+        "sample",
+        ["animate=true", "animation_hold_ms=-1"],
+        r"^animation_hold_ms must be an integer >= 0 \(milliseconds\), got -1",
+    ),
+    (
         "eval: sampler steps for a source of images",
         "eval",
         ["source={tmp}", "steps=50"],

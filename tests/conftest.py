@@ -132,3 +132,11 @@ def weights_with_classifier(weights: str, tmp_path_factory: pytest.TempPathFacto
     path = tmp_path_factory.mktemp("inception") / "random-classifier.pth"
     torch.save(state, path)
     return str(path)
+
+
+def final_state(run_dir: Path) -> tuple[list, list, dict]:
+    """The loss curve and weights of a 40-step run's last.ckpt (the kill/resume tests)."""
+    ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
+    assert ckpt["global_step"] == 40
+    curve = ckpt["callbacks"]["LossCurve"]
+    return curve["steps"], curve["losses"], ckpt["state_dict"]

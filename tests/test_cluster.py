@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import FAST, ROOT, compose_config, run_script
+from conftest import FAST, ROOT, compose_config, final_state, run_script
 
 from ddpm.cluster import launcher_problem
 
@@ -192,13 +192,6 @@ RUN = [
 def children(pid: int) -> list[int]:
     out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout
     return [int(p) for p in out.split()]
-
-
-def final_state(run_dir: Path) -> tuple[list, list, dict]:
-    ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
-    assert ckpt["global_step"] == 40
-    curve = ckpt["callbacks"]["LossCurve"]
-    return curve["steps"], curve["losses"], ckpt["state_dict"]
 
 
 @pytest.mark.slow

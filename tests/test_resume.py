@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import FAST, ROOT, run_script
+from conftest import FAST, ROOT, final_state, run_script
 
 from ddpm.checkpoint import CheckpointError
 from ddpm.resume import (
@@ -58,13 +58,6 @@ def wait_for(path: Path, proc: subprocess.Popen, timeout: float = 120) -> None:
             proc.kill()
             raise AssertionError(f"no {path} after {timeout} s")
         time.sleep(0.01)
-
-
-def final_state(run_dir: Path) -> tuple[list, list, dict]:
-    ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
-    assert ckpt["global_step"] == 40
-    curve = ckpt["callbacks"]["LossCurve"]
-    return curve["steps"], curve["losses"], ckpt["state_dict"]
 
 
 @pytest.mark.slow
