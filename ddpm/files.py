@@ -11,14 +11,26 @@ from pathlib import Path
 from typing import BinaryIO
 
 
+def _file_mode() -> int:
+    """The mode open() gives a new file under this process's umask (read once, at import)."""
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+FILE_MODE = _file_mode()
+
+
 def atomic_write(path: str | Path, write: Callable[[BinaryIO], None]) -> Path:
     """`write(f)` into a temporary file of its own beside `path` (two writers never share one),
     then rename it into place (atomic on POSIX): a killed or racing writer never leaves a
-    truncated `path`. The temporary file is removed if writing fails."""
+    truncated `path`. The temporary file is removed if writing fails. The file gets the mode
+    a plain open() would give it (mkstemp's are private, 0600: unreadable to a colleague)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, FILE_MODE)
         with os.fdopen(fd, "wb") as f:
             write(f)
         os.replace(tmp, path)

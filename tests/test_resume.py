@@ -237,6 +237,16 @@ def test_atomic_save_keeps_the_old_file_when_writing_fails(tmp_path: Path, monke
     assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]  # no temporary file left
 
 
+def test_atomic_write_gives_the_mode_of_a_plain_open(tmp_path: Path):
+    """Files written atomically (sample.py's PNGs, sample.json, caches) are as readable as any
+    the user writes, not mkstemp's private 0600."""
+    from ddpm.files import atomic_write
+
+    (tmp_path / "plain").write_bytes(b"x")
+    written = atomic_write(tmp_path / "atomic", lambda f: f.write(b"x"))
+    assert written.stat().st_mode == (tmp_path / "plain").stat().st_mode
+
+
 @pytest.mark.slow
 def test_unwritable_run_directory_fails_at_start(tmp_path: Path):
     blocker = tmp_path / "file"
