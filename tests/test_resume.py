@@ -418,7 +418,8 @@ def test_out_of_memory_names_the_batch_size(monkeypatch, tmp_path: Path):
 @pytest.mark.slow
 def test_skipped_nonfinite_steps_leave_the_loss_curve_whole(tmp_path: Path):
     """module.nonfinite=skip with a learning rate that makes every loss after the first
-    non-finite: the run finishes and plots the finite points (it crashed with KeyError)."""
+    non-finite: the run finishes and plots every step, the skipped ones as gaps (NaN; it
+    crashed with KeyError)."""
     run = tmp_path / "run"
     train_in(
         run,
@@ -430,7 +431,8 @@ def test_skipped_nonfinite_steps_leave_the_loss_curve_whole(tmp_path: Path):
     ckpt = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
     assert ckpt["global_step"] == 6 and (run / "loss_curve.png").is_file()
     curve = ckpt["callbacks"]["LossCurve"]
-    assert curve["steps"] == [1] and math.isfinite(curve["losses"][0])  # only step 1 is finite
+    assert curve["steps"] == [1, 2, 3, 4, 5, 6] and math.isfinite(curve["losses"][0])
+    assert all(math.isnan(v) for v in curve["losses"][1:])  # the skipped updates: gaps
 
 
 def test_changed_schedule_on_resume_goes_on_only_when_allowed(trained_run: Path, caplog):
