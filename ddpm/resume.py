@@ -457,17 +457,10 @@ class Preemption(L.Callback):
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, i: int
     ) -> None:
-        received = self.received is not None
-        if trainer.world_size > 1:
-            received = trainer.strategy.reduce_boolean_decision(received, all=False)
-        if not received:
+        if not on_any_rank(trainer, self.received is not None):
             return
         signum = self.received or signal.SIGTERM
-        directory = Path(trainer.default_root_dir) / "checkpoints"
-        if trainer.checkpoint_callback is not None and trainer.checkpoint_callback.dirpath:
-            directory = Path(trainer.checkpoint_callback.dirpath)
-        path = directory / "last.ckpt"
-        trainer.save_checkpoint(path)
+        path = save_and_log_step(trainer)
         message = (
             f"stopped by {signal.Signals(signum).name} at step {trainer.global_step}; saved {path}"
         )
@@ -521,10 +514,7 @@ class Interrupt(L.Callback):
     could hold such a half-made step. So the first press is only noted here, and acted on at
     the end of the step, as `Preemption` does for SIGTERM.
 
-    In `on_exception` of any stop at the end of a step (this one's, `Preemption`'s), the
-    step's metrics go to the loggers before Lightning closes them: the stop comes from
-    `on_train_batch_end`, before Lightning logs the step, so metrics.csv would end one row
-    short of the saved step.
+    The save and the step's log row are `save_and_log_step`, shared with `Preemption`.
     """
 
     def __init__(self) -> None:
@@ -556,16 +546,9 @@ class Interrupt(L.Callback):
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, i: int
     ) -> None:
-        pressed = self.pressed
-        if trainer.world_size > 1:
-            pressed = trainer.strategy.reduce_boolean_decision(pressed, all=False)
-        if not pressed:
+        if not on_any_rank(trainer, self.pressed):
             return
-        directory = Path(trainer.default_root_dir) / "checkpoints"
-        if trainer.checkpoint_callback is not None and trainer.checkpoint_callback.dirpath:
-            directory = Path(trainer.checkpoint_callback.dirpath)
-        path = directory / "last.ckpt"
-        trainer.save_checkpoint(path)
+        path = save_and_log_step(trainer)
         log.warning(
             "stopped by SIGINT at step %d (Ctrl-C); saved %s; rerun the same command to "
             "continue (resume=auto)",
@@ -579,12 +562,32 @@ class Interrupt(L.Callback):
         self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException
     ) -> None:
         self._restore()
-        if isinstance(exception, SystemExit) and trainer.training:
-            try:  # what Lightning does right after on_train_batch_end (_TrainingEpochLoop)
-                trainer._logger_connector.on_batch_end()
-                trainer._logger_connector.update_train_step_metrics()
-            except Exception as e:  # the checkpoint is saved; a lost log row is no reason to fail
-                log.warning("could not log the metrics of the last step: %s", e)
+
+
+def on_any_rank(trainer: L.Trainer, flag: bool) -> bool:
+    """Whether `flag` holds on any rank (a signal may reach only some of them): agreed every
+    step, so that all ranks stop at the same one."""
+    if trainer.world_size > 1:
+        return trainer.strategy.reduce_boolean_decision(flag, all=False)
+    return flag
+
+
+def save_and_log_step(trainer: L.Trainer) -> Path:
+    """A stop at the end of a step (`Preemption`, `Interrupt`): save `<checkpoints>/last.ckpt`,
+    then send the step's metrics to the loggers. The stop is raised from on_train_batch_end,
+    before Lightning logs the step, so metrics.csv would otherwise end one row short of the
+    saved step."""
+    directory = Path(trainer.default_root_dir) / "checkpoints"
+    if trainer.checkpoint_callback is not None and trainer.checkpoint_callback.dirpath:
+        directory = Path(trainer.checkpoint_callback.dirpath)
+    path = directory / "last.ckpt"
+    trainer.save_checkpoint(path)
+    try:  # what Lightning does right after on_train_batch_end (_TrainingEpochLoop)
+        trainer._logger_connector.on_batch_end()
+        trainer._logger_connector.update_train_step_metrics()
+    except Exception as e:  # the checkpoint is saved; a lost log row is no reason to fail
+        log.warning("could not log the metrics of the last step: %s", e)
+    return path
 
 
 def rng_state() -> dict[str, Any]:
