@@ -12,7 +12,7 @@ import torch
 from fakes import fake_cifar, fake_stl10  # noqa: F401 - fixtures, seen by every test module
 from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig
+from omegaconf import DictConfig, open_dict
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
@@ -27,6 +27,15 @@ def compose_config(overrides: list[str] | None = None, name: str = "config") -> 
     with initialize_config_dir(version_base="1.3", config_dir=str(CONF)):
         cfg = compose(name, overrides=overrides or [], return_hydra_config=True)
     HydraConfig.instance().set_config(cfg)  # lets ${hydra:...} resolve as in a real run
+    return cfg
+
+
+def train_config(run: Path, overrides: list[str]) -> DictConfig:
+    """The train.py config for `overrides` with `run` as the run directory, as train.py's main
+    receives it: without the hydra node (HydraConfig still resolves)."""
+    cfg = compose_config([*overrides, f"hydra.runtime.output_dir={run}"])
+    with open_dict(cfg):
+        del cfg["hydra"]
     return cfg
 
 

@@ -14,8 +14,7 @@ import pytest
 import torch
 from bad_cases_sample_eval import SAMPLE_EVAL_CASES
 from bad_cases_train import TRAIN_CASES
-from conftest import compose_config
-from omegaconf import open_dict
+from conftest import compose_config, train_config
 
 from ddpm import evaluation, sampling, training
 
@@ -262,10 +261,7 @@ def run_case(kind: str, overrides: list[str], files: dict, uncond: str, out: Pat
     """Runs one entry point with `overrides`; `out` holds earlier outputs that must survive."""
     overrides = [o.format(**files) for o in overrides]
     if kind == "train":
-        cfg = compose_config([*TRAIN, *overrides, f"hydra.runtime.output_dir={out}"])
-        with open_dict(cfg):
-            del cfg["hydra"]  # as train.py's main receives it (HydraConfig still resolves)
-        training.train(cfg)
+        training.train(train_config(out, [*TRAIN, *overrides]))
     elif kind.startswith("sample"):
         ckpt = uncond if kind == "sample_uncond" else files["ckpt"]
         args = [f"ckpt={ckpt}", f"out={out / 'samples'}", "n=4", "steps=2"]

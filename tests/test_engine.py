@@ -9,8 +9,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import FAST, compose_config
-from omegaconf import open_dict
+from conftest import FAST, compose_config, train_config
 
 from ddpm import sampling, training
 from ddpm.device import autocast, choose_precision, cpu_flags, cpu_has_native_bf16
@@ -39,10 +38,7 @@ def test_bf16_only_where_the_cpu_has_it(monkeypatch):
 
 
 def _cfg(run: Path, *extra: str):
-    cfg = compose_config([*FAST, *extra, f"hydra.runtime.output_dir={run}"])
-    with open_dict(cfg):
-        del cfg["hydra"]  # as train.py's main receives it
-    return cfg
+    return train_config(run, [*FAST, *extra])
 
 
 def test_a_run_ending_between_periodic_checkpoints_saves_its_last_step(tmp_path: Path):

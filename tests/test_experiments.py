@@ -10,9 +10,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import CONF, FAST, compose_config, run_script, tiny_fid
+from conftest import CONF, FAST, compose_config, run_script, tiny_fid, train_config
 from fakes import _fake_emnist, _fake_ffhq, fake_mnist
-from omegaconf import open_dict
 from PIL import Image
 from wandb_records import summary
 
@@ -245,18 +244,8 @@ def test_every_preset_runs_one_step(preset, fake_cifar, fake_stl10, tmp_path):  
         extra.append("dataset.val_fraction=0.2")
     if base.dataset.name == "ffhq":  # the fake FFHQ images are 64 px
         extra.append("dataset.image_size=64")
-    cfg = compose_config(
-        [
-            f"experiment={preset}",
-            *REDUCED,
-            *extra,
-            f"paths.data_dir={tmp_path}",
-            f"hydra.runtime.output_dir={tmp_path / 'run'}",
-        ]
-    )
-    with open_dict(cfg):
-        del cfg["hydra"]
-    metrics = training.train(cfg)
+    overrides = [f"experiment={preset}", *REDUCED, *extra, f"paths.data_dir={tmp_path}"]
+    metrics = training.train(train_config(tmp_path / "run", overrides))
     assert math.isfinite(metrics["train/loss"]) and math.isfinite(metrics["val/bpd"])
     assert (tmp_path / "run" / "samples" / "final.png").is_file()
 
@@ -314,37 +303,24 @@ def test_latent_presets_run_one_step_each(
     f = 2 ** (len(full_ae.module.net.block_out_channels) - 1)
     assert full.model.image_size * f == full.dataset.image_size == full_ae.dataset.image_size
     assert full.model.in_channels == full_ae.module.net.latent_channels
-    cfg = compose_config(
-        [
-            f"experiment={first}",
-            *common,
-            *first_extra,
-            f"hydra.runtime.output_dir={tmp_path / 'ae'}",
-        ]
+    metrics = training.train(
+        train_config(tmp_path / "ae", [f"experiment={first}", *common, *first_extra])
     )
-    with open_dict(cfg):
-        del cfg["hydra"]
-    metrics = training.train(cfg)
     assert math.isfinite(metrics["val/psnr"])
     assert (tmp_path / "ae" / "samples" / "recon_final.png").is_file()
     ae = tmp_path / "ae" / "checkpoints" / "last.ckpt"
-    cfg = compose_config(
-        [
-            f"experiment={second}",
-            *common,
-            *second_extra,
-            f"autoencoder={ae}",
-            "model.ch=8",
-            "callbacks.sample_grid.n=2",
-            "callbacks.sample_grid.steps=2",
-            "callbacks.sample_grid.final_steps=2",
-            f"dataset.cache_dir={tmp_path / 'cache'}",
-            f"hydra.runtime.output_dir={tmp_path / 'latent'}",
-        ]
-    )
-    with open_dict(cfg):
-        del cfg["hydra"]
-    metrics = training.train(cfg)
+    latent = [
+        f"experiment={second}",
+        *common,
+        *second_extra,
+        f"autoencoder={ae}",
+        "model.ch=8",
+        "callbacks.sample_grid.n=2",
+        "callbacks.sample_grid.steps=2",
+        "callbacks.sample_grid.final_steps=2",
+        f"dataset.cache_dir={tmp_path / 'cache'}",
+    ]
+    metrics = training.train(train_config(tmp_path / "latent", latent))
     assert math.isfinite(metrics["train/loss"])
     grid = Image.open(tmp_path / "latent" / "samples" / "final.png")
     # decoded 32 px images (cells of 32 px and a 2 px border), not 8 px latents
@@ -382,9 +358,7 @@ def test_ddim_table_preset_on_a_checkpoint(trained_run: Path, tmp_path: Path):
 
 def test_metrics_json_is_valid_json_when_a_metric_is_not_finite(tmp_path: Path, monkeypatch):
     """A diverged metric is written as null (JSON has no NaN), and the results table skips it."""
-    cfg = compose_config([*FAST, "trainer.max_steps=1", f"hydra.runtime.output_dir={tmp_path}"])
-    with open_dict(cfg):
-        del cfg["hydra"]
+    cfg = train_config(tmp_path, [*FAST, "trainer.max_steps=1"])
     real_fit = training.L.Trainer.fit
 
     def fit_then_diverge(trainer, *args, **kwargs):

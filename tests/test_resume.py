@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import FAST, ROOT, final_state, run_script
+from conftest import FAST, ROOT, final_state, run_script, train_config
 
 from ddpm.checkpoint import CheckpointError
 from ddpm.resume import (
@@ -301,15 +301,9 @@ def test_keep_last_k_and_a_failed_save_deletes_nothing(tmp_path: Path, monkeypat
 
 def train_in(run: Path, *overrides: str) -> dict:
     """training.train in-process, with `run` as the run directory."""
-    from conftest import compose_config
-    from omegaconf import open_dict
-
     from ddpm import training
 
-    cfg = compose_config([*FAST, *overrides, f"hydra.runtime.output_dir={run}"])
-    with open_dict(cfg):
-        del cfg["hydra"]  # as train.py's main receives it (HydraConfig still resolves)
-    return training.train(cfg)
+    return training.train(train_config(run, [*FAST, *overrides]))
 
 
 def test_auto_resume_picks_the_highest_step_not_the_newest_file(trained_run: Path, tmp_path):
