@@ -52,6 +52,14 @@ def move_aside(path: str | Path) -> Path:
     raise AssertionError("unreachable")
 
 
+def nearest_existing(path: str | Path) -> Path:
+    """`path` (absolute) or its nearest ancestor that exists: where creating it would start."""
+    path = Path(path).absolute()
+    while not path.exists():
+        path = path.parent
+    return path
+
+
 def check_output_dir(
     directory: str | Path, key: str, value: str | Path | None = None, fix: str = "DIR"
 ) -> None:
@@ -62,9 +70,7 @@ def check_output_dir(
     read-only disk does) and makes no folder."""
     directory = Path(directory).absolute()
     value = Path(value).absolute() if value is not None else directory
-    ancestor = directory
-    while not ancestor.exists():
-        ancestor = ancestor.parent
+    ancestor = nearest_existing(directory)
     if not ancestor.is_dir():
         where = "is a file" if ancestor == value else f"lies under the file {ancestor}"
         raise NotADirectoryError(f"{key}={value} {where}; give a path in a directory: {key}={fix}")

@@ -43,7 +43,7 @@ from omegaconf import DictConfig
 from torch import Tensor
 
 from ddpm.checkpoint import CheckpointError, load_checkpoint
-from ddpm.files import move_aside
+from ddpm.files import move_aside, nearest_existing
 
 log = logging.getLogger(__name__)
 
@@ -369,9 +369,7 @@ def check_writable(directory: str | Path) -> None:
 def check_creatable(directory: str | Path) -> None:
     """Whether `directory` exists as a writable folder or could be made, without making it."""
     directory = Path(directory).absolute()
-    ancestor = directory
-    while not ancestor.exists():
-        ancestor = ancestor.parent
+    ancestor = nearest_existing(directory)
     if not ancestor.is_dir() or not os.access(ancestor, os.W_OK | os.X_OK):
         what = "is a file" if not ancestor.is_dir() else "is not writable"
         raise PermissionError(
