@@ -10,6 +10,10 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+import bad_cases_caches
+import bad_cases_hangs
+import bad_cases_untrusted
+import bad_cases_values
 import pytest
 import torch
 from bad_cases_sample_eval import SAMPLE_EVAL_CASES
@@ -202,6 +206,9 @@ CASES = [
 # round two (issue 16): the sample/eval cases and the train cases live beside this file, one
 # list each, run by the same test below
 CASES += SAMPLE_EVAL_CASES + TRAIN_CASES
+# round three (issue 23): one list per concern, each with the files its cases name
+ROUND_THREE = (bad_cases_untrusted, bad_cases_hangs, bad_cases_values, bad_cases_caches)
+CASES += [case for cases in ROUND_THREE for case in cases.CASES]
 
 
 @pytest.fixture(scope="module")
@@ -230,7 +237,12 @@ def files(trained_run: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[s
     torch.save(other, root / "other.ckpt")
     torch.save({"state_dict": {"w": torch.zeros(1)}}, root / "foreign.ckpt")
     (root / "samples.txt").write_text("not images")
+    extra: dict[str, str] = {}
+    for cases in ROUND_THREE:
+        (root / cases.__name__).mkdir()
+        extra |= cases.files(root / cases.__name__, trained_run / "checkpoints" / "last.ckpt")
     return {
+        **extra,
         "ckpt": str(trained_run / "checkpoints" / "last.ckpt"),
         "evil": str(root / "evil.ckpt"),
         "other": str(root / "other.ckpt"),
