@@ -13,6 +13,7 @@ adversarial terms need weights this machine cannot download, so they are not her
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 
 from ddpm.checkpoint import CheckpointError, load_checkpoint
+from ddpm.trusted import UntrustedFile, check_node
 
 RECONSTRUCTION = {"mse": F.mse_loss, "l1": F.l1_loss}
 
@@ -31,6 +33,26 @@ RECONSTRUCTION = {"mse": F.mse_loss, "l1": F.l1_loss}
 def build_autoencoder(net: dict) -> nn.Module:
     """The autoencoder network of a config ({_target_: diffusers.AutoencoderKL, ...})."""
     return hydra.utils.instantiate(net)
+
+
+def autoencoder_file_problem(path: str | Path) -> str | None:
+    """Why `autoencoder=path` names no checkpoint file (None when it is one): a directory
+    is named as such, with the file in it to give (a run directory's last.ckpt)."""
+    path = Path(path)
+    if path.is_file():
+        return None
+    if path.is_dir():
+        found = [p for p in (path / "checkpoints" / "last.ckpt", path / "last.ckpt") if p.is_file()]
+        found = found or sorted(path.glob("*.ckpt"))[:3] or sorted(path.glob("*/*.ckpt"))[:3]
+        hint = f"e.g. autoencoder={found[0]}" if found else "it holds no .ckpt"
+        return (
+            f"autoencoder={path} is a directory; give the checkpoint file of an "
+            f"experiment=autoencoder_mnist5k run ({hint})"
+        )
+    return (
+        f"autoencoder={path}: no such file; give the last.ckpt of an "
+        "experiment=autoencoder_mnist5k run"
+    )
 
 
 def downsampling(net: nn.Module) -> int:
@@ -115,6 +137,9 @@ class AutoencoderModule(L.LightningModule):
 def load_autoencoder(path: str | Path) -> tuple[nn.Module, dict]:
     """The autoencoder network of a checkpoint written by `AutoencoderModule` (frozen, eval
     mode) and a description {net, image_size, source} that rebuilds it without the file."""
+    problem = autoencoder_file_problem(path)
+    if problem:
+        raise CheckpointError(problem)
     ckpt = load_checkpoint(path, "cpu")
     hparams = ckpt.get("hyper_parameters") or {}
     if "net" not in hparams or "kl_weight" not in hparams:
@@ -122,6 +147,8 @@ def load_autoencoder(path: str | Path) -> tuple[nn.Module, dict]:
             f"autoencoder={path} is not an autoencoder checkpoint (train one with "
             "python train.py experiment=autoencoder_mnist5k, then give its last.ckpt)"
         )
+    # load_checkpoint checked every config in it; an autoencoder's net is an autoencoder
+    check_node(hparams["net"], ("autoencoder",), "hyper_parameters.net", path)
     net = build_autoencoder(hparams["net"])
     state = {k[4:]: v for k, v in ckpt["state_dict"].items() if k.startswith("net.")}
     try:
@@ -152,6 +179,14 @@ def wrap_pretrained(folder: str | Path, out: str | Path, image_size: int | None 
         )
     if out.exists():
         raise FileExistsError(f"{out} exists: give another output path")
+    # a stranger's config.json becomes a config this project rebuilds: refused before use
+    raw = json.loads((folder / "config.json").read_text())
+    if not isinstance(raw, dict):
+        raise ValueError(f"{folder / 'config.json'} is not a JSON object of AutoencoderKL options")
+    plain = {k: v for k, v in raw.items() if not k.startswith("_")}
+    check_node(
+        {"_target_": "diffusers.AutoencoderKL", **plain}, ("autoencoder",), "config.json", folder
+    )
     net = AutoencoderKL.from_pretrained(folder)
     config = {k: list(v) if isinstance(v, tuple) else v for k, v in net.config.items()}
     config = {k: v for k, v in config.items() if not k.startswith("_")}
@@ -161,6 +196,7 @@ def wrap_pretrained(folder: str | Path, out: str | Path, image_size: int | None 
         "loss": None,
         "kl_weight": None,  # not trained here
     }
+    check_node(hparams["net"], ("autoencoder",), "config.json", folder)  # as diffusers read it
     ckpt = {
         "hyper_parameters": hparams,
         "state_dict": {f"net.{k}": v for k, v in net.state_dict().items()},
@@ -186,7 +222,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     try:
         path = wrap_pretrained(args.folder, args.out, args.image_size)
-    except (FileNotFoundError, FileExistsError, OSError, ValueError) as e:
+    except (FileNotFoundError, FileExistsError, OSError, ValueError, UntrustedFile) as e:
         parser.error(str(e))
     print(f"wrote {path}: train.py experiment=... autoencoder={path}")
 

@@ -1,7 +1,9 @@
 """Safe checkpoint loading (`ddpm.module.load_module` rebuilds a model from what this loads).
 
 Checkpoints hold plain data only (tensors, numbers, strings, lists, dicts), so they load with
-`torch.load(weights_only=True)`, which refuses to run code from a malicious pickle.
+`torch.load(weights_only=True)`, which refuses to run code from a malicious pickle; and the
+configs in their `hyper_parameters` may name only what `ddpm.trusted` allows, so that
+rebuilding the model from them runs no code the file chose.
 """
 
 from __future__ import annotations
@@ -12,6 +14,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from ddpm.trusted import check_hyper_parameters
 
 
 class CheckpointError(RuntimeError):
@@ -47,4 +51,6 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         ) from e
     if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
         raise CheckpointError(f"{path} is not a Lightning checkpoint (no 'state_dict')")
+    # its configs are rebuilt with hydra.utils.instantiate: they may name only what we build
+    check_hyper_parameters(ckpt.get("hyper_parameters"), path)
     return ckpt

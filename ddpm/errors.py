@@ -17,6 +17,7 @@ from omegaconf import DictConfig
 
 from ddpm.checkpoint import CheckpointError
 from ddpm.files import check_output_dir
+from ddpm.trusted import UntrustedFile
 
 
 class InputError(CompactHydraException):
@@ -24,7 +25,7 @@ class InputError(CompactHydraException):
     (the whole trace with HYDRA_FULL_ERROR=1); inside `one_line_errors`, the message alone."""
 
 
-KNOWN = (ValueError, OSError, CheckpointError, InputError)
+KNOWN = (ValueError, OSError, CheckpointError, InputError, UntrustedFile)
 
 
 def _full_trace() -> bool:

@@ -26,6 +26,7 @@ from ddpm.checkpoint import CheckpointError, load_checkpoint
 from ddpm.likelihood import bpd_estimate, reverse_log_variance, vb_term_bpd
 from ddpm.resume import NonFiniteGuard, RNGCapture
 from ddpm.schedule import NoiseSchedule
+from ddpm.trusted import check_node
 
 OBJECTIVES = ("eps", "x0", "v")
 LOSSES = {"mse": F.mse_loss, "l1": F.l1_loss}
@@ -464,6 +465,8 @@ def load_module(path: str | Path, map_location: str | torch.device = "cpu") -> D
             f"{path} was not written by ddpm's DiffusionModule (its hyper_parameters lack "
             "'net' and 'schedule')"
         )
+    # load_checkpoint checked every config in it; a diffusion model's net is a network
+    check_node(hparams["net"], ("network",), "hyper_parameters.net", path)
     # for sampling: eager (a compiled network would need a compiler and differ in the last bits)
     module = DiffusionModule(**{**hparams, "compile": False})
     try:
