@@ -20,8 +20,8 @@ from tqdm import tqdm
 
 from ddpm.datasets import LOADERS
 from ddpm.device import pick_device
-from ddpm.files import atomic_write, check_output_dir
-from ddpm.folder import IMAGE_SUFFIXES, convert
+from ddpm.files import atomic_write, check_output_dir, check_regular, read_regular
+from ddpm.folder import IMAGE_SUFFIXES, MAX_IMAGE_BYTES, ImageTooLarge, convert, open_image
 from ddpm.generate import generate
 from ddpm.inception import has_classifier, inception_weights
 from ddpm.likelihood import bpd_exact
@@ -36,14 +36,20 @@ log = logging.getLogger(__name__)
 
 def read_image(path: Path, channels: int) -> np.ndarray:
     """An image file as uint8 (H, W) for channels=1 or (H, W, 3), converted as the reference
-    images of an image-folder dataset are (`ddpm.folder.convert`)."""
-    with Image.open(path) as img:
-        return np.asarray(convert(img, "L" if channels == 1 else "RGB"))
+    images of an image-folder dataset are (`ddpm.folder.convert`). Read with the bounds of a
+    training folder's images: a regular file of at most MAX_IMAGE_BYTES, MAX_PIXELS."""
+    data = read_regular(path, MAX_IMAGE_BYTES, "source")  # a FIFO swapped in cannot block
+    try:
+        with open_image(data) as img:
+            return np.asarray(convert(img, "L" if channels == 1 else "RGB"))
+    except ImageTooLarge as e:
+        raise ValueError(f"source: {path}: {e}") from None
 
 
 def npz_array(path: Path) -> np.ndarray:
     """An .npz's arr_0 as uint8 (N, H, W, C), checked: (N, H, W) grayscale gets C = 1, and
     (N, C, H, W) (PyTorch's layout, C = 1 or 3 and W not) is transposed."""
+    check_regular(path, "source")  # np.load would wait forever on a FIFO
     try:
         archive = np.load(path)
     except (OSError, ValueError, EOFError) as e:
@@ -121,9 +127,12 @@ def image_files(source: Path, n: int) -> list[Path]:
     files = found[:n]
     sizes: dict[tuple[int, int], Path] = {}
     for path in files:  # PIL reads the size from the header, not the pixels
+        check_regular(path, "source")  # a FIFO would block PIL's open
         try:
-            with Image.open(path) as img:
+            with open_image(path) as img:
                 sizes.setdefault(img.size, path)
+        except ImageTooLarge as e:
+            raise ValueError(f"source: {path}: {e}") from None
         except (OSError, SyntaxError) as e:
             raise ValueError(f"source: cannot read {path} ({e}); remove or replace it") from None
     if len(sizes) > 1:
@@ -322,7 +331,7 @@ def check_inputs(cfg: DictConfig) -> None:
         if source.suffix == ".npz":
             size = npz_array(source).shape[2]
         elif source.is_dir():
-            with Image.open(image_files(source, cfg.n)[0]) as first:
+            with open_image(image_files(source, cfg.n)[0]) as first:  # checked there
                 size = first.width
         else:
             raise FileNotFoundError(f"source={source}: not an .npz, a folder of images or a .ckpt")

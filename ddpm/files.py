@@ -4,6 +4,7 @@ checking at start that an output place can be written at all."""
 from __future__ import annotations
 
 import os
+import stat
 import tempfile
 from collections.abc import Callable
 from itertools import count
@@ -82,3 +83,57 @@ def check_output_dir(
             f"{key}={value}: cannot write to {ancestor} ({e.strerror or e}); choose a "
             f"writable place: {key}={fix}"
         ) from None
+
+
+def _kind(mode: int) -> str:
+    """What a file that is not a regular one is (as `ls -l`'s first letter tells)."""
+    kinds = {
+        stat.S_ISDIR: "a directory",
+        stat.S_ISFIFO: "a named pipe (FIFO)",
+        stat.S_ISCHR: "a character device",
+        stat.S_ISBLK: "a block device",
+        stat.S_ISSOCK: "a socket",
+    }
+    return next((name for test, name in kinds.items() if test(mode)), "a special file")
+
+
+def _named(path: Path, key: str | None) -> str:
+    return f"{key}={path}" if key else str(path)
+
+
+def _check_mode(path: Path, info: os.stat_result, key: str | None) -> None:
+    if not stat.S_ISREG(info.st_mode):
+        raise ValueError(
+            f"{_named(path, key)} is {_kind(info.st_mode)}, not a regular file; give a file"
+        )
+
+
+def check_regular(path: str | Path, key: str | None = None) -> None:
+    """Refuse, in one line naming `key`=`path`, a path that is not a regular file (a FIFO, a
+    device, a socket), before a library opens it: a FIFO blocks open() until someone writes
+    to it, a device (/dev/zero) reads forever. Missing: FileNotFoundError naming the path."""
+    _check_mode(Path(path), os.stat(path), key)  # follows symlinks, as opening it would
+
+
+def read_regular(path: str | Path, max_bytes: int, key: str | None = None) -> bytes:
+    """The bytes of `path`, refused in one line naming `key`=`path` unless it is a regular
+    file (`check_regular`) of at most `max_bytes`. It is opened non-blocking, so a FIFO swapped
+    in after a check cannot block either, and read with a cap (a file growing meanwhile is
+    cut off, not followed)."""
+    path = Path(path)
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # FileNotFoundError names the path
+    try:
+        info = os.fstat(fd)
+        _check_mode(path, info, key)
+        if info.st_size > max_bytes:
+            raise ValueError(
+                f"{_named(path, key)} is {info.st_size / 2**20:.0f} MiB, more than the "
+                f"{max_bytes / 2**20:.0f} MiB such a file may have; give a smaller file"
+            )
+        with os.fdopen(os.dup(fd), "rb") as f:
+            data = f.read(max_bytes + 1)
+    finally:
+        os.close(fd)
+    if len(data) > max_bytes:
+        raise ValueError(f"{_named(path, key)} grew past {max_bytes / 2**20:.0f} MiB while read")
+    return data

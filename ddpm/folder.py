@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import warnings
 import zipfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path, PurePosixPath
 
 import numpy as np
@@ -20,7 +22,50 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torch import Tensor
 
+from ddpm.files import read_regular
+
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff", ".gif"}
+# The most pixels an image file may declare in its header (checked before anything is decoded):
+# 2**27 = 134 M (11585 x 11585) admits every real dataset image, FFHQ's 1024 x 1024 (1 M),
+# ImageNet's photos (a few M, the largest tens of M) and even a 100-megapixel camera's
+# 11648 x 8736, while a PNG of a few kilobytes that declares 30000 x 30000 (900 M pixels,
+# 2.7 GB as RGB, a decompression bomb) is refused. It lies between Pillow's own warning
+# (89 M) and refusal (179 M) bounds, so it holds whatever a user sets Image.MAX_IMAGE_PIXELS to.
+MAX_PIXELS = 2**27
+# The most bytes one image file (or zip member) may hold: MAX_PIXELS of 16-bit RGBA,
+# uncompressed. A bigger file (or /dev/zero) is refused before it is read into memory.
+MAX_IMAGE_BYTES = 2**30
+# Deflate cannot compress better than 1032:1: a zip member declaring more is lying about its
+# size (zipfile would inflate up to the declared size).
+DEFLATE_MAX_RATIO = 1032
+
+
+class ImageTooLarge(ValueError):
+    """An image file whose header declares more than MAX_PIXELS pixels."""
+
+
+def _too_large(pixels: str) -> ImageTooLarge:
+    return ImageTooLarge(
+        f"its header declares {pixels} pixels, more than the {MAX_PIXELS / 1e6:.0f} M an image "
+        "may have (ddpm.folder.MAX_PIXELS): a decompression bomb, or far larger than any "
+        "training image; remove it or downscale it"
+    )
+
+
+@contextmanager
+def open_image(source: bytes | Path) -> Iterator[Image.Image]:
+    """PIL's lazy open of an image file (its bytes, or a path checked to be a regular file:
+    only the header is read), refused with ImageTooLarge when the header declares more than
+    MAX_PIXELS, before any pixel is decoded."""
+    try:
+        with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as img:
+            w, h = img.size
+            if w * h > MAX_PIXELS:
+                raise _too_large(f"{w}x{h} ({w * h / 1e6:.0f} M)")
+            yield img
+    except Image.DecompressionBombError as e:  # Pillow's own bound, also met while decoding
+        count = re.search(r"\((\d+) pixels\)", str(e))
+        raise _too_large(f"{int(count[1]) / 1e6:.0f} M" if count else "too many") from None
 
 
 def _listing(root: Path) -> tuple[list[str], Callable[[str], bytes], str]:
@@ -31,7 +76,7 @@ def _listing(root: Path) -> tuple[list[str], Callable[[str], bytes], str]:
             for p in root.rglob("*")
             if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()
         )
-        return names, lambda name: (root / name).read_bytes(), "folder"
+        return names, lambda name: read_regular(root / name, MAX_IMAGE_BYTES), "folder"
     if root.is_file() and root.suffix.lower() == ".zip":
         try:
             archive = zipfile.ZipFile(root)
@@ -42,11 +87,29 @@ def _listing(root: Path) -> tuple[list[str], Callable[[str], bytes], str]:
             for n in archive.namelist()
             if PurePosixPath(n).suffix.lower() in IMAGE_SUFFIXES and not n.startswith("__MACOSX/")
         )
-        return names, archive.read, "zip"
+        return names, lambda name: _read_member(archive, name), "zip"
     raise FileNotFoundError(
         f"no image folder or .zip at {root}; set dataset.data_dir to a folder of images "
         "(optionally one subfolder per class) or to a zip of them"
     )
+
+
+def _read_member(archive: zipfile.ZipFile, name: str) -> bytes:
+    """A zip member's bytes, refused before inflating when its declared size is absurd: more
+    than an image file may hold, or more than its compressed bytes could inflate to."""
+    info = archive.getinfo(name)
+    if info.file_size > MAX_IMAGE_BYTES:
+        raise ValueError(
+            f"the zip member declares {info.file_size / 2**20:.0f} MiB uncompressed, more than "
+            f"the {MAX_IMAGE_BYTES / 2**20:.0f} MiB an image file may have (a zip bomb?)"
+        )
+    limit = DEFLATE_MAX_RATIO * info.compress_size + 2**10
+    if info.compress_type == zipfile.ZIP_DEFLATED and info.file_size > limit:
+        raise ValueError(
+            f"the zip member declares {info.file_size} bytes from {info.compress_size} "
+            f"compressed, more than deflate's {DEFLATE_MAX_RATIO}:1 can give (a zip bomb?)"
+        )
+    return archive.read(info)
 
 
 def convert(img: Image.Image, mode: str) -> Image.Image:
@@ -60,7 +123,7 @@ def convert(img: Image.Image, mode: str) -> Image.Image:
 
 def _decode(data: bytes, size: int, mode: str) -> np.ndarray:
     """Decode, convert to L or RGB, resize the shorter side to `size`, centre-crop: (H, W[, 3])."""
-    with Image.open(io.BytesIO(data)) as img:
+    with open_image(data) as img:
         img = convert(img, mode)
         w, h = img.size
         scale = size / min(w, h)
@@ -75,14 +138,22 @@ def _decode(data: bytes, size: int, mode: str) -> np.ndarray:
         return np.asarray(img.crop((left, top, left + size, top + size)))
 
 
-def load_image(path: str | Path, size: int, channels: int) -> Tensor:
+def load_image(path: str | Path, size: int, channels: int, key: str = "image") -> Tensor:
     """One image file as a (1, C, size, size) uint8 tensor, decoded like a training folder's
-    (shorter side resized to `size`, centre-cropped); an unreadable file is named."""
+    (shorter side resized to `size`, centre-cropped). A file that is not a regular one, is
+    larger than MAX_IMAGE_BYTES, declares more than MAX_PIXELS or does not decode is named
+    (as `key`=path) in one line."""
+    unreadable = "cannot read the image {}: {}; give a PNG or JPEG file"
     try:
-        data = Path(path).read_bytes()
+        data = read_regular(path, MAX_IMAGE_BYTES, key)  # ValueError: a FIFO, a device, too big
+    except OSError as err:
+        raise ValueError(unreadable.format(path, err)) from None
+    try:
         array = _decode(data, size, "L" if channels == 1 else "RGB")
-    except (OSError, ValueError) as err:
-        raise ValueError(f"cannot read the image {path}: {err}; give a PNG or JPEG file") from None
+    except ImageTooLarge as err:
+        raise ValueError(f"{key}={path}: {err}") from None
+    except (OSError, ValueError, SyntaxError) as err:
+        raise ValueError(unreadable.format(path, err)) from None
     tensor = torch.from_numpy(array.copy())
     return (tensor[None] if tensor.ndim == 2 else tensor.permute(2, 0, 1))[None]
 
@@ -108,7 +179,14 @@ def load_image_folder(
     def decode(name: str) -> np.ndarray | Exception:
         try:
             return _decode(read(name), size, mode)
-        except (UnidentifiedImageError, OSError, ValueError, SyntaxError, zipfile.BadZipFile) as e:
+        except (
+            UnidentifiedImageError,
+            OSError,
+            ValueError,
+            SyntaxError,
+            EOFError,
+            zipfile.BadZipFile,
+        ) as e:
             return e
 
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
@@ -122,9 +200,10 @@ def load_image_folder(
             "dataset.skip_bad=true to train on the readable ones"
         )
     if bad:
+        also = f"; also {', '.join(n for n, _ in bad[1:4])}" + (" ..." if len(bad) > 4 else "")
         warnings.warn(
             f"skipped {len(bad)} unreadable images of {len(names)} in {root} "
-            f"(first: {bad[0][0]}: {bad[0][1]})",
+            f"({bad[0][0]}: {bad[0][1]}{also if len(bad) > 1 else ''})",
             stacklevel=2,
         )
     good = [(n, d) for n, d in zip(names, decoded, strict=True) if not isinstance(d, Exception)]

@@ -329,7 +329,7 @@ def sample(cfg: DictConfig) -> Path:
         noise_levels_t(cfg.noise_levels_t, module.schedule.num_timesteps)
         if cfg.noise_levels_image:
             channels, size, _ = module.image_shape
-            real = load_image(cfg.noise_levels_image, size, channels)
+            real = load_image(cfg.noise_levels_image, size, channels, "noise_levels_image")
     labels, nrow = (None, None) if cfg.text else resolve_labels(cfg, cfg.n, module)
     if labels is None and not cfg.text:
         if cfg.guidance:
