@@ -22,6 +22,7 @@ Both are the DiffusionModule's own callbacks (`configure_callbacks`), so no conf
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import random
@@ -93,6 +94,22 @@ class ModelCheckpoint(callbacks.ModelCheckpoint):
             self._save_last_checkpoint(trainer, candidates)
         super().on_train_end(trainer, pl_module)
 
+    def _save_last_checkpoint(self, trainer: L.Trainer, monitor_candidates: dict) -> None:
+        """Lightning writes last-v1.ckpt, leaving last.ckpt stale where sample.py and users look,
+        whenever a last.ckpt exists that its state doesn't name as its own: a run directory
+        moved or copied (the state holds the old absolute path), a resume from a periodic
+        checkpoint saved before the first last.ckpt, a symlink (save_last=link, or made by
+        hand). Here last.ckpt of this callback's directory is always the newest state; a
+        symlink there is removed first (never its target: the write would follow a dangling
+        link out of the directory, and overwrite the file a live one names)."""
+        if self.save_last is True and self.dirpath:
+            path = self.format_checkpoint_name(monitor_candidates, self.CHECKPOINT_NAME_LAST)
+            if Path(path).parent.absolute() == Path(self.dirpath).absolute():
+                if trainer.is_global_zero and os.path.islink(path):
+                    os.unlink(path)
+                self.last_model_path = path  # so Lightning neither versions nor deletes it
+        super()._save_last_checkpoint(trainer, monitor_candidates)
+
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         super().on_train_start(trainer, pl_module)
         # on every rank alike (the lists decide the collective saves); rank 0 deletes
@@ -157,13 +174,23 @@ def checkpoint_step(path: Path) -> int | None:
     return step if isinstance(step, int) else None
 
 
-def checkpoint_files(run_dir: str | Path) -> list[Path]:
+def checkpoint_files(run_dir: str | Path, report: bool = True) -> list[Path]:
     """A run's checkpoints, newest first by the step saved in each (file times change when a
     run directory is copied), then by file time: checkpoints/*.ckpt and Lightning's SLURM
     hpc_ckpt_*.ckpt in the run directory. Files whose step can't be read come first, so that
-    `find_checkpoint` names them and sets them aside."""
+    `find_checkpoint` names them and sets them aside. A symlink to a missing file (a
+    save_last=link whose target was deleted) is left out, with a warning when `report`: it
+    holds nothing to resume from, and the run's next last.ckpt replaces it."""
     run_dir = Path(run_dir)
-    files = [*run_dir.glob("checkpoints/*.ckpt"), *run_dir.glob("hpc_ckpt_*.ckpt")]
+    files = []
+    for path in [*run_dir.glob("checkpoints/*.ckpt"), *run_dir.glob("hpc_ckpt_*.ckpt")]:
+        if path.is_symlink() and not path.exists():
+            if report:
+                log.warning(
+                    "ignoring %s: a symlink to %s, which does not exist", path, os.readlink(path)
+                )
+            continue
+        files.append(path)
     steps = {p: checkpoint_step(p) for p in files}
 
     def newest(p: Path) -> tuple:
@@ -232,7 +259,7 @@ def resume_from(resume: str | None, out: Path) -> tuple[Path, dict[str, Any]] | 
     """The checkpoint to continue from, and its contents: resume=auto the newest one of this
     run directory that loads (none: a fresh start), resume=PATH that file, resume=null none
     (refused when the directory already holds checkpoints, which a fresh run would overwrite)."""
-    existing = checkpoint_files(out)
+    existing = checkpoint_files(out, report=False)  # find_checkpoint reports
     if resume is None or str(resume).lower() in ("null", "none", "never", "false"):
         if existing:
             raise FileExistsError(
@@ -301,37 +328,112 @@ def check_not_another_run(path: Path, out: Path) -> None:
     )
 
 
+NOT_COMPARED: Any = "<not compared>"  # a setting a check leaves out / a checkpoint lacks
+
+
 def check_same_process(
-    path: Path, ckpt: dict[str, Any], schedule: dict, objective: str, allow: bool
-) -> None:
+    path: Path,
+    ckpt: dict[str, Any],
+    schedule: dict | None,
+    objective: str | None,
+    allow: bool,
+    *,
+    optimizer: Any = NOT_COMPARED,
+    lr_scheduler: Any = NOT_COMPARED,
+    dataset: Any = NOT_COMPARED,
+) -> list[str]:
     """A resume with another noise schedule (T, type, βs) or objective would go on training
-    the weights for another task: refused, naming each change, unless `resume_changes=allow`
-    (then a warning). The checkpoint's own values are in its hyper_parameters."""
+    the weights for another task, and one with another dataset on other data; another
+    optimizer or learning-rate schedule would be silently overruled by the checkpoint's
+    (Lightning restores their state, settings included, while run.json records the new ones).
+    Each change is named and refused unless `resume_changes=allow` (then a warning, and the
+    caller applies the new optimizer settings: `ApplyOptimizerSettings`). The checkpoint's own
+    values are in its hyper_parameters (and `dataset`, `RecordDataset`); returns the changed
+    keys. A schedule of None, or a setting left NOT_COMPARED, is not compared (an autoencoder
+    has no schedule; a checkpoint from before a setting was kept has no record of it)."""
     saved = ckpt.get("hyper_parameters") or {}
     changes = []
-    old_schedule = saved.get("schedule")
-    if isinstance(old_schedule, dict):
-        kinds = [str(s.get("_target_", "")).rsplit(".", 1)[-1] for s in (old_schedule, schedule)]
-        if kinds[0] != kinds[1]:  # another kind (its options differ too): schedule=<name>
-            changes.append(("schedule", *kinds))
-        else:
-            for key in sorted(set(old_schedule) | set(schedule)):
-                if old_schedule.get(key) != schedule.get(key):
-                    old, new = old_schedule.get(key), schedule.get(key)
-                    changes.append((f"schedule.{key}", repr(old), repr(new)))
-    if "objective" in saved and saved["objective"] != objective:
+    if schedule is not None:
+        changes += _changes("schedule", saved.get("schedule", NOT_COMPARED), schedule)
+    if objective is not None and "objective" in saved and saved["objective"] != objective:
         changes.append(("module.objective", repr(saved["objective"]), repr(objective)))
+    changes += _changes("module.optimizer", saved.get("optimizer", NOT_COMPARED), optimizer)
+    old = saved.get("lr_scheduler", NOT_COMPARED)
+    changes += _changes("module.lr_scheduler", old, lr_scheduler)
+    changes += _changes("dataset", ckpt.get("dataset", NOT_COMPARED), dataset)
     if not changes:
-        return
+        return []
     listed = ", ".join(f"{key}={old} (this run: {new})" for key, old, new in changes)
     if allow:
         log.warning("resume_changes=allow: resuming %s with changed settings: %s", path, listed)
-        return
+        return [key for key, _, _ in changes]
     raise CheckpointError(
         f"{path} was trained with {listed}. Resume with the checkpoint's values, or set "
         "resume_changes=allow to go on training it with the new ones (or start a new run: a "
         "new hydra.run.dir)"
     )
+
+
+def _changes(prefix: str, old: Any, new: Any) -> list[tuple[str, str, str]]:
+    """(key, old, new) for each setting of a config node that differs; another class
+    (`_target_`, whose options differ too) is one change named by the group; nothing when the
+    checkpoint has no record of it (saved before it was kept); None is "none" (constant LR)."""
+    if NOT_COMPARED in (old, new) or old == new:
+        return []
+    if not isinstance(old, dict) or not isinstance(new, dict):
+        return [(prefix, repr(old), repr(new))]
+    kinds = [str(c.get("_target_", "")).rsplit(".", 1)[-1] for c in (old, new)]
+    if kinds[0] != kinds[1]:
+        return [(prefix, *kinds)]
+    return [
+        (f"{prefix}.{key}", repr(old.get(key)), repr(new.get(key)))
+        for key in sorted(set(old) | set(new))
+        if _plain(old.get(key)) != _plain(new.get(key))
+    ]
+
+
+def _plain(value: Any) -> Any:
+    """Lists and tuples alike (YAML gives lists, a saved config may hold tuples)."""
+    return list(value) if isinstance(value, tuple | list) else value
+
+
+class RecordDataset(L.Callback):
+    """Keeps what identifies the training data (`dataset` in every checkpoint), so that a
+    resume onto other data is named by `check_same_process`."""
+
+    def __init__(self, dataset: dict[str, Any]) -> None:
+        self.dataset = dataset
+
+    def on_save_checkpoint(self, trainer: L.Trainer, module: Any, checkpoint: dict) -> None:
+        checkpoint["dataset"] = self.dataset
+
+
+class ApplyOptimizerSettings(L.Callback):
+    """resume_changes=allow with another optimizer or LR schedule: Lightning restores the
+    checkpoint's optimizer and scheduler state, settings included, so the new learning rate
+    would be silently ignored. Right after that restore (on_train_start), every optimizer
+    setting and the scheduler's state become those a run with the new settings would have at
+    this step (a fresh scheduler stepped as often), keeping the optimizer's moments."""
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        import warnings
+
+        from lightning.pytorch.core.optimizer import _configure_optimizers
+
+        fresh, schedulers, _ = _configure_optimizers(pl_module.configure_optimizers())
+        for live, new in zip(trainer.lr_scheduler_configs, schedulers, strict=False):
+            scheduler = new["scheduler"] if isinstance(new, dict) else new
+            steps = int(getattr(live.scheduler, "last_epoch", 0))
+            with warnings.catch_warnings():  # "scheduler.step() before optimizer.step()"
+                warnings.simplefilter("ignore")
+                for _ in range(steps - int(getattr(scheduler, "last_epoch", 0))):
+                    scheduler.step()  # sets the fresh optimizer's lr as it goes
+            live.scheduler.load_state_dict(scheduler.state_dict())
+        for live, new in zip(trainer.optimizers, fresh, strict=False):
+            for group, new_group in zip(live.param_groups, new.param_groups, strict=False):
+                group.update({k: v for k, v in new_group.items() if k != "params"})
+        rates = [g["lr"] for o in trainer.optimizers for g in o.param_groups]
+        log.info("resume_changes=allow: the new optimizer settings apply (lr now %s)", rates)
 
 
 def check_same_network(path: Path, ckpt: dict[str, Any], net: dict) -> None:
@@ -358,12 +460,15 @@ def check_writable(directory: str | Path) -> None:
     try:
         directory.mkdir(parents=True, exist_ok=True)
         probe.write_bytes(b"ok")
-        probe.unlink()
     except OSError as e:
+        # a full disk creates the file and then fails the write: never leave it behind
+        with contextlib.suppress(OSError):
+            probe.unlink(missing_ok=True)
         raise PermissionError(
             f"cannot write to the run directory {directory}: {e.strerror or e}. Choose a "
             "writable place with paths.log_dir=DIR (or hydra.run.dir=DIR)"
         ) from e
+    probe.unlink(missing_ok=True)
 
 
 def check_creatable(directory: str | Path) -> None:

@@ -23,9 +23,14 @@ from omegaconf import DictConfig, OmegaConf
 
 from ddpm.device import choose_precision
 from ddpm.errors import InputError
+from ddpm.files import atomic_write
+from ddpm.results import read_json
 from ddpm.resume import (
+    NOT_COMPARED,
+    ApplyOptimizerSettings,
     AtomicCheckpointIO,
     Interrupt,
+    RecordDataset,
     check_same_network,
     check_same_process,
     check_writable,
@@ -33,6 +38,7 @@ from ddpm.resume import (
     remove_dead_writes,
     resume_from,
 )
+from ddpm.runlock import run_lock
 from ddpm.tracking import dirname, record_run
 
 log = logging.getLogger(__name__)
@@ -82,22 +88,25 @@ def build(node: Any, **kwargs: Any) -> Any:
 
 
 def train(cfg: DictConfig) -> dict[str, Any]:
-    """Fit the configured module on the configured data; returns the final logged metrics."""
+    """Fit the configured module on the configured data; returns the final logged metrics (of
+    a run that had already finished: its saved ones, nothing trained or written)."""
     check_settings(cfg)
     L.seed_everything(cfg.seed, workers=True)
     out = Path(cfg.paths.output_dir)
     check_writable(out)
+    # one run per directory: a second launch would interleave its checkpoints and logs with
+    # this one's. Held until metrics.json is written, so a launch that waited for it finds
+    # the run finished.
+    with run_lock(out):
+        return fit(cfg, out)
+
+
+def fit(cfg: DictConfig, out: Path) -> dict[str, Any]:
+    """`train` inside the run directory's lock."""
     # before building anything: a missing, corrupt or unsafe checkpoint fails now
-    found = resume_from(resume_setting(cfg), out)
-    ckpt_path = None
-    if found is not None:
-        ckpt_path, ckpt = found
-        check_same_network(ckpt_path, ckpt, OmegaConf.to_container(cfg.module.net, resolve=True))
-        if "schedule" in cfg.module:  # a diffusion model (not an autoencoder)
-            schedule = OmegaConf.to_container(cfg.module.schedule, resolve=True)
-            allow = cfg.get("resume_changes", "refuse") == "allow"
-            check_same_process(ckpt_path, ckpt, schedule, cfg.module.objective, allow)
-        del ckpt, found  # Lightning loads it again for the restore: don't hold two copies
+    ckpt_path, apply_changes, done = check_resume(cfg, out)
+    if done is not None:
+        return done
     remove_dead_writes(out)
     save_config(cfg, out)
     if cfg.get("print_config"):
@@ -112,6 +121,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     nodes = (cfg.get("callbacks") or {}).values()
     callbacks = [build(c) for c in nodes if c is not None and "_target_" in c]
     callbacks.append(Interrupt())  # Ctrl-C saves a checkpoint, whatever the callbacks config
+    callbacks.append(RecordDataset(dataset_identity(cfg.dataset)))
+    if apply_changes:
+        callbacks.append(ApplyOptimizerSettings())
     loggers = build_loggers(cfg, out, resuming=ckpt_path is not None)
     plugins = [build(p) for p in cfg.trainer.get("plugins") or []]
     trainer: L.Trainer = build(
@@ -145,11 +157,114 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         trainer.test(module, datamodule=datamodule, ckpt_path=best, weights_only=True)
         metrics |= {k: float(v) for k, v in trainer.callback_metrics.items() if "test/" in k}
     if trainer.is_global_zero:  # what `python -m ddpm.results` tabulates over a sweep
-        # valid JSON: a diverged metric is null, not NaN (which JSON does not have)
-        finite = {k: v if math.isfinite(v) else None for k, v in metrics.items()}
-        final = {"step": trainer.global_step, **finite}
-        (out / "metrics.json").write_text(json.dumps(final, indent=1, allow_nan=False) + "\n")
+        metrics = write_metrics(out / "metrics.json", trainer.global_step, metrics)
     return metrics
+
+
+def check_resume(cfg: DictConfig, out: Path) -> tuple[Path | None, bool, dict | None]:
+    """(checkpoint to resume from, whether changed optimizer settings are to be applied, the
+    saved metrics of a run that has nothing left to train, else None), from the checkpoint
+    alone: nothing is built or written."""
+    found = resume_from(resume_setting(cfg), out)
+    if found is None:
+        return None, False, None
+    ckpt_path, ckpt = found
+    step = finished_step(ckpt, cfg.trainer)
+    if step is not None:  # before the change checks: nothing would be trained with them
+        return ckpt_path, False, finished_run(out, ckpt_path, step, cfg.trainer)
+    check_same_network(ckpt_path, ckpt, OmegaConf.to_container(cfg.module.net, resolve=True))
+    module = OmegaConf.to_container(cfg.module, resolve=True)
+    diffusion = "schedule" in module  # a diffusion model (not an autoencoder)
+    # A changed learning rate (or optimizer, or LR schedule) is refused like a changed noise
+    # schedule rather than silently applied: a rerun of a sweep with edited defaults must not
+    # quietly mix two settings in one run; resume_changes=allow then applies it for real
+    # (Lightning would otherwise restore the checkpoint's, while run.json records the new one).
+    changed = check_same_process(
+        ckpt_path,
+        ckpt,
+        module["schedule"] if diffusion else None,
+        module.get("objective") if diffusion else None,
+        cfg.get("resume_changes", "refuse") == "allow",
+        optimizer=module.get("optimizer", NOT_COMPARED),
+        lr_scheduler=module.get("lr_scheduler", NOT_COMPARED),
+        dataset=dataset_identity(cfg.dataset),
+    )
+    apply = any(key.startswith(("module.optimizer", "module.lr_scheduler")) for key in changed)
+    return ckpt_path, apply, None
+
+
+# what tells one training set from another; batch size, workers, flips and where a named
+# dataset is stored (data_dir, moved between machines) do not
+DATASET_KEYS = ("_target_", "name", "image_size", "channels", "num_classes", "val_fraction")
+
+
+def dataset_identity(dataset: DictConfig) -> dict[str, Any]:
+    """The dataset settings a resume must keep (`RecordDataset` saves them in checkpoints); a
+    folder or zip dataset is its data_dir."""
+    node = OmegaConf.to_container(dataset, resolve=True)
+    identity = {key: node[key] for key in DATASET_KEYS if key in node}
+    if node.get("name") == "folder" and node.get("data_dir"):
+        identity["data_dir"] = str(Path(str(node["data_dir"])).expanduser().absolute())
+    return identity
+
+
+def finished_step(ckpt: dict[str, Any], trainer: DictConfig) -> int | None:
+    """The checkpoint's step when it leaves nothing to train under these trainer settings
+    (trainer.max_steps reached, or trainer.max_epochs when max_steps=-1), else None. Fitting
+    from it would train no step and then overwrite the run's final metrics, grids and curve
+    with those of no training."""
+    step = ckpt.get("global_step")
+    if not isinstance(step, int):
+        return None
+    max_steps = trainer.get("max_steps", -1)
+    if isinstance(max_steps, int) and max_steps > 0:
+        return step if step >= max_steps else None
+    max_epochs = trainer.get("max_epochs")
+    progress = ((ckpt.get("loops") or {}).get("fit_loop") or {}).get("epoch_progress") or {}
+    epochs = (progress.get("current") or {}).get("processed")
+    if isinstance(max_epochs, int) and max_epochs >= 0 and isinstance(epochs, int):
+        return step if epochs >= max_epochs else None
+    return None
+
+
+def finished_run(out: Path, ckpt_path: Path, step: int, trainer: DictConfig) -> dict[str, Any]:
+    """Say that the run has nothing left to train, and return its saved final metrics."""
+    path = out / "metrics.json"
+    saved = read_metrics(path)
+    steps = trainer.get("max_steps", -1)
+    key = "trainer.max_steps" if steps > 0 else "trainer.max_epochs"
+    value = steps if steps > 0 else trainer.get("max_epochs")
+    kept = f"its results in {out} are kept" if saved else f"it has no {path.name} (stopped first)"
+    log.info(
+        "this run already finished at step %d (%s, %s=%s): nothing trained, nothing changed; "
+        "%s. To train it further, rerun with a higher %s",
+        *(step, ckpt_path.name, key, value, kept, key),
+    )
+    return {k: math.nan if v is None else float(v) for k, v in saved.items() if k != "step"}
+
+
+def read_metrics(path: Path) -> dict[str, Any]:
+    """A run's metrics.json ({} when missing; unreadable: a warning and {})."""
+    if not path.is_file():
+        return {}
+    try:
+        return read_json(path)
+    except ValueError as e:
+        log.warning("%s", e)
+        return {}
+
+
+def write_metrics(path: Path, step: int, metrics: dict[str, float]) -> dict[str, float]:
+    """metrics.json: this part's final metrics over the earlier parts' (a resumed run that logs
+    fewer, e.g. without test=true or FID this time, keeps the earlier values), written
+    atomically (a kill mid-write leaves the old file); returns the merged metrics."""
+    earlier = read_metrics(path)
+    # valid JSON: a diverged metric is null, not NaN (which JSON does not have)
+    finite = {k: v if math.isfinite(v) else None for k, v in metrics.items()}
+    merged = {k: v for k, v in {**earlier, **finite}.items() if k != "step"}
+    text = json.dumps({"step": step, **merged}, indent=1, allow_nan=False) + "\n"
+    atomic_write(path, lambda f: f.write(text.encode()))
+    return {k: math.nan if v is None else float(v) for k, v in merged.items()}
 
 
 def resume_setting(cfg: DictConfig) -> Any:

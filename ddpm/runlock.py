@@ -1,0 +1,167 @@
+"""One training run per run directory at a time.
+
+Two `train.py` into the same `hydra.run.dir` (a second launch of a running job, a sweep rerun
+while the first still runs) would interleave: both append to the logs, write `step_N` and
+`step_N-v1`, and each records the other's checkpoints as its resume. The first process of a
+run holds `<run dir>/.train.lock` (pid, host, process start time) until it exits; a second one
+is refused in one line naming the holder. A lock whose process is gone (killed, crashed, the
+machine rebooted) is stale: found dead by pid and start time on the same host, it is taken over
+with a warning. Only the first process of a DDP run locks: its children (ranks 1..) run the
+same job by design (`ddpm.tracking.ddp_child_command`) and never look at the lock.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+LOCK_NAME = ".train.lock"
+
+
+class RunLocked(OSError):
+    """Another live process trains into this run directory."""
+
+
+def first_process() -> bool:
+    """Whether this is the first process of its run: not a DDP child (Lightning's launcher sets
+    LOCAL_RANK / RANK for ranks 1..), not a later task of a SLURM or torchrun job, not the main
+    process of a node other than the first."""
+    for key in ("RANK", "LOCAL_RANK", "SLURM_PROCID", "JSM_NAMESPACE_RANK"):
+        if os.environ.get(key) not in (None, ""):  # Lightning's own order (rank_zero._get_rank)
+            if int(os.environ[key]) != 0:
+                return False
+            break
+    return int(os.environ.get("NODE_RANK") or 0) == 0
+
+
+def _start_time(pid: int) -> str | None:
+    """The process's start time in clock ticks since boot (/proc/PID/stat field 22), which
+    tells a live holder from a later process that got the same pid; None without /proc."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return stat.rsplit(")", 1)[-1].split()[19]  # after the command name, which may hold spaces
+
+
+def _alive(holder: dict[str, Any]) -> bool:
+    """Whether the lock's process still runs (asked on its own host only)."""
+    pid = holder.get("pid")
+    if not isinstance(pid, int) or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process of that pid: alive
+        pass
+    started = holder.get("start")
+    return started is None or _start_time(pid) in (None, started)
+
+
+def _describe(holder: dict[str, Any]) -> str:
+    since = holder.get("since")
+    when = f", since {since}" if since else ""
+    return f"pid {holder.get('pid')} on {holder.get('host')}{when}"
+
+
+def _read(path: Path) -> dict[str, Any] | None:
+    """The lock's holder; None when it is gone (released meanwhile) or unreadable."""
+    try:
+        value = json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError):
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+def _create(path: Path, holder: dict[str, Any]) -> bool:
+    """Write the lock with its content in one step: a temporary file hard-linked into place
+    (link fails if the lock exists, and no reader ever sees it half written)."""
+    tmp = path.with_name(f"{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    tmp.write_text(json.dumps(holder) + "\n")
+    try:
+        os.link(tmp, path)
+        return True
+    except FileExistsError:
+        return False
+    except OSError:  # a filesystem without hard links: exclusive create, then the content
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        except FileExistsError:
+            return False
+        with os.fdopen(fd, "w") as f:
+            f.write(json.dumps(holder) + "\n")
+        return True
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def acquire(directory: str | Path) -> Path:
+    """Take the run directory's lock for this process, or raise RunLocked naming its holder."""
+    path = Path(directory) / LOCK_NAME
+    me = {
+        "pid": os.getpid(),
+        "host": socket.gethostname(),
+        "start": _start_time(os.getpid()),
+        "since": time.strftime("%Y-%m-%d %H:%M:%S"),
+    }
+    for _ in range(3):  # a stale lock removed, or one released meanwhile: try again
+        if _create(path, me):
+            return path
+        holder = _read(path)
+        if holder is None:
+            continue
+        if not holder:  # unreadable: a writer without hard links, killed before writing
+            if time.time() - _mtime(path) < 10:
+                time.sleep(0.5)
+                continue
+        elif holder.get("host") != me["host"] or _alive(holder):
+            raise RunLocked(
+                f"the run directory {directory} is in use by another training run "
+                f"({_describe(holder)}; lock file {path}): wait for it to end, or give this one "
+                "another hydra.run.dir. If that process is gone (its machine was lost), delete "
+                "the lock file and rerun"
+            )
+        log.warning("removing the stale lock %s of a run that ended (%s)", path, _describe(holder))
+        path.unlink(missing_ok=True)
+    raise RunLocked(f"could not take the lock {path} of the run directory {directory}; rerun")
+
+
+def _mtime(path: Path) -> float:
+    try:
+        return path.stat().st_mtime
+    except OSError:
+        return 0.0
+
+
+def release(path: Path) -> None:
+    """Remove the lock if this process still holds it (never another's)."""
+    holder = _read(path)
+    if holder and holder.get("pid") == os.getpid() and holder.get("host") == socket.gethostname():
+        path.unlink(missing_ok=True)
+
+
+@contextmanager
+def run_lock(directory: str | Path) -> Iterator[Path | None]:
+    """Hold the run directory's lock for the block (released on any exit, exceptions and
+    SystemExit included); a no-op in the other processes of a DDP run."""
+    if not first_process():
+        yield None
+        return
+    path = acquire(directory)
+    try:
+        yield path
+    finally:
+        release(path)

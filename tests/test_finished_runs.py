@@ -1,0 +1,226 @@
+"""A finished run keeps its results, one run per directory at a time, and what a resume may
+change: reruns of a finished run (same command, a lower max_steps, a finished sweep), the
+continuation that merges metrics.json, the run-directory lock, a changed learning rate or
+dataset on resume, last.ckpt symlinks, the writability probe."""
+
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import FAST, run_script, train_config
+
+from ddpm import runlock
+from ddpm.checkpoint import CheckpointError
+from ddpm.resume import check_writable
+from ddpm.runlock import LOCK_NAME, RunLocked
+
+
+def train_in(run: Path, *overrides: str) -> dict:
+    """training.train in-process, with `run` as the run directory."""
+    from ddpm import training
+
+    return training.train(train_config(run, [*FAST, *overrides]))
+
+
+def snapshot(run: Path) -> dict[str, bytes]:
+    """Every file of a run directory and its bytes (Hydra's own .hydra/ and train.log aside:
+    Hydra writes them before the job starts)."""
+    return {
+        str(p.relative_to(run)): p.read_bytes()
+        for p in sorted(run.rglob("*"))
+        if p.is_file() and p.name != "train.log" and ".hydra" not in p.parts
+    }
+
+
+def metrics(run: Path) -> dict:
+    return json.loads((run / "metrics.json").read_text())
+
+
+@pytest.fixture
+def run(trained_run: Path, tmp_path: Path) -> Path:
+    """A copy of conftest's finished 4-step run (so a moved run directory, as its checkpoints'
+    paths show)."""
+    copy = tmp_path / "run"
+    shutil.copytree(trained_run, copy)
+    assert metrics(copy)["step"] == 4 and "val/bpd" in metrics(copy)
+    return copy
+
+
+@pytest.mark.parametrize("overrides", [[], ["trainer.max_steps=2"]], ids=["same", "lower"])
+def test_a_rerun_of_a_finished_run_says_so_and_changes_nothing(run: Path, overrides, caplog):
+    """The same command (the documented way to continue a run) or a lower max_steps: one line
+    saying the run is done and how to go on; metrics.json, checkpoints, grids, logs as they
+    were (it was rewritten as {"step": 4}); the returned metrics are the saved ones."""
+    before = snapshot(run)
+    with caplog.at_level(logging.INFO, logger="ddpm"):
+        result = train_in(run, *overrides)
+    assert snapshot(run) == before
+    lines = [r.getMessage() for r in caplog.records if "already finished" in r.getMessage()]
+    assert len(lines) == 1, caplog.text
+    assert lines[0].startswith("this run already finished at step 4 (last.ckpt, trainer.max_steps=")
+    assert "nothing trained, nothing changed" in lines[0]
+    assert lines[0].endswith("To train it further, rerun with a higher trainer.max_steps")
+    assert result["val/bpd"] == metrics(run)["val/bpd"]
+    assert not (run / LOCK_NAME).exists()
+
+
+def test_continuing_to_more_steps_merges_the_metrics(run: Path):
+    """A higher max_steps trains on and updates metrics.json; a metric this part does not log
+    again (here a test/bpd of the earlier part) keeps its earlier value. last.ckpt is the new
+    state, not a last-v1.ckpt beside a stale one (the copied run's state names the old path)."""
+    earlier = {**metrics(run), "test/bpd": 1.25}
+    (run / "metrics.json").write_text(json.dumps(earlier))
+    result = train_in(run, "trainer.max_steps=6")
+    now = metrics(run)
+    assert now["step"] == 6 and now["test/bpd"] == 1.25 and result["test/bpd"] == 1.25
+    assert set(earlier) <= set(now) and now["val/bpd"] != earlier["val/bpd"]
+    ckpts = run / "checkpoints"
+    assert not list(ckpts.glob("last-v*.ckpt"))
+    assert torch.load(ckpts / "last.ckpt", weights_only=True)["global_step"] == 6
+
+
+@pytest.mark.slow  # two train.py processes; the same code path as the in-process reruns
+def test_a_rerun_finished_sweep_keeps_its_table(tmp_path: Path):
+    """`-m` twice into the same sweep directory: the second reruns finished jobs, which keep
+    their metrics, so `python -m ddpm.results` still has its metric columns."""
+    from ddpm.results import main
+
+    sweep = tmp_path / "sweep"
+    args = ["-m", *FAST, "seed=0", f"hydra.sweep.dir={sweep}"]
+    run_script("train.py", *args)
+    (job,) = sweep.glob("*/metrics.json")
+    first = job.read_bytes()
+    rerun = run_script("train.py", *args)
+    assert "this run already finished at step 4" in rerun.stdout + rerun.stderr
+    assert job.read_bytes() == first
+    table = main([str(sweep), "--out", str(tmp_path / "table")])
+    assert "val/bpd" in table.splitlines()[0]
+
+
+def test_a_second_launch_into_a_running_directory_is_refused(run: Path):
+    """While another live process holds the run directory (here this test process), train.py
+    into it is one line naming the directory and the holder, and changes nothing."""
+    before = snapshot(run)
+    lock = runlock.acquire(run)
+    try:
+        proc = run_script(
+            "train.py", *FAST, "trainer.max_steps=6", f"hydra.run.dir={run}", check=False
+        )
+    finally:
+        runlock.release(lock)
+    assert proc.returncode != 0
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"Error: the run directory {run} is in use by another training run ")
+    assert f"(pid {os.getpid()} on {socket.gethostname()}" in last
+    assert snapshot(run) == before
+    assert not lock.exists()
+
+
+def test_the_lock_is_released_on_errors_and_a_stale_one_is_taken_over(run: Path, caplog):
+    """A refused resume (an exception inside the lock) leaves no lock; a lock whose process is
+    gone (a dead pid, or a live pid that started later: reused) is removed with a warning."""
+    with pytest.raises(CheckpointError):
+        train_in(run, "trainer.max_steps=6", "module.optimizer.lr=1e-3")
+    assert not (run / LOCK_NAME).exists()
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    host = socket.gethostname()
+    for holder in (
+        {"pid": dead.pid, "host": host},
+        {"pid": os.getpid(), "host": host, "start": "1"},
+    ):
+        (run / LOCK_NAME).write_text(json.dumps(holder))
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="ddpm"):
+            train_in(run)  # finished: returns at once
+        assert f"removing the stale lock {run / LOCK_NAME}" in caplog.text
+        assert not (run / LOCK_NAME).exists()
+
+
+def test_the_lock_of_another_host_is_refused_and_ddp_children_skip_it(tmp_path, monkeypatch):
+    """A holder on another machine can't be checked: refused, saying to delete the file if it
+    is gone. Ranks 1.. of a DDP run (LOCAL_RANK set by Lightning's launcher) never wait on it."""
+    path = tmp_path / LOCK_NAME
+    path.write_text(json.dumps({"pid": 1, "host": "elsewhere"}))
+    with pytest.raises(RunLocked, match=r"\(pid 1 on elsewhere; lock file .*delete the lock file"):
+        runlock.acquire(tmp_path)
+    for key, value in (("LOCAL_RANK", "1"), ("NODE_RANK", "1"), ("RANK", "3")):
+        monkeypatch.setenv(key, value)
+        with runlock.run_lock(tmp_path) as held:
+            assert held is None
+        monkeypatch.delenv(key)
+    with pytest.raises(RunLocked), runlock.run_lock(tmp_path):  # the first process takes it
+        pass
+
+
+def test_a_changed_learning_rate_is_refused_or_applied(run: Path):
+    """The checkpoint's optimizer state would silently keep the old rate while run.json records
+    the new one: refused naming it (nothing changed); with resume_changes=allow the new rate
+    applies, through the LR schedule, as if the run had used it from the start."""
+    before = snapshot(run)
+    with pytest.raises(CheckpointError) as info:
+        train_in(run, "trainer.max_steps=6", "module.optimizer.lr=1e-3")
+    assert "module.optimizer.lr=0.002 (this run: 0.001)" in str(info.value)
+    assert "resume_changes=allow" in str(info.value)
+    assert snapshot(run) == before
+    train_in(run, "trainer.max_steps=6", "module.optimizer.lr=1e-3", "resume_changes=allow")
+    ckpt = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
+    group = ckpt["optimizer_states"][0]["param_groups"][0]
+    assert ckpt["lr_schedulers"][0]["base_lrs"] == [1e-3] and group["initial_lr"] == 1e-3
+    # LinearLR of the quickstart (start_factor 0.01 over 100 steps) at step 6, from 1e-3
+    assert group["lr"] == pytest.approx(1e-3 * (0.01 + 0.99 * 6 / 100))
+    assert json.loads((run / "run.json").read_text())["lr"] == 1e-3
+
+
+def test_resuming_onto_another_dataset_is_refused(run: Path):
+    """Checkpoints record their dataset: another one on resume is refused like another noise
+    schedule (before any data is read: mnist is not even downloaded here)."""
+    before = snapshot(run)
+    with pytest.raises(CheckpointError, match=r"dataset.name='mnist5k' \(this run: 'mnist'\)"):
+        train_in(run, "trainer.max_steps=6", "dataset.name=mnist")
+    assert snapshot(run) == before
+
+
+@pytest.mark.parametrize("target", ["missing.ckpt", "step_0000002.ckpt"])
+def test_last_ckpt_symlinks_neither_block_nor_go_stale(run: Path, target: str, caplog):
+    """A dangling last.ckpt symlink is skipped with a warning (it made resume=auto fail); a
+    link to an older checkpoint is replaced by the new last.ckpt (not left stale beside a
+    last-v1.ckpt), and the file it named is left alone."""
+    ckpts = run / "checkpoints"
+    (ckpts / "last.ckpt").unlink()
+    (ckpts / "last.ckpt").symlink_to(target)
+    older = (ckpts / "step_0000002.ckpt").read_bytes()
+    with caplog.at_level(logging.WARNING, logger="ddpm"):
+        train_in(run, "trainer.max_steps=6")
+    if target == "missing.ckpt":
+        assert f"ignoring {ckpts / 'last.ckpt'}: a symlink to missing.ckpt" in caplog.text
+    last = ckpts / "last.ckpt"
+    assert not last.is_symlink() and not list(ckpts.glob("last-v*.ckpt"))
+    assert torch.load(last, weights_only=True)["global_step"] == 6
+    assert (ckpts / "step_0000002.ckpt").read_bytes() == older
+
+
+def test_the_writability_probe_leaves_no_file(tmp_path: Path, monkeypatch):
+    """check_writable's probe file is removed, also when the write fails after creating it
+    (a full disk)."""
+    check_writable(tmp_path)
+    assert not list(tmp_path.iterdir())
+
+    def disk_full(self, data):
+        self.touch()
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(Path, "write_bytes", disk_full)
+    with pytest.raises(PermissionError, match="No space left on device"):
+        check_writable(tmp_path)
+    assert not list(tmp_path.iterdir())
