@@ -216,7 +216,7 @@ class FID(L.Callback):
         reference_n: int | None = None,
         batch_size: int = 250,
         seed: int = 0,
-        cache_dir: str = ".cache/ddpm",
+        cache_dir: str | None = None,
         every_n_validations: int = 1,
         kid: bool = False,
         inception_score: bool = False,

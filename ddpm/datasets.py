@@ -272,7 +272,8 @@ def load_fontletters(
             "upper or lower"
         )
     seed = 0 if split == "train" else 1
-    images, labels = load_letters(root, per_class, seed=seed, cases=cases[subset])
+    # cached per user, not per data_dir: the fonts and the seed make the same set everywhere
+    images, labels = load_letters(None, per_class, seed=seed, cases=cases[subset])
     return Images(images, labels, list(string.ascii_lowercase))
 
 

@@ -8,6 +8,7 @@ import csv
 import inspect
 import json
 import logging
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -20,7 +21,13 @@ from tqdm import tqdm
 
 from ddpm.datasets import LOADERS
 from ddpm.device import pick_device
-from ddpm.files import atomic_write, check_output_dir, check_regular, read_regular
+from ddpm.files import (
+    atomic_write,
+    check_free_space,
+    check_output_dir,
+    check_regular,
+    read_regular,
+)
 from ddpm.folder import IMAGE_SUFFIXES, MAX_IMAGE_BYTES, ImageTooLarge, convert, open_image
 from ddpm.generate import generate
 from ddpm.inception import has_classifier, inception_weights
@@ -282,13 +289,36 @@ def negative_log_likelihood(cfg: DictConfig, device: torch.device) -> dict:
 
 def output_path(cfg: DictConfig) -> Path:
     """Where the JSON goes: out=, or beside the source (<source>.fid.json / .nll.json)."""
-    suffix = ".fid.json" if cfg.fid else ".nll.json"
-    return Path(cfg.out) if cfg.out else Path(str(cfg.source).rstrip("/") + suffix)
+    return json_path(cfg.out, cfg.source, cfg.fid)
+
+
+def json_path(out: str | None, source: str, fid: bool) -> Path:
+    suffix = ".fid.json" if fid else ".nll.json"
+    return Path(out) if out else Path(str(source).rstrip("/") + suffix)
+
+
+def log_dir(out: str | None, source: str | None, fid: bool) -> str:
+    """eval.py's Hydra run directory (its eval.log) goes beside the JSON, into eval_logs/:
+    not into the directory eval.py happens to be started from. The ${ddpm_eval_logs:...}
+    resolver of conf/eval.yaml."""
+    if source is None and not out:  # source=??? (named by check_inputs): not the cwd either
+        return str(Path(tempfile.gettempdir()) / "ddpm_eval_logs")
+    return str(json_path(out, str(source), fid).absolute().parent / "eval_logs")
+
+
+OmegaConf.register_new_resolver("ddpm_eval_logs", log_dir, replace=True)
+# the result file, and the tables beside it: what must fit on out='s disk before the work
+OUT_SPACE = 1 << 20
 
 
 def check_inputs(cfg: DictConfig) -> None:
     """Every option and file that can be checked without the Inception network or sampling:
     a bad one fails here, before minutes of work, with its name and the fix."""
+    if OmegaConf.is_missing(cfg, "source"):
+        raise ValueError(
+            "source= is missing: give the images to measure (an .npz, a folder of images or "
+            "a .ckpt to sample from), e.g. source=samples/q/samples.npz"
+        )
     if not cfg.fid and not cfg.nll:
         raise ValueError("fid=false and nll=false leave nothing to measure; set one to true")
     least, why = (2, "FID needs at least 2 images per set") if cfg.fid else (1, "n must be >= 1")
@@ -308,6 +338,7 @@ def check_inputs(cfg: DictConfig) -> None:
             f"out={out} is a directory; give the JSON's file name, e.g. out={out / 'fid.json'}"
         )
     check_output_dir(out.parent, "out", out, fix="DIR/fid.json")
+    check_free_space(out, "out", OUT_SPACE, fix="DIR/fid.json")
     source = Path(cfg.source)
     if source.suffix == ".ckpt":
         module = load_module(source, map_location="cpu")
@@ -365,8 +396,14 @@ def evaluate(cfg: DictConfig) -> dict:
     if cfg.fid:
         result.update(inception_metrics(cfg, device))
     out = output_path(cfg)
-    atomic_write(out, lambda f: f.write(json.dumps(result, indent=1).encode()))
-    print(json.dumps(result))
+    print(json.dumps(result))  # first: a result that cannot be written is not lost
+    try:
+        atomic_write(out, lambda f: f.write(json.dumps(result, indent=1).encode()))
+    except OSError as e:
+        raise OSError(
+            f"out={out}: the result is printed above, but could not be written ({e}); "
+            "copy it from there, or free space and rerun with another out="
+        ) from None
     return result
 
 

@@ -1,15 +1,29 @@
-"""Writing a file so that readers see the old one or the new one, never half of one; and
-checking at start that an output place can be written at all."""
+"""Writing a file so that readers see the old one or the new one, never half of one (and a
+full disk as one line naming the file); removing what killed writes left; the per-user cache
+directory; and checking at start that an output place can be written at all."""
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import logging
 import os
+import pickle
+import shutil
 import stat
 import tempfile
+import time
 from collections.abc import Callable
 from itertools import count
 from pathlib import Path
 from typing import BinaryIO
+
+try:  # POSIX: a live writer holds a lock on its temporary file
+    import fcntl
+except ImportError:  # pragma: no cover - Windows
+    fcntl = None
+
+log = logging.getLogger(__name__)
 
 
 def _file_mode() -> int:
@@ -22,23 +36,137 @@ def _file_mode() -> int:
 FILE_MODE = _file_mode()
 
 
+class DiskFull(OSError):
+    """A write that found no space (ENOSPC, or the quota: EDQUOT), as one line naming the file
+    and the space left where it goes."""
+
+    def __init__(self, path: str | Path, code: int = errno.ENOSPC) -> None:
+        super().__init__(code, os.strerror(code), str(path))
+        self.path = Path(path)
+
+    def __str__(self) -> str:
+        free = free_bytes(self.path.parent)
+        left = "" if free is None else f", {format_size(free)} free there"
+        return f"cannot write {self.path}: {self.strerror}{left}; free space or write elsewhere"
+
+
+FULL = (errno.ENOSPC, errno.EDQUOT)
+
+
 def atomic_write(path: str | Path, write: Callable[[BinaryIO], None]) -> Path:
     """`write(f)` into a temporary file of its own beside `path` (two writers never share one),
     then rename it into place (atomic on POSIX): a killed or racing writer never leaves a
-    truncated `path`. The temporary file is removed if writing fails. The file gets the mode
-    a plain open() would give it (mkstemp's are private, 0600: unreadable to a colleague)."""
+    truncated `path`. The temporary file is removed if writing fails; one a killed writer left
+    is found by `remove_dead_temps` (the writer holds a lock on it until the rename). A full
+    disk raises `DiskFull`, naming `path`. The file gets the mode a plain open() would give it
+    (mkstemp's are private, 0600: unreadable to a colleague)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as e:
+        if e.errno in FULL:
+            raise DiskFull(path, e.errno) from None
+        raise
+    try:
+        _lock(fd)
         os.fchmod(fd, FILE_MODE)
         with os.fdopen(fd, "wb") as f:
             write(f)
-        os.replace(tmp, path)
-    except BaseException:
+            f.flush()
+            os.replace(tmp, path)  # before the close releases the lock
+    except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(e, OSError) and e.errno in FULL:
+            raise DiskFull(path, e.errno) from None
         raise
     return path
+
+
+def _lock(fd: int) -> None:
+    """Mark a temporary file as being written (`remove_dead_temps` leaves it alone); where
+    the file system has no locks (some network mounts) it goes unmarked, and only its age
+    protects it."""
+    if fcntl is not None:
+        with contextlib.suppress(OSError):
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+
+
+def remove_dead_temps(folder: str | Path, min_age_s: float = 60.0) -> list[Path]:
+    """Delete the temporary files (`.<name>.<random>.tmp`) that `atomic_write`s killed midway
+    left in `folder`, never read and as large as what they held; logs which. A file a live
+    writer holds locked is kept, and so is one younger than `min_age_s` (between mkstemp and
+    the lock, a new one is not locked yet)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    dead = [p for p in sorted(folder.glob(".*.tmp")) if _is_dead_write(p, min_age_s)]
+    for path in dead:
+        path.unlink(missing_ok=True)
+    if dead:
+        log.warning(
+            "removed %d unfinished writes of a killed run in %s: %s",
+            len(dead),
+            folder,
+            ", ".join(p.name for p in dead),
+        )
+    return dead
+
+
+def _is_dead_write(path: Path, min_age_s: float) -> bool:
+    try:
+        if not path.is_file() or time.time() - path.stat().st_mtime < min_age_s:
+            return False
+        if fcntl is None:
+            return True
+        with open(path, "rb") as f:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)  # released when closed
+    except BlockingIOError:  # a writer holds it: alive
+        return False
+    except OSError:  # gone meanwhile, or unreadable: not ours to judge
+        return False
+    return True
+
+
+def user_cache_dir() -> Path:
+    """The per-user cache of this project: `$XDG_CACHE_HOME/ddpm`, else `~/.cache/ddpm` (the
+    XDG base-directory spec ignores a relative XDG_CACHE_HOME): converted Inception weights,
+    rendered letters, reference statistics and latents, shared by every working directory."""
+    base = os.environ.get("XDG_CACHE_HOME", "")
+    root = Path(base) if os.path.isabs(base) else Path.home() / ".cache"
+    return root / "ddpm"
+
+
+def cache_root(cache_dir: str | Path | None) -> Path:
+    """The cache directory a `cache_dir=` option names; null (None or "") is `user_cache_dir`."""
+    return Path(cache_dir).expanduser() if cache_dir else user_cache_dir()
+
+
+def free_bytes(directory: str | Path) -> int | None:
+    """Bytes free for this user where `directory` (or its nearest existing ancestor) lies."""
+    try:
+        return shutil.disk_usage(nearest_existing(directory)).free
+    except OSError:
+        return None
+
+
+def format_size(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    raise AssertionError("unreachable")
+
+
+def check_free_space(path: str | Path, key: str, need: int, fix: str = "DIR") -> None:
+    """Refuse, before any work, to write `path` (the option `key`) onto a disk with less than
+    `need` bytes free: the work would be lost at the end."""
+    free = free_bytes(Path(path).absolute().parent)
+    if free is not None and free < need:
+        raise OSError(
+            f"{key}={path}: only {format_size(free)} free there, {format_size(need)} needed; "
+            f"free some space or write elsewhere: {key}={fix}",
+        )
 
 
 def move_aside(path: str | Path) -> Path:
@@ -137,3 +265,14 @@ def read_regular(path: str | Path, max_bytes: int, key: str | None = None) -> by
     if len(data) > max_bytes:
         raise ValueError(f"{_named(path, key)} grew past {max_bytes / 2**20:.0f} MiB while read")
     return data
+
+
+def load_failure(error: BaseException) -> str:
+    """Why a cache file did not load, in a few words: never torch's advice to load it with
+    weights_only=False (the unsafe way round, for a file that may be anyone's)."""
+    if isinstance(error, pickle.UnpicklingError):
+        return "it holds more than tensors and plain data (a pickle that could run code)"
+    first = (str(error).splitlines() or [""])[0].split(". ")[0].rstrip(".")  # its first sentence
+    if "weights_only" in first:
+        first = "refused by the weights-only loader"
+    return f"it does not load ({type(error).__name__}: {first[:160]})"

@@ -9,11 +9,16 @@ into the 20x20 centre of a 28x28 image and softened like EMNIST's. Labels and or
 EMNIST-letters' as `ddpm.datasets.load_emnist` returns them: classes 0..25 = 'a'..'z', upper
 and lower case in one class, upright; `cases="upper"` (or `"lower"`) draws one case only, for
 models that should write capitals without learning two shapes per class. The set is drawn
-from a seed and cached under `<data_dir>/fontletters/`.
+from a seed and cached in the per-user cache (`<user cache>/fontletters/`, see
+`ddpm.files.user_cache_dir`): what the fonts and the seed give is the same in every working
+directory. A cache file is checked against what it should hold (its key, count, shape, labels,
+a checksum of the pixels, ink in every image) and rendered anew, with a warning, if it does not.
 """
 
 from __future__ import annotations
 
+import hashlib
+import logging
 import string
 from pathlib import Path
 
@@ -23,7 +28,9 @@ import torch
 import torchvision.transforms.v2.functional as TF
 from PIL import Image, ImageDraw, ImageFilter, ImageFont
 
-from ddpm.files import atomic_write, move_aside
+from ddpm.files import atomic_write, load_failure, move_aside, remove_dead_temps, user_cache_dir
+
+log = logging.getLogger(__name__)
 
 FONTS = [
     "DejaVuSans.ttf", "DejaVuSans-Bold.ttf", "DejaVuSans-Oblique.ttf", "DejaVuSans-BoldOblique.ttf",
@@ -114,17 +121,64 @@ def render_letters(
 
 
 def load_letters(
-    root: Path, per_class: int = 400, seed: int = 0, cases: str = "both"
+    root: Path | None = None, per_class: int = 400, seed: int = 0, cases: str = "both"
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The set of `per_class`, `seed` and `cases`, from its cache or rendered (and cached)."""
+    """The set of `per_class`, `seed` and `cases`, from its cache in `root`/fontletters (None:
+    the per-user cache) or rendered (and cached)."""
+    key = {"version": VERSION, "per_class": per_class, "seed": seed, "cases": cases}
     name = f"letters-v{VERSION}-{per_class}-{seed}" + ("" if cases == "both" else f"-{cases}")
-    path = Path(root) / "fontletters" / f"{name}.pt"
+    folder = Path(root) if root is not None else user_cache_dir()
+    path = folder / "fontletters" / f"{name}.pt"
+    remove_dead_temps(path.parent)
     if path.is_file():
-        try:
-            data = torch.load(path, weights_only=True)
-            return data["images"], data["labels"]
-        except Exception:  # a cut or foreign file: kept for a look, rendered again below
-            move_aside(path)
+        cached = _load_cache(path, key)
+        if cached is not None:
+            return cached
     images, labels = render_letters(per_class, seed, cases)
-    atomic_write(path, lambda f: torch.save({"images": images, "labels": labels}, f))
+    record = {"key": key, "images": images, "labels": labels, "sha256": _digest(images, labels)}
+    try:
+        atomic_write(path, lambda f: torch.save(record, f))
+    except OSError as e:  # a full disk, a read-only cache: the letters are in memory
+        log.warning("letters not cached (%s); rendered again next time", e)
     return images, labels
+
+
+def _digest(images: torch.Tensor, labels: torch.Tensor) -> str:
+    digest = hashlib.sha256(images.contiguous().numpy())
+    digest.update(labels.contiguous().numpy())
+    return digest.hexdigest()
+
+
+def _load_cache(path: Path, key: dict) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The cached letters if they are what `key` renders, else None (moved aside, warned)."""
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=True)
+        problem = _cache_problem(data, key)
+    except Exception as e:  # a cut or foreign file, a pickle with code
+        problem = load_failure(e)
+    if problem is None:
+        return data["images"], data["labels"]
+    aside = move_aside(path)  # kept for a look
+    log.warning("letters cache %s: %s; moved to %s and rendered anew", path, problem, aside)
+    return None
+
+
+def _cache_problem(data: object, key: dict) -> str | None:
+    """Why a loaded letters cache is not the set of `key`, or None."""
+    if not isinstance(data, dict) or data.get("key") != key:
+        return "it was not made for these settings (or by this version)"
+    images, labels = data.get("images"), data.get("labels")
+    n = 26 * key["per_class"]
+    if not isinstance(images, torch.Tensor) or images.dtype != torch.uint8:
+        return "its images are not a uint8 tensor"
+    if tuple(images.shape) != (n, 1, 28, 28):
+        return f"its images are {tuple(images.shape)}, not {(n, 1, 28, 28)}"
+    expected = torch.arange(26).repeat_interleave(key["per_class"])
+    if not isinstance(labels, torch.Tensor) or not torch.equal(labels, expected):
+        return "its labels are not 0..25 in order"
+    if data.get("sha256") != _digest(images, labels):
+        return "its pixels do not match their checksum"
+    blank = int((images.flatten(1).amax(1) == 0).sum())
+    if blank:
+        return f"{blank} of its images are blank"
+    return None

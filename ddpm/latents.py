@@ -5,13 +5,16 @@ the autoencoder's encoder, times LDM's scale factor 1 / std (Rombach et al. 2022
 computed over the training latents), so the diffusion model sees unit-variance data. The cache
 (`<cache_dir>/latents/*.pt`) is keyed by the autoencoder checkpoint's bytes, the dataset, its
 options, size and split: a change of any of them encodes anew; a cache file that does not load
-or does not fit its key is named, moved aside and rebuilt.
+or does not fit its key (or holds latents of the wrong shape, NaN, or bytes that do not match
+their checksum) is named, moved aside and rebuilt. cache_dir null: the per-user cache
+(`ddpm.files.user_cache_dir`).
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
+import math
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +23,7 @@ from torch import Tensor
 
 from ddpm.autoencoder import downsampling, load_autoencoder
 from ddpm.data import ImageDataModule, TensorImages
-from ddpm.files import atomic_write, move_aside
+from ddpm.files import atomic_write, cache_root, load_failure, move_aside, remove_dead_temps
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +34,46 @@ def file_digest(path: str | Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def latents_digest(cached: dict) -> str:
+    """sha256 of a cache's latents and labels: a flipped bit or a planted tensor is caught."""
+    digest = hashlib.sha256()
+    for name in ("train", "val", "train_labels", "val_labels"):
+        value = cached.get(name)
+        digest.update(name.encode())
+        if isinstance(value, Tensor):
+            digest.update(str((value.dtype, tuple(value.shape))).encode())
+            digest.update(value.contiguous().view(torch.uint8).numpy())
+    return digest.hexdigest()
+
+
+def cache_problem(cached: object, key: dict) -> str | None:
+    """Why a loaded latent cache cannot be used for `key` (its count, shapes, finiteness,
+    scale and checksum), or None. Caches of earlier versions, without a checksum, are checked
+    for all but that."""
+    if not isinstance(cached, dict) or cached.get("key") != key:
+        return "it was made for another key"
+    latents = [cached.get("train"), cached.get("val")]
+    if not all(isinstance(x, Tensor) and x.is_floating_point() and x.ndim == 4 for x in latents):
+        return "its train / val latents are not (N, c, h, w) float tensors"
+    train, val = latents
+    if train.shape[1:] != val.shape[1:] or len(train) == 0:
+        return f"its latents are {tuple(train.shape)} and {tuple(val.shape)}, not one shape"
+    for name, x in (("train", train), ("val", val)):
+        labels = cached.get(f"{name}_labels")
+        if labels is not None and (not isinstance(labels, Tensor) or len(labels) != len(x)):
+            return f"its {name} labels do not count its {len(x)} {name} latents"
+        if not bool(x.isfinite().all()):
+            return f"its {name} latents hold NaN or inf"
+    scale = cached.get("scale")
+    if not isinstance(scale, float) or not math.isfinite(scale) or scale <= 0:
+        return f"its scale {scale!r} is not a positive number"
+    if not isinstance(cached.get("class_names"), list):
+        return "its class names are not a list"
+    if "sha256" in cached and cached["sha256"] != latents_digest(cached):
+        return "its latents do not match their checksum"
+    return None
 
 
 @torch.no_grad()
@@ -49,7 +92,7 @@ class LatentDataModule(ImageDataModule):
     latent of a flipped image."""
 
     def __init__(
-        self, *args: Any, autoencoder: str | None = None, cache_dir: str = ".cache/ddpm", **kwargs
+        self, *args: Any, autoencoder: str | None = None, cache_dir: str | None = None, **kwargs
     ) -> None:
         if not autoencoder:
             raise ValueError(
@@ -63,7 +106,7 @@ class LatentDataModule(ImageDataModule):
             )
         kwargs["hflip"] = False
         super().__init__(*args, **kwargs)
-        self.autoencoder, self.cache_dir = str(autoencoder), Path(cache_dir)
+        self.autoencoder, self.cache_dir = str(autoencoder), cache_root(cache_dir)
         self.latent_scale: float | None = None
 
     def key(self) -> dict[str, Any]:
@@ -85,11 +128,16 @@ class LatentDataModule(ImageDataModule):
         key = self.key()
         name = hashlib.sha256(repr(key).encode()).hexdigest()[:16]
         path = self.cache_dir / "latents" / f"{self.name}-{self.image_size}-{name}.pt"
+        remove_dead_temps(path.parent)
         cached = self._load(path, key)
         if cached is None:
             cached = self._encode(key)
-            atomic_write(path, lambda f: torch.save(cached, f))
-            log.info("latents of %s cached in %s", self.name, path)
+            cached["sha256"] = latents_digest(cached)
+            try:
+                atomic_write(path, lambda f: torch.save(cached, f))
+                log.info("latents of %s cached in %s", self.name, path)
+            except OSError as e:  # a full disk, a read-only cache: the latents are in memory
+                log.warning("latents not cached (%s); encoded again next time", e)
         self.class_names = list(cached["class_names"])
         self.latent_scale = float(cached["scale"])
         scale = self.latent_scale
@@ -101,9 +149,9 @@ class LatentDataModule(ImageDataModule):
             return None
         try:
             cached = torch.load(path, map_location="cpu", weights_only=True)
-            problem = None if cached.get("key") == key else "it was made for another key"
-        except Exception as e:  # truncated, empty, not a torch file ...
-            problem = f"it does not load ({type(e).__name__})"
+            problem = cache_problem(cached, key)
+        except Exception as e:  # truncated, empty, not a torch file, a pickle with code ...
+            problem = load_failure(e)
         if problem is None:
             return cached
         aside = move_aside(path)

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from ddpm.files import atomic_write, move_aside
+from ddpm.files import atomic_write, cache_root, load_failure, move_aside, remove_dead_temps
 from ddpm.inception import weights_digest
 from ddpm.metrics import REAL_STATES, InceptionMetrics
 
@@ -41,7 +41,7 @@ def stats_key(
     images: Tensor,
     weights: str | None,
     features: int,
-    cache_dir: str | Path = ".cache/ddpm",
+    cache_dir: str | Path | None = None,
 ) -> dict:
     """What reference statistics depend on: the reference images (N, C, H, W) uint8 and the
     network's weights by content, and the feature layer; a change in any of it means computing
@@ -84,7 +84,7 @@ def cached_reference(
     metrics: InceptionMetrics,
     key: dict,
     real_images: Callable[[], Iterable[Tensor]],
-    cache_dir: str | Path = ".cache/ddpm",
+    cache_dir: str | Path | None = None,
 ) -> Path:
     """Fill the metrics' real-image statistics from the cache, or compute them from
     `real_images()` (an iterable of uint8 batches, called only on a miss) and cache them.
@@ -92,14 +92,14 @@ def cached_reference(
     unreadable or inconsistent one is named in a warning, moved aside and rebuilt."""
     readable = f"{key['dataset']}-{key['split']}-{key['n']}-{key['features']}".replace("/", "_")
     digest = hashlib.sha256(repr(sorted(key.items())).encode()).hexdigest()[:16]
-    path = Path(cache_dir) / "fid_stats" / f"{readable}-{digest}.pt"
+    path = cache_root(cache_dir) / "fid_stats" / f"{readable}-{digest}.pt"
+    remove_dead_temps(path.parent)
     if path.is_file():
         try:
             cached = torch.load(path, map_location="cpu", weights_only=True)
             problem = _cache_problem(cached, key, metrics.features)
-        except Exception as e:  # truncated, empty, random bytes, not a torch file ...
-            first_line = (str(e).splitlines() or [""])[0]
-            problem = f"it does not load ({type(e).__name__}: {first_line})"
+        except Exception as e:  # truncated, empty, random bytes, a pickle with code ...
+            problem = load_failure(e)  # never torch's advice to load it unsafely
         if problem is None and metrics.load_real_state(cached):
             return path
         if problem is not None:
@@ -112,7 +112,10 @@ def cached_reference(
     if metrics.real_count != key["n"]:
         raise ValueError(f"expected {key['n']} reference images, got {metrics.real_count}")
     state = {"key": key, **metrics.real_state()}
-    atomic_write(path, lambda f: torch.save(state, f))  # two jobs may build one key at once
+    try:
+        atomic_write(path, lambda f: torch.save(state, f))  # two jobs may build one key at once
+    except OSError as e:  # a full disk, a read-only cache: the statistics are in memory
+        log.warning("reference statistics not cached (%s); computed again next time", e)
     return path
 
 

@@ -16,7 +16,7 @@ from PIL import Image
 from torchvision.transforms.v2.functional import pil_to_tensor
 
 from ddpm.device import autocast, pick_device
-from ddpm.files import atomic_write, check_output_dir
+from ddpm.files import FULL, DiskFull, atomic_write, check_output_dir
 from ddpm.folder import load_image
 from ddpm.generate import denoised, first_frame, generate, generate_all, image_labels
 from ddpm.module import load_module
@@ -300,6 +300,25 @@ def hold_ms(cfg: DictConfig) -> int:
 
 
 def sample(cfg: DictConfig) -> Path:
+    """sample.py: the checks, then the images (see `draw`). A full disk midway is one line
+    naming the file, and how to finish the job: the images written so far are kept and
+    resume=true draws only the rest."""
+    try:
+        return draw(cfg)
+    except OSError as e:
+        if e.errno not in FULL:
+            raise
+        raise OSError(f"{_full_line(e)}; then rerun with resume=true to finish the job") from None
+
+
+def _full_line(e: OSError) -> str:
+    """A full disk's error in one line naming the file (`DiskFull` already does)."""
+    if isinstance(e, DiskFull):
+        return str(e)
+    return f"cannot write {e.filename or 'a file'}: {e.strerror}; free space or write elsewhere"
+
+
+def draw(cfg: DictConfig) -> Path:
     if cfg.n < 1 or cfg.batch_size < 1:
         raise ValueError(
             f"n and batch_size must be >= 1, got n={cfg.n}, batch_size={cfg.batch_size}: n is "

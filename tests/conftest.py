@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -19,6 +22,10 @@ CONF = ROOT / "conf"
 
 # The suite must not depend on the network or a login.
 os.environ.setdefault("WANDB_MODE", "offline")
+# Caches default to the per-user directory ($XDG_CACHE_HOME/ddpm): the suite's go to a
+# temporary one of its own (subprocesses inherit it), never into the real home's.
+os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="ddpm-test-cache-")
+atexit.register(shutil.rmtree, os.environ["XDG_CACHE_HOME"], ignore_errors=True)
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
 

@@ -321,10 +321,13 @@ def test_val_split_trains_on_all_of_the_training_split(fake_cifar: Path):
         ImageDataModule(name="cifar10", val_fraction=0.02, val_split="test")
 
 
-def test_fontletters_are_emnist_like_letters(tmp_path):
+def test_fontletters_are_emnist_like_letters(tmp_path, monkeypatch):
     """The offline letters: 26 classes a..z (upper and lower case in one), upright white-on-
-    black 28x28 glyphs centred like EMNIST's, drawn once per seed and cached."""
+    black 28x28 glyphs centred like EMNIST's, drawn once per seed and cached per user."""
     from ddpm.datasets import load_fontletters
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "home-cache"))
+    letters = tmp_path / "home-cache" / "ddpm" / "fontletters"
 
     data = load_fontletters(tmp_path, per_class=6)
     assert data.images.shape == (156, 1, 28, 28) and data.images.dtype == torch.uint8
@@ -341,18 +344,18 @@ def test_fontletters_are_emnist_like_letters(tmp_path):
     assert (widest[t] < 14).all() and (widest[L] >= 14).all()
     again = load_fontletters(tmp_path, per_class=6)
     assert torch.equal(again.images, data.images)
-    assert len(list((tmp_path / "fontletters").glob("*.pt"))) == 1
+    assert len(list(letters.glob("*.pt"))) == 1
     test = load_fontletters(tmp_path, split="test", per_class=6)
     assert not torch.equal(test.images, data.images)
     # capitals only: a cache of its own; every 'T' has its bar on top, every 'L' at the bottom
     upper = load_fontletters(tmp_path, per_class=6, subset="upper")
     widest = (upper.images.float() / 255)[:, 0].sum(2).argmax(1)
     assert (widest[upper.labels == 19] < 14).all() and (widest[upper.labels == 11] >= 14).all()
-    assert len(list((tmp_path / "fontletters").glob("*.pt"))) == 3
+    assert len(list(letters.glob("*.pt"))) == 3
     with pytest.raises(ValueError, match="dataset.subset=digits is not a fontletters subset"):
         load_fontletters(tmp_path, per_class=6, subset="digits")
     # a cut cache file is kept aside for a look and the set drawn again
-    cache = next((tmp_path / "fontletters").glob("letters-v1-6-0.pt"))
+    cache = next(letters.glob("letters-v1-6-0.pt"))
     cache.write_bytes(cache.read_bytes()[:100])
     assert torch.equal(load_fontletters(tmp_path, per_class=6).images, data.images)
     assert cache.with_name(cache.name + ".corrupt").is_file()
