@@ -61,6 +61,19 @@ def unfinished_runs(sweep_dir: str | Path) -> list[Path]:
     )
 
 
+def emptied_runs(sweep_dir: str | Path) -> list[Path]:
+    """Run directories whose metrics.json holds only the step: a rerun of the finished run by
+    a version of train.py from before finished runs kept their results rewrote it so."""
+    emptied = []
+    for path in sorted(Path(sweep_dir).rglob("metrics.json")):
+        try:
+            if (path.parent / "run.json").is_file() and set(read_json(path)) <= {"step"}:
+                emptied.append(path.parent)
+        except ValueError:  # unreadable: read_sweep names it
+            continue
+    return emptied
+
+
 def read_sweep(sweep_dir: str | Path) -> list[tuple[str, str, dict[str, float]]]:
     """(configuration, seed, metrics) for every finished run under `sweep_dir`."""
     runs = []
@@ -165,6 +178,12 @@ def main(argv: list[str] | None = None) -> str:
     args = parser.parse_args(argv)
     if bool(args.sweep_dir) == bool(args.wandb_group):
         parser.error("give a sweep directory or --wandb-group, not both")
+    for run in emptied_runs(args.sweep_dir) if args.sweep_dir else []:  # before any error
+        print(
+            f"WARNING: {run}/metrics.json holds no metrics (an older train.py rerun of the "
+            "finished run emptied it); its logged values are in its logs/metrics.csv",
+            file=sys.stderr,
+        )
     try:
         if args.wandb_group:
             runs = read_wandb_group(args.wandb_group)

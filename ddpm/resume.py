@@ -484,20 +484,25 @@ def check_creatable(directory: str | Path) -> None:
 
 
 class CheckRunDirectory(Callback):
-    """A Hydra callback: an unusable run directory is one clear line, before Hydra's own
-    attempt to create it fails with a traceback."""
+    """A Hydra callback: an unusable run directory, or one a live run holds
+    (`ddpm.runlock`), is one clear line, before Hydra's own attempt to create it fails with a
+    traceback, or rewrites the running job's .hydra/."""
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
-        self._check(config.hydra.run.dir)
+        self._check(config.hydra.run.dir, run=True)
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         self._check(config.hydra.sweep.dir)
 
     @staticmethod
-    def _check(directory: str) -> None:
+    def _check(directory: str, run: bool = False) -> None:
+        from ddpm.runlock import RunLocked, check_free
+
         try:
             check_creatable(directory)
-        except PermissionError as e:
+            if run:  # a sweep's jobs are checked as each starts (training.train)
+                check_free(directory)
+        except (PermissionError, RunLocked) as e:
             raise SystemExit(f"Error: {e}") from None
 
 

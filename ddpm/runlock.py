@@ -127,16 +127,36 @@ def acquire(directory: str | Path) -> Path:
             if time.time() - _mtime(path) < 10:
                 time.sleep(0.5)
                 continue
-        elif holder.get("host") != me["host"] or _alive(holder):
-            raise RunLocked(
-                f"the run directory {directory} is in use by another training run "
-                f"({_describe(holder)}; lock file {path}): wait for it to end, or give this one "
-                "another hydra.run.dir. If that process is gone (its machine was lost), delete "
-                "the lock file and rerun"
-            )
+        elif _held(holder):
+            raise _refusal(directory, path, holder)
         log.warning("removing the stale lock %s of a run that ended (%s)", path, _describe(holder))
         path.unlink(missing_ok=True)
     raise RunLocked(f"could not take the lock {path} of the run directory {directory}; rerun")
+
+
+def _held(holder: dict[str, Any]) -> bool:
+    """Whether a lock's holder may still run: alive on this host, or on another (unknowable)."""
+    return holder.get("host") != socket.gethostname() or _alive(holder)
+
+
+def _refusal(directory: str | Path, path: Path, holder: dict[str, Any]) -> RunLocked:
+    return RunLocked(
+        f"the run directory {directory} is in use by another training run "
+        f"({_describe(holder)}; lock file {path}): wait for it to end, or give this one "
+        "another hydra.run.dir. If that process is gone (its machine was lost), delete "
+        "the lock file and rerun"
+    )
+
+
+def check_free(directory: str | Path) -> None:
+    """Raise RunLocked if a live run holds `directory`, without taking the lock: Hydra's
+    run-start check, before Hydra rewrites the directory's .hydra/ with this launch's config."""
+    if not first_process():
+        return
+    path = Path(directory) / LOCK_NAME
+    holder = _read(path)
+    if holder and _held(holder):
+        raise _refusal(directory, path, holder)
 
 
 def _mtime(path: Path) -> float:

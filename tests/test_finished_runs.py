@@ -107,6 +107,16 @@ def test_a_rerun_finished_sweep_keeps_its_table(tmp_path: Path):
     assert "val/bpd" in table.splitlines()[0]
 
 
+def test_results_name_runs_whose_metrics_an_older_rerun_emptied(run: Path, capsys):
+    """Sweeps rerun before this fix hold metrics.json files of {"step": N}: named, not a table
+    silently without metric columns."""
+    from ddpm.results import main
+
+    (run / "metrics.json").write_text('{"step": 4}')
+    main([str(run.parent), "--out", str(run.parent / "table")])
+    assert f"WARNING: {run}/metrics.json holds no metrics" in capsys.readouterr().err
+
+
 def test_a_second_launch_into_a_running_directory_is_refused(run: Path):
     """While another live process holds the run directory (here this test process), train.py
     into it is one line naming the directory and the holder, and changes nothing."""
@@ -123,6 +133,8 @@ def test_a_second_launch_into_a_running_directory_is_refused(run: Path):
     assert last.startswith(f"Error: the run directory {run} is in use by another training run ")
     assert f"(pid {os.getpid()} on {socket.gethostname()}" in last
     assert snapshot(run) == before
+    # refused before Hydra wrote this launch's overrides over the running job's
+    assert "trainer.max_steps=6" not in (run / ".hydra" / "overrides.yaml").read_text()
     assert not lock.exists()
 
 
