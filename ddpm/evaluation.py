@@ -36,7 +36,14 @@ from ddpm.metrics import InceptionMetrics, check_count, measure
 from ddpm.module import load_module
 from ddpm.reference import cached_reference, reference_subset, stats_key
 from ddpm.render import IMAGE_NAME, SETTINGS, to_uint8
-from ddpm.samplers import sampler_label, sampler_settings
+from ddpm.samplers import (
+    SAMPLERS,
+    check_guidance,
+    check_seed,
+    check_steps,
+    sampler_label,
+    sampler_settings,
+)
 
 log = logging.getLogger(__name__)
 
@@ -321,6 +328,8 @@ def check_inputs(cfg: DictConfig) -> None:
         )
     if not cfg.fid and not cfg.nll:
         raise ValueError("fid=false and nll=false leave nothing to measure; set one to true")
+    check_seed(cfg.seed)
+    check_guidance(cfg.guidance)
     least, why = (2, "FID needs at least 2 images per set") if cfg.fid else (1, "n must be >= 1")
     if not isinstance(cfg.n, int) or cfg.n < least:
         raise ValueError(
@@ -348,8 +357,7 @@ def check_inputs(cfg: DictConfig) -> None:
                 "unconditional (trained with model.num_classes=null); drop guidance="
             )
         size = module.image_shape[-1]
-        for entry in cfg.table or []:
-            parse_entry(entry)
+        check_sampling_steps(cfg, module.schedule.num_timesteps)
     else:
         given = [k for k in ("steps", "guidance", "table") if cfg[k]]
         if given:
@@ -372,6 +380,22 @@ def check_inputs(cfg: DictConfig) -> None:
             raise ValueError(
                 f"source images are {size} px, the reference {cfg.dataset.name} is "
                 f"{cfg.dataset.image_size} px: compare at one resolution (dataset.image_size)"
+            )
+
+
+def check_sampling_steps(cfg: DictConfig, num_timesteps: int) -> None:
+    """steps= (or the sampler group's) and every table entry's steps within the checkpoint's
+    T: 0 would sample all T steps under the name of 0, a step count above T fail after the
+    reference statistics' minutes."""
+    from_group = cfg.steps is None and cfg.sampler.get("steps") is not None
+    steps = cfg.steps if cfg.steps is not None else cfg.sampler.get("steps")
+    check_steps(steps, num_timesteps, "sampler.steps" if from_group else "steps")
+    for entry in cfg.table or []:
+        _, steps = parse_entry(entry)
+        if steps > num_timesteps:
+            raise ValueError(
+                f"table entry {entry!r} asks for {steps} steps, more than the checkpoint's "
+                f"T={num_timesteps}; give steps in [1, {num_timesteps}]"
             )
 
 
@@ -467,6 +491,15 @@ def parse_entry(entry: str) -> tuple[str, int]:
     name, _, steps = str(entry).partition(":")
     if not steps.isdigit():
         raise ValueError(f"table entries are sampler:steps, e.g. ddim:50; got {entry!r}")
+    if int(steps) < 1:  # 0 would sample all T steps and report them as 0
+        raise ValueError(
+            f"table entry {entry!r} asks for {int(steps)} steps: give sampler:steps with steps "
+            ">= 1, e.g. ddim:50"
+        )
+    if name not in SAMPLERS:  # found now, not after the reference statistics
+        raise ValueError(
+            f"table entry {entry!r} names no sampler: {name!r} is not one of {sorted(SAMPLERS)}"
+        )
     return name, int(steps)
 
 

@@ -76,6 +76,17 @@ def check_lr(lr: Any) -> None:
         raise ValueError(f"module.optimizer.lr must be a finite number > 0, e.g. 2e-4; got {lr!r}")
 
 
+def check_min_snr_gamma(gamma: Any) -> None:
+    """γ of min-SNR weighting caps the x_0 weight min(SNR, γ): at 0 every loss is 0 (nothing
+    trains) and below 0 the weights are negative, so the optimizer ascends the loss (nan fails
+    `> 0` too; inf, no cap, is the ε loss and allowed)."""
+    if isinstance(gamma, bool) or not isinstance(gamma, (int, float)) or not gamma > 0:
+        raise ValueError(
+            "module.min_snr_gamma must be a number > 0 (the cap γ of min(SNR, γ); Hang et al. "
+            f"use 5, module.min_snr_gamma=5); got {gamma!r}"
+        )
+
+
 def _plain(cfg: Any) -> Any:
     """Config node -> plain Python, so checkpoints hold no OmegaConf objects (weights_only)."""
     if isinstance(cfg, DictConfig):
@@ -165,6 +176,7 @@ class DiffusionModule(L.LightningModule):
             )
         if vlb_weight < 0:
             raise ValueError(f"module.vlb_weight must be >= 0, got {vlb_weight}")
+        check_min_snr_gamma(min_snr_gamma)
         check_lr((optimizer or {}).get("lr"))
         self.save_hyperparameters()
         # learned variances: the network's output doubles, ε (or x_0, v) then the variance v

@@ -37,6 +37,22 @@ Generator = torch.Generator | Sequence[torch.Generator] | None
 LOGSNR_FLOOR = -5.1  # λ at which `logsnr` spacing's even grid stops (see `timesteps`)
 
 
+MAX_SEED = 2**32 - 1  # numpy's and Lightning's seed_everything's range is [0, 2^32 - 1]
+
+
+def check_seed(seed: Any, key: str = "seed") -> None:
+    """A seed that is an integer in [0, 2^32 - 1]: Lightning refuses others without the key,
+    and `image_generators` keeps 32 bits, so seed s + 2^32 (or -1 = 2^32 - 1) would silently
+    draw the images of another seed."""
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise ValueError(f"{key} must be an integer, e.g. {key}=0; got {seed!r}")
+    if not 0 <= seed <= MAX_SEED:
+        raise ValueError(
+            f"{key}={seed} is out of range: give an integer in [0, {MAX_SEED}] (2^32 - 1, "
+            f"numpy's and Lightning's range), e.g. {key}=0"
+        )
+
+
 def image_generators(seed: int, first: int, count: int) -> list[torch.Generator]:
     """One CPU generator per image: image k of `seed` draws from its own stream (as EDM does).
 
@@ -314,6 +330,36 @@ def sampler_settings(
             f"{sorted(known)}"
         )
     return settings
+
+
+def check_steps(steps: Any, num_timesteps: int, key: str = "steps") -> None:
+    """None (the sampler's default: all T for DDPM) or an integer in [1, T]: 0 would silently
+    run all T steps (`steps or T`) while the records say 0."""
+    if steps is None:
+        return
+    if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= num_timesteps:
+        raise ValueError(
+            f"sampler steps must be in [1, {num_timesteps}] (the schedule's T), got {steps!r} "
+            f"({key}={steps!r}); give {key}=N within them (e.g. sampler=ddim {key}=50), or "
+            f"{key}=null for the default"
+        )
+
+
+def check_guidance(guidance: Any, key: str = "guidance") -> None:
+    """Classifier-free guidance w: a finite number >= 0, or None (the default). nan makes every
+    image black (and sample.json invalid JSON); a negative w is refused rather than given a
+    meaning: ε = (1 + w) ε(x, y) - w ε(x, ∅) weakens the class for -1 < w < 0, is the
+    unconditional model at w = -1 and steers away from the class below, none of which Ho &
+    Salimans use."""
+    if guidance is None:
+        return
+    number = not isinstance(guidance, bool) and isinstance(guidance, (int, float))
+    if not number or not math.isfinite(guidance) or guidance < 0:
+        raise ValueError(
+            f"{key}={guidance!r}: classifier-free guidance w must be a finite number >= 0 (0: "
+            "the conditional model alone, e.g. 2: a stronger class); a negative w would weaken "
+            f"or reverse the class (-1: the unconditional model); give {key}=0 or more"
+        )
 
 
 def get_sampler(name: str) -> Callable[..., Tensor]:

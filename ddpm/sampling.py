@@ -7,6 +7,7 @@ import hashlib
 import json
 import logging
 import re
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -34,7 +35,7 @@ from ddpm.render import (
     to_uint8,
     wrap_words,
 )
-from ddpm.samplers import sampler_settings
+from ddpm.samplers import check_guidance, check_seed, check_steps, sampler_settings
 
 log = logging.getLogger(__name__)
 
@@ -201,7 +202,12 @@ def sampling(cfg: DictConfig, module) -> tuple[dict, float]:
         del config["name"]
         config = {"name": saved.pop("sampler", "ddpm"), **saved, **config}
     sampler = sampler_settings(config, cfg.steps)
+    # 0 would run all T steps and record 0; the key is where this run's value came from
+    from_group = cfg.steps is None and cfg.sampler.get("steps") is not None
+    key = "sampler.steps" if from_group else "steps"
+    check_steps(sampler["steps"], module.schedule.num_timesteps, key)
     guidance = saved_guidance if cfg.guidance is None else float(cfg.guidance)
+    check_guidance(guidance)
     return sampler, guidance
 
 
@@ -222,6 +228,16 @@ def resolve_labels(cfg: DictConfig, n: int, module) -> tuple[list[int] | None, i
         raise ValueError("labels= was given but the checkpoint's model is not class-conditional")
     if spec == "cycle":
         return image_labels("cycle", 0, n, num_classes), num_classes
+    indices = isinstance(spec, Sequence) and not isinstance(spec, str)
+    if not indices or not all(isinstance(v, int) and not isinstance(v, bool) for v in spec):
+        # int() of a word says only "invalid literal"; a class by its name is class_name=
+        more = ", ..." if len(names) > 10 else ""
+        known = f" (the model's: {', '.join(map(str, names[:10]))}{more})"
+        raise ValueError(
+            f"labels={_shown(spec)} must be class indices 0..{num_classes - 1} (e.g. "
+            "labels=[3,3,7]), cycle, auto or null; for a class by its name give class_name=NAME"
+            + (known if names else "")
+        )
     labels = [int(v) for v in spec]
     if len(labels) != n:
         raise ValueError(f"labels has {len(labels)} entries but n={n}; give one label per image")
@@ -229,6 +245,13 @@ def resolve_labels(cfg: DictConfig, n: int, module) -> tuple[list[int] | None, i
     if bad:
         raise ValueError(f"labels {bad} are outside the model's classes 0..{num_classes - 1}")
     return labels, None
+
+
+def _shown(value: object) -> str:
+    """A labels= value as the command line wrote it: [a, b], not ['a', 'b'] or ListConfig."""
+    if isinstance(value, str) or not hasattr(value, "__iter__"):
+        return str(value)
+    return "[" + ", ".join(map(str, value)) + "]"
 
 
 def noise_levels_t(ts: list[int] | None, num_timesteps: int) -> list[int]:
@@ -255,6 +278,15 @@ def check_text(cfg: DictConfig, module) -> None:
         )
     if cfg.text_width < 1:
         raise ValueError(f"text_width must be >= 1 (characters per line), got {cfg.text_width}")
+    # wrap_words never splits a word: a longer one would make a line (and text.png) that wide
+    longest = max(str(cfg.text).split(), key=len)
+    if len(longest) > cfg.text_width:
+        shown = longest if len(longest) <= 20 else longest[:17] + "..."
+        raise ValueError(
+            f"text= holds a word of {len(longest)} letters ({shown!r}), longer than "
+            f"text_width={cfg.text_width} characters per line; give text_width={len(longest)} "
+            "or more, or split the word"
+        )
     letter_labels(wrap_words(str(cfg.text), cfg.text_width), module.class_names)
 
 
@@ -289,6 +321,19 @@ def write_text(
         save_animation(recorder, out / "animation.gif", layout, x_T, hold_ms=hold_ms(cfg))
     log.info("wrote %s", out / "text.png")
     return out
+
+
+def check_options(cfg: DictConfig) -> None:
+    """Options that need no model, checked before it is loaded: a seed beyond 32 bits draws
+    another seed's images, guidance=nan black ones, grid_max=0 an empty grid.png."""
+    check_seed(cfg.seed)
+    check_guidance(cfg.guidance)
+    grid_max = cfg.grid_max
+    if isinstance(grid_max, bool) or not isinstance(grid_max, int) or grid_max < 1:
+        raise ValueError(
+            "grid_max must be an integer >= 1 (grid.png shows the first grid_max images, e.g. "
+            f"grid_max=256), got {grid_max!r}"
+        )
 
 
 def hold_ms(cfg: DictConfig) -> int:
@@ -330,6 +375,7 @@ def draw(cfg: DictConfig) -> Path:
             "or drop text= to draw n images"
         )
     hold_ms(cfg)  # a wrong value fails before any work
+    check_options(cfg)
     out = Path(cfg.out)
     check_output_dir(out, "out")
     earlier = check_earlier(out, cfg.overwrite, cfg.resume)

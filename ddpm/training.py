@@ -21,9 +21,11 @@ from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.model_helpers import is_overridden
 from omegaconf import DictConfig, OmegaConf
 
+from ddpm import unet
 from ddpm.device import choose_precision
 from ddpm.errors import InputError
 from ddpm.files import atomic_write
+from ddpm.module import check_min_snr_gamma
 from ddpm.results import read_json
 from ddpm.resume import (
     NOT_COMPARED,
@@ -39,6 +41,7 @@ from ddpm.resume import (
     resume_from,
 )
 from ddpm.runlock import run_lock
+from ddpm.samplers import check_guidance, check_seed
 from ddpm.tracking import dirname, record_run
 
 log = logging.getLogger(__name__)
@@ -298,12 +301,20 @@ def check_settings(cfg: DictConfig) -> None:
     """Values that would otherwise fail deep in Lightning or torch (a ZeroDivisionError, a
     TypeError), or only at the first validation, or train nothing: one line naming the key,
     before any work."""
-    seed = cfg.get("seed")
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-        raise ValueError(f"seed must be an integer, e.g. seed=0; got {seed!r}")
+    if cfg.get("seed") is not None:
+        check_seed(cfg.seed)
     if cfg.get("resume_changes", "refuse") not in ("refuse", "allow"):
         raise ValueError(f"resume_changes must be refuse or allow, got {cfg.resume_changes!r}")
-    trainer = cfg.trainer
+    check_trainer(cfg.trainer)
+    check_module(cfg.get("module") or {})
+    timesteps = (cfg.get("schedule") or {}).get("timesteps")
+    if not isinstance(timesteps, int) or timesteps < 1:
+        return  # the schedule's own check names it
+    check_callbacks(cfg.get("callbacks") or {}, timesteps)
+
+
+def check_trainer(trainer: DictConfig) -> None:
+    """The trainer's step counts and device, named by their keys."""
     steps = trainer.get("max_steps")
     if isinstance(steps, bool) or not isinstance(steps, int):
         raise ValueError(
@@ -313,6 +324,13 @@ def check_settings(cfg: DictConfig) -> None:
         raise ValueError(
             "trainer.max_steps=0 trains nothing: give the number of optimizer steps, e.g. "
             "trainer.max_steps=10000 (-1: until trainer.max_time)"
+        )
+    # 0 or -2 would reach run.json as an effective batch of 0 or -16 before Lightning objects
+    accumulate = trainer.get("accumulate_grad_batches", 1)
+    if isinstance(accumulate, bool) or not isinstance(accumulate, int) or accumulate < 1:
+        raise ValueError(
+            "trainer.accumulate_grad_batches must be an integer >= 1 (batches per optimizer "
+            f"step; 1: no accumulation), got {accumulate!r}"
         )
     interval = trainer.get("val_check_interval")
     if interval is not None and (
@@ -330,10 +348,31 @@ def check_settings(cfg: DictConfig) -> None:
                 f"trainer.accelerator={accelerator} (trainer=gpu) needs a GPU, and torch sees "
                 "none here: use trainer=cpu, or trainer.accelerator=auto"
             )
-    timesteps = (cfg.get("schedule") or {}).get("timesteps")
-    if not isinstance(timesteps, int) or timesteps < 1:
-        return  # the schedule's own check names it
-    for name, node in (cfg.get("callbacks") or {}).items():
+
+
+def check_module(module: DictConfig) -> None:
+    """Values the module and network constructors check, checked here too so that they fail
+    before config.yaml is written (a rerun would add a config.resume<k>.yaml); and the weight
+    decay, which torch's optimizers refuse only when training starts, without the key."""
+    if "min_snr_gamma" in module:
+        check_min_snr_gamma(module.min_snr_gamma)
+    net = module.get("net") or {}
+    if net.get("_target_") == "ddpm.unet.UNet":
+        unet.check_config(net)
+    decay = (module.get("optimizer") or {}).get("weight_decay")
+    if decay is None:
+        return
+    number = not isinstance(decay, bool) and isinstance(decay, int | float)
+    if not number or not math.isfinite(decay) or decay < 0:
+        raise ValueError(
+            "module.optimizer.weight_decay must be a finite number >= 0 (0: none; e.g. 0.01 "
+            f"with torch.optim.AdamW), got {decay!r}"
+        )
+
+
+def check_callbacks(callbacks: DictConfig, timesteps: int) -> None:
+    """The sampling callbacks' step counts and guidance, against the schedule's T."""
+    for name, node in callbacks.items():
         if node is None or "_target_" not in node:
             continue
         for key in ("steps", "final_steps"):
@@ -343,6 +382,8 @@ def check_settings(cfg: DictConfig) -> None:
                     f"callbacks.{name}.{key} must be a number of sampling steps in [1, "
                     f"{timesteps}] (the schedule's T, schedule.timesteps), got {value!r}"
                 )
+        if "guidance" in node:
+            check_guidance(node.get("guidance"), f"callbacks.{name}.guidance")
 
 
 def warn_if_cut_short(trainer: L.Trainer, max_time: str | None) -> None:

@@ -7,8 +7,10 @@ the module that trains it.
 
 from __future__ import annotations
 
+import inspect
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -101,6 +103,85 @@ class _Level(nn.Module):
         return self.attn(self.res(x, emb))
 
 
+def _check_attention(
+    image_size: int, ch: int, ch_mult: Sequence[int], attn_resolutions: Any, num_heads: Any
+) -> None:
+    """Attention settings that would be silently ignored or fail deep inside: a size in
+    attn_resolutions that is no level's gets no attention at all (the run looks normal), and
+    0 heads is a ZeroDivisionError at the first attention block."""
+    levels = [image_size // 2**k for k in range(len(ch_mult))]
+    sizes = ", ".join(map(str, levels))
+    if isinstance(attn_resolutions, (str, bytes)) or not isinstance(attn_resolutions, Sequence):
+        raise ValueError(
+            f"model.attn_resolutions must be a list of feature-map sizes, e.g. [{levels[-1]}] "
+            f"or [], got {attn_resolutions!r}; this network's levels are at {sizes} px"
+        )
+    stray = [r for r in attn_resolutions if r not in levels]
+    if stray:
+        raise ValueError(
+            f"model.attn_resolutions={list(attn_resolutions)} names no level of the network "
+            f"({stray}): its levels are at {sizes} px (model.image_size / 2^k); use some of "
+            "those or []"
+        )
+    if isinstance(num_heads, bool) or not isinstance(num_heads, int) or num_heads < 1:
+        raise ValueError(
+            f"model.num_heads must be an integer >= 1 (attention heads; 1 as in Ho et al.), "
+            f"got {num_heads!r}"
+        )
+    # the middle block always attends, at the last level's width
+    widths = sorted(
+        {ch * ch_mult[-1]}
+        | {ch * ch_mult[k] for k in range(len(ch_mult)) if levels[k] in attn_resolutions}
+    )
+    uneven = [w for w in widths if w % num_heads]
+    if uneven:
+        raise ValueError(
+            f"model.num_heads={num_heads} does not divide the attention widths {uneven} "
+            "(model.ch * model.ch_mult of the attended levels and the middle block); use a "
+            "divisor of them, e.g. model.num_heads=1"
+        )
+
+
+def check_sizes(
+    image_size: int,
+    in_channels: int,
+    ch: int,
+    ch_mult: Sequence[int],
+    attn_resolutions: Any,
+    dropout: float,
+    num_heads: Any,
+) -> None:
+    """The constructor's value checks, one line naming the model.<key> each."""
+    factor = 2 ** (len(ch_mult) - 1)
+    if image_size % factor:
+        raise ValueError(
+            f"model.image_size={image_size} is not divisible by {factor}, the UNet's "
+            f"downsampling factor for ch_mult={list(ch_mult)}; use fewer levels in "
+            "model.ch_mult or resize the data (dataset.image_size)"
+        )
+    if not isinstance(ch, int) or ch < 4:  # the time embedding's sin/cos need 2 pairs
+        raise ValueError(f"model.ch (the base width) must be an integer >= 4, got {ch!r}")
+    if not ch_mult or any(not isinstance(m, int) or m < 1 for m in ch_mult):
+        raise ValueError(
+            f"model.ch_mult must be a non-empty list of integers >= 1, got {list(ch_mult)}"
+        )
+    if in_channels < 1:  # 1 gray, 3 RGB, or an autoencoder's latent channels
+        raise ValueError(f"model.in_channels must be >= 1, got {in_channels}")
+    if not 0 <= dropout < 1:
+        raise ValueError(f"model.dropout must be in [0, 1), got {dropout}")
+    _check_attention(image_size, ch, ch_mult, attn_resolutions, num_heads)
+
+
+def check_config(config: Mapping[str, Any]) -> None:
+    """`check_sizes` of a UNet config (model=...), missing keys at the constructor's defaults:
+    train.py's check before anything is built or written."""
+    parameters = inspect.signature(UNet).parameters
+    args = {k: p.default for k, p in parameters.items()} | {
+        k: v for k, v in config.items() if k in parameters
+    }
+    check_sizes(*(args[k] for k in inspect.signature(check_sizes).parameters))
+
+
 class UNet(nn.Module):
     """`UNet(x, t, y=None) -> tensor of x's shape`.
 
@@ -131,23 +212,7 @@ class UNet(nn.Module):
         num_classes: int | None = None,
     ) -> None:
         super().__init__()
-        factor = 2 ** (len(ch_mult) - 1)
-        if image_size % factor:
-            raise ValueError(
-                f"model.image_size={image_size} is not divisible by {factor}, the UNet's "
-                f"downsampling factor for ch_mult={list(ch_mult)}; use fewer levels in "
-                "model.ch_mult or resize the data (dataset.image_size)"
-            )
-        if not isinstance(ch, int) or ch < 4:  # the time embedding's sin/cos need 2 pairs
-            raise ValueError(f"model.ch (the base width) must be an integer >= 4, got {ch!r}")
-        if not ch_mult or any(not isinstance(m, int) or m < 1 for m in ch_mult):
-            raise ValueError(
-                f"model.ch_mult must be a non-empty list of integers >= 1, got {list(ch_mult)}"
-            )
-        if in_channels < 1:  # 1 gray, 3 RGB, or an autoencoder's latent channels
-            raise ValueError(f"model.in_channels must be >= 1, got {in_channels}")
-        if not 0 <= dropout < 1:
-            raise ValueError(f"model.dropout must be in [0, 1), got {dropout}")
+        check_sizes(image_size, in_channels, ch, ch_mult, attn_resolutions, dropout, num_heads)
         self.image_size = image_size
         self.in_channels = in_channels
         self.num_classes = num_classes

@@ -7,9 +7,10 @@ from ddpm.unet import UNet
 @pytest.mark.parametrize("channels", [1, 3])
 @pytest.mark.parametrize("size", [28, 32, 64])
 def test_output_has_input_shape(channels, size):
-    ch_mult = (1, 2, 2) if size == 28 else (1, 2, 2, 2)
+    # attention at a level of each: 28 -> 14 -> 7 px; 32 -> 16 -> 8 -> 4; 64 -> ... -> 8
+    ch_mult, attn = ((1, 2, 2), (7,)) if size == 28 else ((1, 2, 2, 2), (8,))
     net = UNet(
-        size, channels, ch=16, ch_mult=ch_mult, num_res_blocks=1, attn_resolutions=(8,), dropout=0.1
+        size, channels, ch=16, ch_mult=ch_mult, num_res_blocks=1, attn_resolutions=attn, dropout=0.1
     )
     x = torch.randn(2, channels, size, size)
     out = net(x, torch.tensor([0, 999]))
