@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from ddpm.unet import UNet
+from ddpm.unet import AttnBlock, UNet
 
 
 @pytest.mark.parametrize("channels", [1, 3])
@@ -55,3 +55,13 @@ def test_wrong_input_size_is_refused():
     net = UNet(16, 1, ch=8, ch_mult=(1, 2), attn_resolutions=())
     with pytest.raises(ValueError, match="16x16"):
         net(torch.randn(1, 1, 32, 32), torch.tensor([1]))
+
+
+def test_attention_of_no_level_or_no_heads_is_refused():
+    # [5] used to build a network without attention, num_heads=0 a ZeroDivisionError
+    with pytest.raises(ValueError, match=r"attn_resolutions=\[5\] names no level.* 16, 8 px"):
+        UNet(16, 1, ch=8, ch_mult=(1, 2), attn_resolutions=(5,))
+    with pytest.raises(ValueError, match="model.num_heads must be an integer >= 1"):
+        UNet(16, 1, ch=8, ch_mult=(1, 2), attn_resolutions=(8,), num_heads=0)
+    net = UNet(16, 1, ch=8, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(8,), num_heads=2)
+    assert sum(isinstance(m, AttnBlock) for m in net.modules()) == 4  # 1 down, 2 up, 1 middle
