@@ -315,7 +315,8 @@ def write_text(
         page = sentence(letters, lines)
         return to_pil(page[None], nrow=1, scale=cfg.scale, padding=0)
 
-    layout(to_uint8(images.cpu())).save(out / "text.png")
+    page = layout(to_uint8(images.cpu()))
+    atomic_write(out / "text.png", lambda f: page.save(f, format="PNG"))  # a full disk: named
     if recorder is not None:
         x_T = first_frame(module, len(labels), cfg.seed)
         save_animation(recorder, out / "animation.gif", layout, x_T, hold_ms=hold_ms(cfg))
@@ -353,14 +354,17 @@ def sample(cfg: DictConfig) -> Path:
     except OSError as e:
         if e.errno not in FULL:
             raise
-        raise OSError(f"{_full_line(e)}; then rerun with resume=true to finish the job") from None
+        line = _full_line(e, Path(cfg.out))
+        raise OSError(f"{line}; then rerun with resume=true to finish the job") from None
 
 
-def _full_line(e: OSError) -> str:
-    """A full disk's error in one line naming the file (`DiskFull` already does)."""
+def _full_line(e: OSError, out: Path) -> str:
+    """A full disk's error in one line naming the file (`DiskFull` already does; a write
+    that failed inside a library may know no file name: then the folder)."""
     if isinstance(e, DiskFull):
         return str(e)
-    return f"cannot write {e.filename or 'a file'}: {e.strerror}; free space or write elsewhere"
+    where = e.filename or f"into {out}"
+    return f"cannot write {where}: {e.strerror}; free space or write elsewhere"
 
 
 def draw(cfg: DictConfig) -> Path:
@@ -462,7 +466,7 @@ def draw(cfg: DictConfig) -> Path:
         shown = everything[:1] if real is None else real  # a generated image or a real one
         x_t, x0_hat = denoised(module, shown.float() / 127.5 - 1, ts, cfg.seed, first_label)
         figure = noise_levels_figure(x_t, x0_hat, ts)
-        figure.save(out / "noise_levels.png")
+        atomic_write(out / "noise_levels.png", lambda f: figure.save(f, format="PNG"))
     log.info("wrote %d images to %s", cfg.n, out)
     return out
 
