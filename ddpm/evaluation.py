@@ -8,12 +8,15 @@ import csv
 import inspect
 import json
 import logging
+import math
 import tempfile
+import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import hydra
 import numpy as np
+import numpy.lib.format as npy
 import torch
 from omegaconf import DictConfig, OmegaConf
 from PIL import Image
@@ -28,7 +31,14 @@ from ddpm.files import (
     check_regular,
     read_regular,
 )
-from ddpm.folder import IMAGE_SUFFIXES, MAX_IMAGE_BYTES, ImageTooLarge, convert, open_image
+from ddpm.folder import (
+    DEFLATE_MAX_RATIO,
+    IMAGE_SUFFIXES,
+    MAX_IMAGE_BYTES,
+    ImageTooLarge,
+    convert,
+    open_image,
+)
 from ddpm.generate import generate
 from ddpm.inception import has_classifier, inception_weights
 from ddpm.likelihood import bpd_exact
@@ -83,6 +93,7 @@ def npz_array(path: Path) -> np.ndarray:
                 "eval.py reads the images from arr_0, as OpenAI's and EDM's evaluators do: "
                 "np.savez(path, arr_0=images)"
             )
+        check_declared_size(archive, path)
         try:
             array = archive["arr_0"]
         except ValueError as e:  # an object array, which would need pickle
@@ -98,6 +109,32 @@ def npz_array(path: Path) -> np.ndarray:
             "(N, H, W, C) with C = 1 or 3, (N, C, H, W) or (N, H, W)"
         )
     return array
+
+
+def check_declared_size(archive: np.lib.npyio.NpzFile, path: Path) -> None:
+    """Refuse an arr_0 whose header declares more bytes than the archive holds of it, before
+    numpy allocates them all (a few bytes declaring terabytes is a MemoryError traceback)."""
+    names = archive.zip.namelist()
+    info = archive.zip.getinfo("arr_0.npy" if "arr_0.npy" in names else "arr_0")
+    readers = {(1, 0): npy.read_array_header_1_0, (2, 0): npy.read_array_header_2_0}
+    try:
+        with archive.zip.open(info) as member:
+            read = readers.get(npy.read_magic(member))
+            if read is None:  # a later format version: numpy checks it itself
+                return
+            shape, _, dtype = read(member)
+    except (zipfile.BadZipFile, EOFError, OSError) as e:
+        raise ValueError(f"source={path}: arr_0 is unreadable ({e})") from None
+    declared = math.prod(shape) * dtype.itemsize
+    holds = info.file_size  # and a deflated member, at most what deflate's best ratio gives
+    if info.compress_type == zipfile.ZIP_DEFLATED:
+        holds = min(holds, DEFLATE_MAX_RATIO * info.compress_size + 2**10)
+    if declared > holds:
+        raise ValueError(
+            f"source={path}: arr_0 declares {dtype} {shape} ({declared / 2**30:.1f} GiB), but "
+            f"the archive holds at most {holds} bytes of it: a truncated or crafted file; "
+            "write it again with np.savez(path, arr_0=images)"
+        )
 
 
 def npz_images(path: Path, n: int, channels: int = 3) -> torch.Tensor:

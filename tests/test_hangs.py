@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import signal
 import time
 import zipfile
@@ -14,7 +15,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
+import numpy.lib.format as npy
 import pytest
+import torch
 from bad_cases_hangs import png_declaring, small_png, zip_declaring
 from PIL import Image
 
@@ -118,3 +121,149 @@ def test_eval_sources_refuse_fifos_and_bombs(tmp_path: Path):
     with pytest.raises(ValueError, match=r"^source=.*c\.png is a named pipe"):
         read_image(folder / "c.png", 1)
     np.testing.assert_array_equal(read_image(folder / "a.png", 1), np.zeros((28, 28), np.uint8))
+
+
+def npz_declaring(path: Path, shape: tuple, compression: int = zipfile.ZIP_DEFLATED) -> Path:
+    """An .npz whose arr_0 header declares `shape` (uint8) over 100 bytes of data."""
+    header = io.BytesIO()
+    npy.write_array_header_1_0(header, {"descr": "|u1", "fortran_order": False, "shape": shape})
+    with zipfile.ZipFile(path, "w", compression) as archive:
+        archive.writestr("arr_0.npy", header.getvalue() + bytes(100))
+    return path
+
+
+@pytest.mark.parametrize("compression", [zipfile.ZIP_DEFLATED, zipfile.ZIP_STORED])
+def test_an_npz_declaring_terabytes_is_named_before_numpy_allocates(tmp_path, compression):
+    """(10^7, 256, 256, 3) in 300 bytes: numpy's MemoryError traceback, before; a stored member
+    holds its file_size, a deflated one at most deflate's ratio of its compressed bytes."""
+    for shape, size in (((10**7, 256, 256, 3), "1831.1 GiB"), ((300, 64, 64, 3), "0.0 GiB")):
+        path = npz_declaring(tmp_path / "lie.npz", shape, compression)
+        with pytest.raises(ValueError, match=rf"^source=.*lie\.npz: arr_0 declares uint8 .*{size}"):
+            npz_array(path)
+    np.savez_compressed(tmp_path / "ok.npz", arr_0=np.zeros((500, 32, 32, 3), np.uint8))
+    assert npz_array(tmp_path / "ok.npz").shape == (500, 32, 32, 3)  # ~1000:1, and real
+
+
+GLOO_RESET = (
+    "[/__w/pytorch/pytorch/third_party/gloo/gloo/transport/tcp/pair.cc:545] Read error "
+    "[127.0.0.1]:44433: Connection reset by peer. This is typically caused by a remote worker "
+    "hanging or bugs in the application. Check the logs of the remote worker before reporting "
+    "an error. GLHF!"
+)
+GLOO_TIMEOUT = (
+    "[/__w/pytorch/pytorch/third_party/gloo/gloo/transport/tcp/unbound_buffer.cc:78] Timed out "
+    "waiting 30000ms for recv operation to complete"
+)
+
+
+@pytest.mark.parametrize("rank,dead", [(0, 1), (1, 0)])
+def test_a_dead_peers_gloo_error_is_one_line_naming_the_rank(monkeypatch, rank, dead):
+    from lightning.pytorch.utilities.rank_zero import rank_zero_only
+
+    from ddpm.errors import dead_peer_line, one_line_errors
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setattr(rank_zero_only, "rank", rank)
+    monkeypatch.setattr("ddpm.errors._run_dir", lambda: None)  # no Hydra run here
+    line = dead_peer_line(RuntimeError(GLOO_TIMEOUT))
+    assert line == (
+        f"Error: rank {dead} of 2 stopped answering (seen from rank {rank}): it died, was killed "
+        "or hangs (Timed out waiting 30000ms for recv operation to complete, after "
+        "trainer.strategy.timeout.seconds). Rerun the same command to resume from the run's "
+        "last checkpoint (resume=auto)"
+    )
+    reset = r"Connection reset by peer\)\. Rerun the same"
+    with pytest.raises(SystemExit, match=reset) as info, one_line_errors():
+        raise RuntimeError(GLOO_RESET)
+    assert "GLHF" not in str(info.value)
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    assert "another rank (of 4) stopped" in dead_peer_line(RuntimeError(GLOO_RESET))
+
+
+def test_other_runtime_errors_keep_their_traceback(monkeypatch):
+    from ddpm.errors import dead_peer_line, one_line_errors
+
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    monkeypatch.setattr("ddpm.errors._run_dir", lambda: None)
+    assert dead_peer_line(RuntimeError("the operation timed out after 3 retries")) is None
+    with pytest.raises(RuntimeError, match="shape mismatch"), one_line_errors():
+        raise RuntimeError("shape mismatch")
+    joined = torch.distributed.DistStoreError(
+        "Timed out after 6 seconds waiting for clients. 1/2 clients joined."
+    )
+    assert dead_peer_line(joined).startswith(
+        "Error: not every DDP rank started within the collective timeout (Timed out after 6 "
+        "seconds waiting for clients): one failed at its start"
+    )
+
+
+def test_ddp_configs_bound_the_collective_wait():
+    """trainer=ddp and trainer=ddp_cpu build Lightning's DDPStrategy with a 10-minute timeout
+    (Lightning's own default: 30 min), which one override changes."""
+    from datetime import timedelta
+
+    from conftest import compose_config
+    from hydra.utils import instantiate
+    from lightning.pytorch.strategies import DDPStrategy
+
+    for trainer in ("ddp", "ddp_cpu"):
+        cfg = compose_config([f"trainer={trainer}", "trainer.strategy.timeout.seconds=42"])
+        strategy = instantiate(cfg.trainer.strategy)
+        assert isinstance(strategy, DDPStrategy) and strategy._timeout == timedelta(seconds=42)
+        assert compose_config([f"trainer={trainer}"]).trainer.strategy.timeout.seconds == 600
+    assert compose_config(["trainer=ddp_cpu"]).trainer.precision == "auto"  # as before
+
+
+@pytest.mark.slow
+def test_a_stopped_rank_ends_the_run_within_the_timeout_in_one_line(tmp_path: Path):
+    """trainer=ddp_cpu (2 gloo processes): rank 1 SIGSTOPped mid-training. Rank 0 gives up after
+    trainer.strategy.timeout.seconds, kills the stopped rank and says in one line which rank
+    stopped answering and how to resume; the checkpoint to resume from is there."""
+    import subprocess
+    import sys
+
+    from conftest import FAST, ROOT
+
+    signal.alarm(0)  # this one has its own bound
+    timeout_s = 30  # above the second rank's start on a loaded machine (the rendezvous)
+    run = tmp_path / "run"
+    command = [sys.executable, str(ROOT / "train.py"), *FAST, "trainer=ddp_cpu"]
+    overrides = [
+        "trainer.max_steps=1000",
+        "trainer.val_check_interval=1000",
+        f"trainer.strategy.timeout.seconds={timeout_s}",
+        f"hydra.run.dir={run}",
+    ]
+    env = {**os.environ, "HYDRA_FULL_ERROR": "0", "PYTHONUNBUFFERED": "1"}
+    stderr = (tmp_path / "stderr").open("w+")
+    proc = subprocess.Popen([*command, *overrides], cwd=ROOT, env=env, stderr=stderr, text=True)
+    child = None
+    try:
+        deadline = time.monotonic() + 240
+        while not (run / "checkpoints" / "last.ckpt").exists():
+            assert proc.poll() is None and time.monotonic() < deadline, "no checkpoint"
+            time.sleep(0.1)
+        found = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True)
+        (child,) = map(int, found.stdout.split())
+        os.kill(child, signal.SIGSTOP)
+        stopped = time.monotonic()
+        proc.wait(timeout=timeout_s + 60)
+        took = time.monotonic() - stopped
+    finally:
+        proc.kill()
+        if child is not None and Path(f"/proc/{child}").exists():
+            os.kill(child, signal.SIGKILL)
+    stderr.seek(0)
+    err = stderr.read()
+    assert proc.returncode == 1, err[-3000:]
+    assert timeout_s - 1 < took < timeout_s + 30, took
+    last = err.strip().splitlines()[-1]
+    assert re.fullmatch(
+        r"Error: rank 1 of 2 stopped answering \(seen from rank 0\): it died, was killed or "
+        rf"hangs \(Timed out waiting {timeout_s}000ms for (send|recv) operation to complete, "
+        r"after trainer.strategy.timeout.seconds\)\. Rerun the same command with "
+        rf"hydra.run.dir={re.escape(str(run))} to resume .*",
+        last,
+    ), err[-3000:]
+    assert "Traceback" not in err
+    assert not Path(f"/proc/{child}").exists() or "Z" in Path(f"/proc/{child}/stat").read_text()
