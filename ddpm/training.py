@@ -172,9 +172,6 @@ def check_resume(cfg: DictConfig, out: Path) -> tuple[Path | None, bool, dict | 
     if found is None:
         return None, False, None
     ckpt_path, ckpt = found
-    step = finished_step(ckpt, cfg.trainer)
-    if step is not None:  # before the change checks: nothing would be trained with them
-        return ckpt_path, False, finished_run(out, ckpt_path, step, cfg.trainer)
     check_same_network(ckpt_path, ckpt, OmegaConf.to_container(cfg.module.net, resolve=True))
     module = OmegaConf.to_container(cfg.module, resolve=True)
     diffusion = "schedule" in module  # a diffusion model (not an autoencoder)
@@ -193,6 +190,10 @@ def check_resume(cfg: DictConfig, out: Path) -> tuple[Path | None, bool, dict | 
         dataset=dataset_identity(cfg.dataset),
     )
     apply = any(key.startswith(("module.optimizer", "module.lr_scheduler")) for key in changed)
+    # after the checks: a changed setting is named even when there is nothing left to train
+    step = finished_step(ckpt, cfg.trainer)
+    if step is not None:
+        return ckpt_path, False, finished_run(out, ckpt_path, step, cfg.trainer)
     return ckpt_path, apply, None
 
 
