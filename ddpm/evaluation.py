@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import csv
 import inspect
+import io
 import json
 import logging
 import math
@@ -519,7 +520,14 @@ def inception_metrics(cfg: DictConfig, device: torch.device) -> dict:
         rows.append((entry_name, entry_steps, values))
     if cfg.table:
         out = output_path(cfg)
-        write_table(rows, out.with_suffix(""), cfg.n, cfg.reference_split)
+        try:
+            write_table(rows, out.with_suffix(""), cfg.n, cfg.reference_split)
+        except OSError as e:  # the minutes of sampling are not lost with the table
+            print(json.dumps(result))
+            raise OSError(
+                f"the table beside out={out} could not be written ({e}); the results are "
+                "printed above"
+            ) from None
     return result
 
 
@@ -551,22 +559,24 @@ def by_kind(values: dict[str, float]) -> dict[str, float]:
 
 def write_table(rows: list, stem: Path, n: int, split: str) -> None:
     """FID (and KID, IS when measured) per (sampler, steps) as Markdown and CSV, like Table 1
-    of the DDIM paper."""
+    of the DDIM paper. Both written atomically: a full disk names the file."""
     table = [(name, steps, by_kind(values)) for name, steps, values in rows]
     kinds = [k for k in ("fid", "kid", "is") if k in table[0][2]]
     heads = {"fid": f"FID ({n} samples vs {split})", "kid": "KID ×10³", "is": "IS"}
     lines = ["| sampler | steps | " + " | ".join(heads[k] for k in kinds) + " |"]
     lines.append("|---|---|" + "---|" * len(kinds))
     columns = kinds + [f"{k}_std" for k in kinds[1:]]
-    with open(f"{stem}.table.csv", "w", newline="") as f:
-        rows_csv = csv.writer(f, lineterminator="\n")
-        rows_csv.writerow(["sampler", "steps", *columns])
-        for name, steps, v in table:
-            cells = [f"{v['fid']:.2f}"]
-            if "kid" in v:
-                cells.append(f"{1e3 * v['kid']:.2f} ± {1e3 * v['kid_std']:.2f}")
-            if "is" in v:
-                cells.append(f"{v['is']:.2f} ± {v['is_std']:.2f}")
-            lines.append(f"| {name} | {steps} | " + " | ".join(cells) + " |")
-            rows_csv.writerow([name, steps, *(f"{v[c]:.6f}" for c in columns)])
-    Path(f"{stem}.table.md").write_text("\n".join(lines) + "\n")
+    text = io.StringIO()
+    rows_csv = csv.writer(text, lineterminator="\n")
+    rows_csv.writerow(["sampler", "steps", *columns])
+    for name, steps, v in table:
+        cells = [f"{v['fid']:.2f}"]
+        if "kid" in v:
+            cells.append(f"{1e3 * v['kid']:.2f} ± {1e3 * v['kid_std']:.2f}")
+        if "is" in v:
+            cells.append(f"{v['is']:.2f} ± {v['is_std']:.2f}")
+        lines.append(f"| {name} | {steps} | " + " | ".join(cells) + " |")
+        rows_csv.writerow([name, steps, *(f"{v[c]:.6f}" for c in columns)])
+    atomic_write(Path(f"{stem}.table.csv"), lambda f: f.write(text.getvalue().encode()))
+    markdown = "\n".join(lines) + "\n"
+    atomic_write(Path(f"{stem}.table.md"), lambda f: f.write(markdown.encode()))

@@ -510,3 +510,30 @@ def test_eval_py_writes_its_logs_beside_its_result_not_into_the_cwd(tmp_path):
     assert (logs / "eval.log").is_file()
     cfg = compose_config([f"source={tmp_path}/s.npz"], name="eval")
     assert Path(cfg.hydra.run.dir).parent == tmp_path / "eval_logs"  # beside s.npz.fid.json
+
+
+def test_eval_py_prints_the_table_it_cannot_write(trained_run, tmp_path, monkeypatch, capsys):
+    """table=: the step-count table's files on a full disk: one line naming the file, and the
+    values of every entry printed (minutes of sampling are not lost)."""
+    from ddpm import evaluation
+
+    out = tmp_path / "fid.json"
+    args = eval_args(tmp_path, out)
+    args[0] = f"source={trained_run / 'checkpoints' / 'last.ckpt'}"
+    cfg = compose_config([*args, "table=[ddim:2]"], name="eval")
+    real = os.replace
+
+    def full(src, dst):
+        if str(dst).endswith(".table.csv"):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(src, dst)
+
+    monkeypatch.setattr(files.os, "replace", full)
+    with pytest.raises(
+        OSError,
+        match=r"^the table beside out=.*fid.json could not be written "
+        r"\(cannot write .*fid.table.csv: No space left on device",
+    ):
+        evaluation.evaluate(cfg)
+    printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert "fid20_train_ddim2" in printed and not list(tmp_path.glob("*.table.*"))
