@@ -3,11 +3,14 @@
 Two `train.py` into the same `hydra.run.dir` (a second launch of a running job, a sweep rerun
 while the first still runs) would interleave: both append to the logs, write `step_N` and
 `step_N-v1`, and each records the other's checkpoints as its resume. The first process of a
-run holds `<run dir>/.train.lock` (pid, host, process start time) until it exits; a second one
-is refused in one line naming the holder. A lock whose process is gone (killed, crashed, the
-machine rebooted) is stale: found dead by pid and start time on the same host, it is taken over
-with a warning. Only the first process of a DDP run locks: its children (ranks 1..) run the
-same job by design (`ddpm.tracking.ddp_child_command`) and never look at the lock.
+run holds `<run dir>/.train.lock` (pid, host, process start time, SLURM job) until it exits;
+a second one is refused in one line naming the holder. A lock whose process is gone (killed,
+crashed, the machine rebooted) is stale and taken over with a warning: on the same host when
+its pid is dead (or now a later process: another start time); from another host when it
+names this same SLURM job (a requeued job, possibly on another node: SLURM never runs one
+job twice at once), or when its holder, which touches it every HEARTBEAT_S seconds, has been
+silent for STALE_AFTER_S. Only the first process of a DDP run locks: its children (ranks
+1..) run the same job by design (`ddpm.tracking.ddp_child_command`) and never look at it.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import json
 import logging
 import os
 import socket
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -26,6 +30,8 @@ from typing import Any
 log = logging.getLogger(__name__)
 
 LOCK_NAME = ".train.lock"
+HEARTBEAT_S = 60  # the holder touches the lock this often
+STALE_AFTER_S = 600  # a lock of another host untouched this long: its holder is gone
 
 
 class RunLocked(OSError):
@@ -116,6 +122,7 @@ def acquire(directory: str | Path) -> Path:
         "host": socket.gethostname(),
         "start": _start_time(os.getpid()),
         "since": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "job": _job_id(),
     }
     for _ in range(3):  # a stale lock removed, or one released meanwhile: try again
         if _create(path, me):
@@ -127,16 +134,28 @@ def acquire(directory: str | Path) -> Path:
             if time.time() - _mtime(path) < 10:
                 time.sleep(0.5)
                 continue
-        elif _held(holder):
+        elif _held(holder, path):
             raise _refusal(directory, path, holder)
         log.warning("removing the stale lock %s of a run that ended (%s)", path, _describe(holder))
         path.unlink(missing_ok=True)
     raise RunLocked(f"could not take the lock {path} of the run directory {directory}; rerun")
 
 
-def _held(holder: dict[str, Any]) -> bool:
-    """Whether a lock's holder may still run: alive on this host, or on another (unknowable)."""
-    return holder.get("host") != socket.gethostname() or _alive(holder)
+def _job_id() -> str | None:
+    """This process's SLURM job (array task) id, which a requeued job keeps; None elsewhere."""
+    array = os.environ.get("SLURM_ARRAY_JOB_ID")
+    if array:
+        return f"{array}_{os.environ.get('SLURM_ARRAY_TASK_ID')}"
+    return os.environ.get("SLURM_JOB_ID") or None
+
+
+def _held(holder: dict[str, Any], path: Path) -> bool:
+    """Whether a lock's holder may still run (see the module's docstring)."""
+    if holder.get("host") == socket.gethostname():
+        return _alive(holder)
+    if holder.get("job") and holder.get("job") == _job_id():
+        return False
+    return time.time() - _mtime(path) < STALE_AFTER_S
 
 
 def _refusal(directory: str | Path, path: Path, holder: dict[str, Any]) -> RunLocked:
@@ -155,7 +174,7 @@ def check_free(directory: str | Path) -> None:
         return
     path = Path(directory) / LOCK_NAME
     holder = _read(path)
-    if holder and _held(holder):
+    if holder and _held(holder, path):
         raise _refusal(directory, path, holder)
 
 
@@ -181,7 +200,20 @@ def run_lock(directory: str | Path) -> Iterator[Path | None]:
         yield None
         return
     path = acquire(directory)
+    stop = threading.Event()
+    beat = threading.Thread(target=_heartbeat, args=(path, stop), daemon=True)
+    beat.start()
     try:
         yield path
     finally:
+        stop.set()
         release(path)
+
+
+def _heartbeat(path: Path, stop: threading.Event) -> None:
+    """Touch the lock while its run lives: what tells another host that it still does."""
+    while not stop.wait(HEARTBEAT_S):
+        try:
+            os.utime(path)
+        except OSError:  # removed by hand, or the disk went away: nothing to keep alive
+            return

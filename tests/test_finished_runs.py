@@ -13,6 +13,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -160,10 +161,14 @@ def test_the_lock_is_released_on_errors_and_a_stale_one_is_taken_over(run: Path,
 
 
 def test_the_lock_of_another_host_is_refused_and_ddp_children_skip_it(tmp_path, monkeypatch):
-    """A holder on another machine can't be checked: refused, saying to delete the file if it
-    is gone. Ranks 1.. of a DDP run (LOCAL_RANK set by Lightning's launcher) never wait on it."""
+    """A live holder on another machine (its heartbeat recent) is refused, saying to delete the
+    file if it is gone; one silent for STALE_AFTER_S, or of this same SLURM job (requeued onto
+    another node), is stale. Ranks 1.. of a DDP run (LOCAL_RANK set by Lightning's launcher)
+    never wait on it; the holder's heartbeat keeps the file fresh."""
     path = tmp_path / LOCK_NAME
-    path.write_text(json.dumps({"pid": 1, "host": "elsewhere"}))
+    monkeypatch.delenv("SLURM_JOB_ID", raising=False)
+    monkeypatch.delenv("SLURM_ARRAY_JOB_ID", raising=False)
+    path.write_text(json.dumps({"pid": 1, "host": "elsewhere", "job": "77"}))
     with pytest.raises(RunLocked, match=r"\(pid 1 on elsewhere; lock file .*delete the lock file"):
         runlock.acquire(tmp_path)
     for key, value in (("LOCAL_RANK", "1"), ("NODE_RANK", "1"), ("RANK", "3")):
@@ -173,6 +178,19 @@ def test_the_lock_of_another_host_is_refused_and_ddp_children_skip_it(tmp_path, 
         monkeypatch.delenv(key)
     with pytest.raises(RunLocked), runlock.run_lock(tmp_path):  # the first process takes it
         pass
+    monkeypatch.setenv("SLURM_JOB_ID", "77")  # the same job, requeued: its earlier run is gone
+    runlock.release(runlock.acquire(tmp_path))
+    assert not path.exists()
+    monkeypatch.delenv("SLURM_JOB_ID")
+    path.write_text(json.dumps({"pid": 1, "host": "elsewhere"}))
+    silent = path.stat().st_mtime - runlock.STALE_AFTER_S - 1
+    os.utime(path, (silent, silent))
+    monkeypatch.setattr(runlock, "HEARTBEAT_S", 0.05)
+    with runlock.run_lock(tmp_path) as held:
+        os.utime(held, (silent, silent))
+        time.sleep(0.3)
+        assert time.time() - held.stat().st_mtime < 5  # touched by the heartbeat
+    assert not path.exists()
 
 
 def test_a_changed_learning_rate_is_refused_or_applied(run: Path):
