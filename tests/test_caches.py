@@ -537,3 +537,27 @@ def test_eval_py_prints_the_table_it_cannot_write(trained_run, tmp_path, monkeyp
         evaluation.evaluate(cfg)
     printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert "fid20_train_ddim2" in printed and not list(tmp_path.glob("*.table.*"))
+
+
+@pytest.mark.parametrize("inception_score", ["false", "auto"])
+def test_eval_py_with_a_planted_conversion_runs_nothing(
+    tmp_path, monkeypatch, caplog, inception_score
+):
+    """The case of the issue: a pickle at the cached conversion's name ran under eval.py
+    inception_score=false (torch-fidelity's load) and =auto (a traceback with torch's
+    advice); now eval.py measures with a fresh conversion and names the planted file."""
+    from ddpm import evaluation
+
+    marker = tmp_path / "pwned"
+    planted = converted_name(tmp_path / "cache")
+    planted.parent.mkdir()
+    torch.save({"fc.weight": Payload(marker)}, planted)
+    cfg = compose_config(
+        [*eval_args(tmp_path, tmp_path / "fid.json"), f"inception_score={inception_score}"],
+        name="eval",
+    )
+    with caplog.at_level(logging.WARNING):
+        result = evaluation.evaluate(cfg)
+    assert "fid20_train" in result and not marker.exists()
+    assert f"converted Inception weights {planted}: it holds more than tensors" in caplog.text
+    no_advice(caplog.text)
