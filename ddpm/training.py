@@ -214,20 +214,26 @@ def dataset_identity(dataset: DictConfig) -> dict[str, Any]:
 
 def finished_step(ckpt: dict[str, Any], trainer: DictConfig) -> int | None:
     """The checkpoint's step when it leaves nothing to train under these trainer settings
-    (trainer.max_steps reached, or trainer.max_epochs when max_steps=-1), else None. Fitting
+    (trainer.max_steps reached, or trainer.max_epochs: either ends a run), else None. Fitting
     from it would train no step and then overwrite the run's final metrics, grids and curve
     with those of no training."""
     step = ckpt.get("global_step")
     if not isinstance(step, int):
         return None
+    return step if _limit_reached(ckpt, trainer) else None
+
+
+def _limit_reached(ckpt: dict[str, Any], trainer: DictConfig) -> str | None:
+    """Which of trainer.max_steps / max_epochs the checkpoint has reached (as Lightning's fit
+    loop counts them: global_step, the epochs processed), or None."""
     max_steps = trainer.get("max_steps", -1)
-    if isinstance(max_steps, int) and max_steps > 0:
-        return step if step >= max_steps else None
+    if isinstance(max_steps, int) and 0 < max_steps <= ckpt.get("global_step", 0):
+        return "trainer.max_steps"
     max_epochs = trainer.get("max_epochs")
     progress = ((ckpt.get("loops") or {}).get("fit_loop") or {}).get("epoch_progress") or {}
     epochs = (progress.get("current") or {}).get("processed")
     if isinstance(max_epochs, int) and max_epochs >= 0 and isinstance(epochs, int):
-        return step if epochs >= max_epochs else None
+        return "trainer.max_epochs" if epochs >= max_epochs else None
     return None
 
 
@@ -235,9 +241,8 @@ def finished_run(out: Path, ckpt_path: Path, step: int, trainer: DictConfig) -> 
     """Say that the run has nothing left to train, and return its saved final metrics."""
     path = out / "metrics.json"
     saved = read_metrics(path)
-    steps = trainer.get("max_steps", -1)
-    key = "trainer.max_steps" if steps > 0 else "trainer.max_epochs"
-    value = steps if steps > 0 else trainer.get("max_epochs")
+    key = _limit_reached({"global_step": step}, trainer) or "trainer.max_epochs"
+    value = trainer.get(key.split(".")[1])
     kept = f"its results in {out} are kept" if saved else f"it has no {path.name} (stopped first)"
     log.info(
         "this run already finished at step %d (%s, %s=%s): nothing trained, nothing changed; "

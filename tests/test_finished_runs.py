@@ -254,3 +254,29 @@ def test_the_writability_probe_leaves_no_file(tmp_path: Path, monkeypatch):
     with pytest.raises(PermissionError, match="No space left on device"):
         check_writable(tmp_path)
     assert not list(tmp_path.iterdir())
+
+
+def test_finished_is_max_steps_or_with_max_steps_minus_one_max_epochs():
+    """What counts as nothing left to train: the checkpoint's step reached trainer.max_steps,
+    or its completed epochs trainer.max_epochs (either ends a run); a run ended by max_time
+    alone (neither) always continues."""
+    from omegaconf import OmegaConf
+
+    from ddpm.training import finished_step
+
+    def ckpt(step: int, epochs: int) -> dict:
+        progress = {"current": {"processed": epochs}}
+        return {"global_step": step, "loops": {"fit_loop": {"epoch_progress": progress}}}
+
+    def trainer(**kw) -> object:
+        return OmegaConf.create(kw)
+
+    assert finished_step(ckpt(4, 0), trainer(max_steps=4)) == 4
+    assert finished_step(ckpt(4, 0), trainer(max_steps=2)) == 4
+    assert finished_step(ckpt(4, 0), trainer(max_steps=6)) is None
+    assert finished_step(ckpt(40, 3), trainer(max_steps=-1, max_epochs=3)) == 40
+    assert finished_step(ckpt(40, 2), trainer(max_steps=-1, max_epochs=3)) is None
+    assert finished_step(ckpt(40, 9), trainer(max_steps=-1, max_epochs=-1)) is None
+    assert finished_step(ckpt(40, 9), trainer(max_steps=-1, max_time="00:01:00:00")) is None
+    assert finished_step(ckpt(40, 3), trainer(max_steps=100, max_epochs=3)) == 40
+    assert finished_step(ckpt(40, 2), trainer(max_steps=100, max_epochs=None)) is None
