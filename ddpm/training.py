@@ -40,7 +40,7 @@ from ddpm.resume import (
     remove_dead_writes,
     resume_from,
 )
-from ddpm.runlock import run_lock
+from ddpm.runlock import first_process, run_lock
 from ddpm.samplers import check_guidance, check_seed
 from ddpm.tracking import dirname, record_run
 
@@ -111,7 +111,8 @@ def fit(cfg: DictConfig, out: Path) -> dict[str, Any]:
     if done is not None:
         return done
     remove_dead_writes(out)
-    save_config(cfg, out)
+    if first_process():  # a DDP child's own config.resume<k>.yaml would claim another resume
+        save_config(cfg, out)
     if cfg.get("print_config"):
         print_config_tree(cfg)
 

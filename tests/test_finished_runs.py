@@ -280,3 +280,24 @@ def test_finished_is_max_steps_or_with_max_steps_minus_one_max_epochs():
     assert finished_step(ckpt(40, 9), trainer(max_steps=-1, max_time="00:01:00:00")) is None
     assert finished_step(ckpt(40, 3), trainer(max_steps=100, max_epochs=3)) == 40
     assert finished_step(ckpt(40, 2), trainer(max_steps=100, max_epochs=None)) is None
+
+
+@pytest.mark.slow  # two DDP runs of 2 processes each
+def test_ddp_children_neither_wait_on_the_lock_nor_record_a_resume(tmp_path: Path):
+    """trainer=ddp_cpu: rank 1 reruns the job into the locked directory and must not be
+    refused; continuing writes one config.resume1.yaml (rank 1 wrote a second one), merges
+    metrics.json, and leaves no lock; a rerun of the finished DDP run changes nothing."""
+    run = tmp_path / "ddp"
+    args = [*FAST, "trainer=ddp_cpu", f"hydra.run.dir={run}"]
+    run_script("train.py", *args)
+    run_script("train.py", *args, "trainer.max_steps=6")
+    assert sorted(p.name for p in run.glob("config*.yaml")) == [
+        "config.resume1.yaml",
+        "config.yaml",
+    ]
+    assert metrics(run)["step"] == 6 and "val/bpd" in metrics(run)
+    assert not (run / LOCK_NAME).exists()
+    before = snapshot(run)
+    rerun = run_script("train.py", *args, "trainer.max_steps=6")
+    assert "this run already finished at step 6" in rerun.stdout + rerun.stderr
+    assert snapshot(run) == before
