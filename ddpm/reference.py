@@ -58,6 +58,17 @@ def stats_key(
     }
 
 
+def state_digest(state: dict) -> str:
+    """sha256 of a statistics file's tensors (by name, dtype, shape and bytes): a bit flipped
+    on disk, or one tensor swapped for another of its shape, is caught."""
+    digest = hashlib.sha256()
+    for name in sorted(k for k, v in state.items() if isinstance(v, Tensor)):
+        value = state[name].contiguous()
+        digest.update(f"{name}:{value.dtype}:{tuple(value.shape)}".encode())
+        digest.update(value.view(torch.uint8).numpy() if value.ndim else value.numpy().tobytes())
+    return digest.hexdigest()
+
+
 def _cache_problem(cached: object, key: dict, features: int) -> str | None:
     """Why a loaded statistics file cannot be used for `key`, or None."""
     if not isinstance(cached, dict) or not all(s in cached for s in REAL_STATES):
@@ -77,6 +88,8 @@ def _cache_problem(cached: object, key: dict, features: int) -> str | None:
             return f"its {name} is not finite"
     if int(cached["real_features_num_samples"]) != key["n"]:
         return f"it counts {int(cached['real_features_num_samples'])} images, not {key['n']}"
+    if "sha256" in cached and cached["sha256"] != state_digest(cached):  # older files: none
+        return "its tensors do not match their checksum"
     return None
 
 
@@ -112,6 +125,7 @@ def cached_reference(
     if metrics.real_count != key["n"]:
         raise ValueError(f"expected {key['n']} reference images, got {metrics.real_count}")
     state = {"key": key, **metrics.real_state()}
+    state["sha256"] = state_digest(state)
     try:
         atomic_write(path, lambda f: torch.save(state, f))  # two jobs may build one key at once
     except OSError as e:  # a full disk, a read-only cache: the statistics are in memory

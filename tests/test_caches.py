@@ -158,7 +158,16 @@ def test_reference_statistics_of_a_pickle_are_rebuilt_without_torchs_advice(tmp_
     assert "reference statistics" in caplog.text and "could run code" in caplog.text
     no_advice(caplog.text)
     assert not marker.exists() and path.with_name(path.name + ".corrupt").is_file()
-    assert torch.load(path, weights_only=True)["key"] == key  # rebuilt
+    rebuilt = torch.load(path, weights_only=True)
+    assert rebuilt["key"] == key
+    # a value changed on disk, its shape and finiteness intact: caught by the checksum
+    rebuilt["real_features_sum"][0] = 1.0
+    torch.save(rebuilt, path)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        metrics = fake_metrics()
+        cached_reference(metrics, key, real, tmp_path)
+    assert "its tensors do not match their checksum" in caplog.text and metrics.real_count == 4
 
 
 def test_a_full_disk_leaves_the_reference_statistics_uncached(tmp_path, monkeypatch, caplog):
