@@ -521,6 +521,7 @@ def test_eval_py_writes_its_logs_beside_its_result_not_into_the_cwd(tmp_path):
     assert Path(cfg.hydra.run.dir).parent == tmp_path / "eval_logs"  # beside s.npz.fid.json
 
 
+@pytest.mark.slow  # the JSON's case is in the fast tier; this one samples a checkpoint
 def test_eval_py_prints_the_table_it_cannot_write(trained_run, tmp_path, monkeypatch, capsys):
     """table=: the step-count table's files on a full disk: one line naming the file, and the
     values of every entry printed (minutes of sampling are not lost)."""
@@ -548,7 +549,7 @@ def test_eval_py_prints_the_table_it_cannot_write(trained_run, tmp_path, monkeyp
     assert "fid20_train_ddim2" in printed and not list(tmp_path.glob("*.table.*"))
 
 
-@pytest.mark.parametrize("inception_score", ["false", "auto"])
+@pytest.mark.parametrize("inception_score", ["false", pytest.param("auto", marks=pytest.mark.slow)])
 def test_eval_py_with_a_planted_conversion_runs_nothing(
     tmp_path, monkeypatch, caplog, inception_score
 ):
