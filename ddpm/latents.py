@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ddpm.autoencoder import downsampling, load_autoencoder
+from ddpm.autoencoder import autoencoder_file_problem, downsampling, load_autoencoder
 from ddpm.data import ImageDataModule, TensorImages
 from ddpm.files import atomic_write, cache_root, load_failure, move_aside, remove_dead_temps
 
@@ -99,11 +99,9 @@ class LatentDataModule(ImageDataModule):
                 "a latent DDPM needs autoencoder=PATH/TO/last.ckpt (train one with "
                 "python train.py experiment=autoencoder_mnist5k)"
             )
-        if not Path(autoencoder).is_file():
-            raise FileNotFoundError(
-                f"autoencoder={autoencoder}: no such file; give the last.ckpt of an "
-                "experiment=autoencoder_mnist5k run"
-            )
+        problem = autoencoder_file_problem(autoencoder)
+        if problem:
+            raise FileNotFoundError(problem)
         kwargs["hflip"] = False
         super().__init__(*args, **kwargs)
         self.autoencoder, self.cache_dir = str(autoencoder), cache_root(cache_dir)
