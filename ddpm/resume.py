@@ -43,8 +43,10 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from omegaconf import DictConfig
 from torch import Tensor
 
+from ddpm import unet
 from ddpm.checkpoint import CheckpointError, load_checkpoint
 from ddpm.files import move_aside, nearest_existing
+from ddpm.runlock import RunLocked, check_free
 
 log = logging.getLogger(__name__)
 
@@ -436,11 +438,29 @@ class ApplyOptimizerSettings(L.Callback):
         log.info("resume_changes=allow: the new optimizer settings apply (lr now %s)", rates)
 
 
+def _architecture(net: dict) -> dict:
+    """A UNet config as the network it builds: attention by the sizes it reaches, whichever
+    key chose them (attn_resolutions [7] and attn_levels [-1] are one network at 28 px, and a
+    size that is no level's builds nothing). Other configs as they are."""
+    if not isinstance(net, dict) or net.get("_target_") != "ddpm.unet.UNet":
+        return net
+    try:
+        size, mult = net.get("image_size", 32), net.get("ch_mult", (1, 2, 2, 2))
+        sizes = unet.attention_sizes(
+            size, mult, net.get("attn_resolutions", (16,)), net.get("attn_levels")
+        )
+        levels = {size // 2**k for k in range(len(mult))}
+    except (TypeError, ValueError):  # not a valid config: compared as written
+        return net
+    rest = {k: v for k, v in net.items() if k not in ("attn_resolutions", "attn_levels")}
+    return {**rest, "attention": sorted(sizes & levels)}
+
+
 def check_same_network(path: Path, ckpt: dict[str, Any], net: dict) -> None:
     """A checkpoint of another architecture, named with what differs (Lightning would fail
     later with a long list of mismatched tensor shapes)."""
     saved = (ckpt.get("hyper_parameters") or {}).get("net")
-    if saved is None or saved == net:
+    if saved is None or saved == net or _architecture(saved) == _architecture(net):
         return
     diff = ", ".join(
         f"{k} {saved.get(k)!r} (this run's {net.get(k)!r})"
@@ -496,8 +516,6 @@ class CheckRunDirectory(Callback):
 
     @staticmethod
     def _check(directory: str, run: bool = False) -> None:
-        from ddpm.runlock import RunLocked, check_free
-
         try:
             check_creatable(directory)
             if run:  # a sweep's jobs are checked as each starts (training.train)

@@ -103,26 +103,60 @@ class _Level(nn.Module):
         return self.attn(self.res(x, emb))
 
 
-def _check_attention(
-    image_size: int, ch: int, ch_mult: Sequence[int], attn_resolutions: Any, num_heads: Any
-) -> None:
-    """Attention settings that would be silently ignored or fail deep inside: a size in
-    attn_resolutions that is no level's gets no attention at all (the run looks normal), and
-    0 heads is a ZeroDivisionError at the first attention block."""
+def _is_list(value: Any) -> bool:
+    return isinstance(value, Sequence) and not isinstance(value, (str, bytes))
+
+
+def attention_sizes(
+    image_size: int, ch_mult: Sequence[int], attn_resolutions: Any, attn_levels: Any
+) -> set[int]:
+    """The feature-map sizes that get self-attention: those of `attn_resolutions`, and those
+    of the levels `attn_levels` names (0 the first, -1 the last), which fit any image size."""
     levels = [image_size // 2**k for k in range(len(ch_mult))]
     sizes = ", ".join(map(str, levels))
-    if isinstance(attn_resolutions, (str, bytes)) or not isinstance(attn_resolutions, Sequence):
+    if not _is_list(attn_resolutions):
         raise ValueError(
             f"model.attn_resolutions must be a list of feature-map sizes, e.g. [{levels[-1]}] "
             f"or [], got {attn_resolutions!r}; this network's levels are at {sizes} px"
         )
+    attn_levels = [] if attn_levels is None else attn_levels
+    n = len(levels)
+    if not _is_list(attn_levels) or any(
+        isinstance(k, bool) or not isinstance(k, int) or not -n <= k < n for k in attn_levels
+    ):
+        raise ValueError(
+            f"model.attn_levels must be a list of level indices in [{-n}, {n - 1}] (0: "
+            f"{levels[0]} px, -1: the last level, {levels[-1]} px), got {attn_levels!r}"
+        )
+    return set(attn_resolutions) | {levels[k] for k in attn_levels}
+
+
+def check_attention_sizes(image_size: int, ch_mult: Sequence[int], attn_resolutions: Any) -> None:
+    """A size in attn_resolutions that is no level's gets no attention at all, and the run
+    looks normal: refused when a run is configured (train.py). Not at construction, so that
+    checkpoints written with such a size (the network as if it were not there) still load."""
+    levels = [image_size // 2**k for k in range(len(ch_mult))]
     stray = [r for r in attn_resolutions if r not in levels]
     if stray:
         raise ValueError(
             f"model.attn_resolutions={list(attn_resolutions)} names no level of the network "
-            f"({stray}): its levels are at {sizes} px (model.image_size / 2^k); use some of "
-            "those or []"
+            f"({stray}): its levels are at {', '.join(map(str, levels))} px (model.image_size "
+            "/ 2^k); use some of those, [] or model.attn_levels (e.g. [-1]: the last level)"
         )
+
+
+def _check_attention(
+    image_size: int,
+    ch: int,
+    ch_mult: Sequence[int],
+    attn_resolutions: Any,
+    num_heads: Any,
+    attn_levels: Any = None,
+) -> None:
+    """Attention settings that would fail deep inside: 0 heads is a ZeroDivisionError at the
+    first attention block, heads that do not divide a width a reshape error."""
+    attended = attention_sizes(image_size, ch_mult, attn_resolutions, attn_levels)
+    levels = [image_size // 2**k for k in range(len(ch_mult))]
     if isinstance(num_heads, bool) or not isinstance(num_heads, int) or num_heads < 1:
         raise ValueError(
             f"model.num_heads must be an integer >= 1 (attention heads; 1 as in Ho et al.), "
@@ -130,8 +164,7 @@ def _check_attention(
         )
     # the middle block always attends, at the last level's width
     widths = sorted(
-        {ch * ch_mult[-1]}
-        | {ch * ch_mult[k] for k in range(len(ch_mult)) if levels[k] in attn_resolutions}
+        {ch * ch_mult[-1]} | {ch * ch_mult[k] for k in range(len(ch_mult)) if levels[k] in attended}
     )
     uneven = [w for w in widths if w % num_heads]
     if uneven:
@@ -150,6 +183,7 @@ def check_sizes(
     attn_resolutions: Any,
     dropout: float,
     num_heads: Any,
+    attn_levels: Any = None,
 ) -> None:
     """The constructor's value checks, one line naming the model.<key> each."""
     factor = 2 ** (len(ch_mult) - 1)
@@ -169,7 +203,7 @@ def check_sizes(
         raise ValueError(f"model.in_channels must be >= 1, got {in_channels}")
     if not 0 <= dropout < 1:
         raise ValueError(f"model.dropout must be in [0, 1), got {dropout}")
-    _check_attention(image_size, ch, ch_mult, attn_resolutions, num_heads)
+    _check_attention(image_size, ch, ch_mult, attn_resolutions, num_heads, attn_levels)
 
 
 def check_config(config: Mapping[str, Any]) -> None:
@@ -180,6 +214,7 @@ def check_config(config: Mapping[str, Any]) -> None:
         k: v for k, v in config.items() if k in parameters
     }
     check_sizes(*(args[k] for k in inspect.signature(check_sizes).parameters))
+    check_attention_sizes(args["image_size"], args["ch_mult"], args["attn_resolutions"])
 
 
 class UNet(nn.Module):
@@ -192,6 +227,8 @@ class UNet(nn.Module):
         ch: base width; level i has ch * ch_mult[i] channels.
         num_res_blocks: ResBlocks per level on the way down (one more on the way up).
         attn_resolutions: feature-map sizes (e.g. [16]) that get self-attention.
+        attn_levels: levels that get self-attention, by index (0: image_size, 1: after the
+            first downsampling; -1: the last level): unlike sizes, they fit any image size.
         num_classes: if set, a class embedding is added to the time embedding; index
             `num_classes` is the null label used for classifier-free guidance.
 
@@ -210,9 +247,12 @@ class UNet(nn.Module):
         dropout: float = 0.1,
         num_heads: int = 1,
         num_classes: int | None = None,
+        attn_levels: Sequence[int] | None = None,
     ) -> None:
         super().__init__()
-        check_sizes(image_size, in_channels, ch, ch_mult, attn_resolutions, dropout, num_heads)
+        args = (image_size, in_channels, ch, ch_mult, attn_resolutions, dropout, num_heads)
+        check_sizes(*args, attn_levels)
+        attn_resolutions = attention_sizes(image_size, ch_mult, attn_resolutions, attn_levels)
         self.image_size = image_size
         self.in_channels = in_channels
         self.num_classes = num_classes

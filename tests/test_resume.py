@@ -443,3 +443,20 @@ def test_changed_schedule_on_resume_goes_on_only_when_allowed(trained_run: Path,
     with caplog.at_level("WARNING"):
         check_same_process(path, ckpt, schedule, objective, allow=True)
     assert "resume_changes=allow: resuming" in caplog.text and "timesteps=1000" in caplog.text
+
+
+def test_a_network_chosen_by_attention_level_resumes_one_chosen_by_size():
+    """The quickstart's model moved from attn_resolutions=[7] to attn_levels=[-1] (the same
+    network at 28 px): its older runs resume; an attention change that builds another
+    network is still named."""
+    from ddpm.resume import check_same_network
+
+    old = {"_target_": "ddpm.unet.UNet", "image_size": 28, "ch": 32, "ch_mult": [1, 2, 2]}
+    new = {**old, "attn_resolutions": [], "attn_levels": [-1]}
+    check_same_network(
+        Path("old.ckpt"), {"hyper_parameters": {"net": {**old, "attn_resolutions": [7]}}}, new
+    )
+    with pytest.raises(CheckpointError, match=r"old.ckpt was trained with another network: attn"):
+        check_same_network(
+            Path("old.ckpt"), {"hyper_parameters": {"net": {**old, "attn_resolutions": [14]}}}, new
+        )

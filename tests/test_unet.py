@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from ddpm.unet import AttnBlock, UNet
+from ddpm.unet import AttnBlock, UNet, check_config
 
 
 @pytest.mark.parametrize("channels", [1, 3])
@@ -58,10 +58,37 @@ def test_wrong_input_size_is_refused():
 
 
 def test_attention_of_no_level_or_no_heads_is_refused():
-    # [5] used to build a network without attention, num_heads=0 a ZeroDivisionError
+    # [5] used to train a network without attention: refused when a run is configured, while
+    # a checkpoint written with it (the network as if it were not there) still loads
+    small = {"image_size": 16, "in_channels": 1, "ch": 8, "ch_mult": [1, 2]}
     with pytest.raises(ValueError, match=r"attn_resolutions=\[5\] names no level.* 16, 8 px"):
-        UNet(16, 1, ch=8, ch_mult=(1, 2), attn_resolutions=(5,))
+        check_config({**small, "attn_resolutions": [5]})
+    stray = UNet(**small, num_res_blocks=1, attn_resolutions=(5,))
+    assert sum(isinstance(m, AttnBlock) for m in stray.modules()) == 1  # the middle block's
     with pytest.raises(ValueError, match="model.num_heads must be an integer >= 1"):
         UNet(16, 1, ch=8, ch_mult=(1, 2), attn_resolutions=(8,), num_heads=0)
     net = UNet(16, 1, ch=8, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(8,), num_heads=2)
     assert sum(isinstance(m, AttnBlock) for m in net.modules()) == 4  # 1 down, 2 up, 1 middle
+
+
+def test_attention_by_level_is_attention_by_size_and_fits_any_image_size():
+    """attn_levels=[-1] (the quickstart's model) builds at 28 px the network attn_resolutions
+    =[7] did, weights and outputs alike, and at 32 px attends at 8 px, where [7] attended at
+    no level."""
+    args = {"in_channels": 1, "ch": 8, "ch_mult": (1, 2, 2), "num_res_blocks": 1, "dropout": 0.0}
+    torch.manual_seed(0)
+    by_size = UNet(28, **args, attn_resolutions=(7,))
+    torch.manual_seed(0)
+    by_level = UNet(28, **args, attn_resolutions=(), attn_levels=(-1,))
+    x, t = torch.randn(2, 1, 28, 28), torch.tensor([3, 700])
+    assert by_size.state_dict().keys() == by_level.state_dict().keys()
+    assert torch.equal(by_size(x, t), by_level(x, t))
+    at_32 = UNet(32, **args, attn_resolutions=(), attn_levels=(-1,))
+    assert sum(isinstance(m, AttnBlock) for m in at_32.modules()) == 4  # 1 down, 2 up, middle
+    check_config({"image_size": 32, **args, "attn_resolutions": [], "attn_levels": [-1]})
+    with pytest.raises(
+        ValueError,
+        match=r"model.attn_levels must be a list of level indices in "
+        r"\[-3, 2\] \(0: 28 px, -1: the last level, 7 px\), got \[3\]",
+    ):
+        UNet(28, **args, attn_levels=[3])
