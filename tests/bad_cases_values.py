@@ -21,7 +21,7 @@ CASES: list[tuple[str, str, list[str], str]] = [
         "train",
         ["model.attn_resolutions=[5]"],
         r"^model.attn_resolutions=\[5\] names no level of the network \(\[5\]\): its levels are "
-        r"at 28, 14 px \(model.image_size / 2\^k\); use some of those or \[\]",
+        r"at 28, 14 px \(model.image_size / 2\^k\); use some of those, \[\] or model.attn_levels",
     ),
     (
         "attention sizes not a list",
