@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import logging
 import os
 import pickle
@@ -276,3 +277,12 @@ def load_failure(error: BaseException) -> str:
     if "weights_only" in first:
         first = "refused by the weights-only loader"
     return f"it does not load ({type(error).__name__}: {first[:160]})"
+
+
+def file_sha256(path: str | Path) -> str:
+    """The sha256 of a file's bytes (hex), read in 1 MiB blocks: cache keys and checks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

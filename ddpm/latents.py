@@ -23,17 +23,16 @@ from torch import Tensor
 
 from ddpm.autoencoder import autoencoder_file_problem, downsampling, load_autoencoder
 from ddpm.data import ImageDataModule, TensorImages
-from ddpm.files import atomic_write, cache_root, load_failure, move_aside, remove_dead_temps
+from ddpm.files import (
+    atomic_write,
+    cache_root,
+    file_sha256,
+    load_failure,
+    move_aside,
+    remove_dead_temps,
+)
 
 log = logging.getLogger(__name__)
-
-
-def file_digest(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def latents_digest(cached: dict) -> str:
@@ -109,7 +108,7 @@ class LatentDataModule(ImageDataModule):
 
     def key(self) -> dict[str, Any]:
         return {
-            "autoencoder": file_digest(self.autoencoder),
+            "autoencoder": file_sha256(self.autoencoder),
             "dataset": self.name,
             "options": sorted(self.options.items()),
             "data_dir": str(self.data_dir),

@@ -64,6 +64,18 @@ def run_script(script: str, *overrides: str, check: bool = True) -> subprocess.C
     return proc
 
 
+def refused_in_one_line(runs: list[tuple[str, ...]], *shown_words: str, never: str = "") -> None:
+    """Each (script, *overrides) of `runs`, run as a user would, fails with its error alone:
+    no traceback, every one of `shown_words` in what it printed, `never` nowhere in it."""
+    for script, *overrides in runs:
+        proc = run_script(script, *overrides, check=False)
+        shown = proc.stdout + proc.stderr
+        assert proc.returncode != 0, (script, overrides)
+        assert all(word in shown for word in shown_words), (script, overrides, shown[-2000:])
+        assert not never or never not in shown, (script, overrides, shown[-2000:])
+        assert "Traceback" not in shown, (script, overrides, shown[-2000:])
+
+
 def _untracked() -> set[str]:
     """Files in the checkout that git does not track (ignored ones included), caches aside."""
     out = subprocess.run(
