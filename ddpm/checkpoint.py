@@ -46,6 +46,13 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
             "project or from a source you trust."
         ) from None  # not torch's error, whose advice is to load it unsafely (weights_only=False)
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as e:
+        if "weights_only" in str(e):  # e.g. a TorchScript file: torch's text advises the
+            # unsafe load, which a file from anyone must never be given (nor its chained cause)
+            raise CheckpointError(
+                f"refused to load {path}: the weights-only loader does not read it (a "
+                "TorchScript file, or another format that runs code when loaded). Only load "
+                "checkpoints written by this project or from a source you trust."
+            ) from None
         raise CheckpointError(
             f"{path} is not a readable checkpoint (truncated or corrupt?): {e}"
         ) from e

@@ -55,6 +55,7 @@ from ddpm.samplers import (
     sampler_label,
     sampler_settings,
 )
+from ddpm.trusted import allow_targets
 
 log = logging.getLogger(__name__)
 
@@ -450,6 +451,7 @@ def check_reference_split(cfg: DictConfig) -> None:
 
 
 def evaluate(cfg: DictConfig) -> dict:
+    allow_targets(cfg.get("trusted_targets"))  # the user's own classes a checkpoint may name
     device = pick_device(cfg.device)
     check_inputs(cfg)
     result: dict = {"n": cfg.n, "source": str(cfg.source)}

@@ -425,7 +425,9 @@ class ApplyOptimizerSettings(L.Callback):
         fresh, schedulers, _ = _configure_optimizers(pl_module.configure_optimizers())
         for live, new in zip(trainer.lr_scheduler_configs, schedulers, strict=False):
             scheduler = new["scheduler"] if isinstance(new, dict) else new
-            steps = int(getattr(live.scheduler, "last_epoch", 0))
+            # the run's optimizer steps (the scheduler steps once each): a restored scheduler's
+            # own count would be 0 where the checkpoint had none of this kind
+            steps = trainer.global_step
             with warnings.catch_warnings():  # "scheduler.step() before optimizer.step()"
                 warnings.simplefilter("ignore")
                 for _ in range(steps - int(getattr(scheduler, "last_epoch", 0))):

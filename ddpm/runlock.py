@@ -15,6 +15,7 @@ silent for STALE_AFTER_S. Only the first process of a DDP run locks: its childre
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -136,9 +137,28 @@ def acquire(directory: str | Path) -> Path:
                 continue
         elif _held(holder, path):
             raise _refusal(directory, path, holder)
-        log.warning("removing the stale lock %s of a run that ended (%s)", path, _describe(holder))
-        path.unlink(missing_ok=True)
+        _take_over(path, holder)
     raise RunLocked(f"could not take the lock {path} of the run directory {directory}; rerun")
+
+
+def _take_over(path: Path, stale: dict[str, Any]) -> None:
+    """Remove the stale lock `stale` read from `path`, and only it: two launches after a crash
+    both read the stale holder, and the slower must not delete the lock the faster has taken
+    since. The lock is moved to a name of this process's own (rename is atomic) and read
+    again there: the stale one is deleted, a fresh one put back."""
+    aside = path.with_name(f"{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.stale")
+    try:
+        os.rename(path, aside)
+    except FileNotFoundError:  # the other launch took it over first: try again to create
+        return
+    if _read(aside) == stale:
+        log.warning("removed the stale lock %s of a run that ended (%s)", path, _describe(stale))
+        aside.unlink(missing_ok=True)
+        return
+    # another launch's fresh lock: back in place (unless a third launch made one meanwhile)
+    with contextlib.suppress(FileExistsError):
+        os.link(aside, path)
+    aside.unlink(missing_ok=True)
 
 
 def _job_id() -> str | None:

@@ -36,6 +36,7 @@ from ddpm.render import (
     wrap_words,
 )
 from ddpm.samplers import check_guidance, check_seed, check_steps, sampler_settings
+from ddpm.trusted import allow_targets
 
 log = logging.getLogger(__name__)
 
@@ -368,6 +369,7 @@ def _full_line(e: OSError, out: Path) -> str:
 
 
 def draw(cfg: DictConfig) -> Path:
+    allow_targets(cfg.get("trusted_targets"))  # the user's own classes a checkpoint may name
     if cfg.n < 1 or cfg.batch_size < 1:
         raise ValueError(
             f"n and batch_size must be >= 1, got n={cfg.n}, batch_size={cfg.batch_size}: n is "

@@ -43,6 +43,7 @@ from ddpm.resume import (
 from ddpm.runlock import first_process, run_lock
 from ddpm.samplers import check_guidance, check_seed
 from ddpm.tracking import dirname, record_run
+from ddpm.trusted import allow_targets
 
 log = logging.getLogger(__name__)
 
@@ -94,6 +95,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     """Fit the configured module on the configured data; returns the final logged metrics (of
     a run that had already finished: its saved ones, nothing trained or written)."""
     check_settings(cfg)
+    trust_own_targets(cfg)
     L.seed_everything(cfg.seed, workers=True)
     out = Path(cfg.paths.output_dir)
     check_writable(out)
@@ -102,6 +104,18 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     # the run finished.
     with run_lock(out):
         return fit(cfg, out)
+
+
+def trust_own_targets(cfg: DictConfig) -> None:
+    """What this run's own config builds (a network or optimizer class of the user's), and
+    `trusted_targets`, may be named by the checkpoints it resumes from and writes: the user
+    wrote them, and they are built from the config anyway."""
+    allow_targets(cfg.get("trusted_targets"))
+    module = cfg.get("module") or {}
+    for key in ("net", "schedule", "optimizer", "lr_scheduler"):
+        node = module.get(key)
+        if OmegaConf.is_dict(node) and isinstance(node.get("_target_"), str):
+            allow_targets([node["_target_"]], key=f"module.{key}._target_")
 
 
 def fit(cfg: DictConfig, out: Path) -> dict[str, Any]:

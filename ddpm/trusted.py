@@ -16,11 +16,15 @@ checked here before anything is built from it:
 A file that asks for anything else is refused in one line that names the key and what it names,
 before anything is imported or built. Configs the user composes (conf/, overrides) are not
 checked: their `_target_` freedom is theirs. A class of the user's own (a network they wrote)
-becomes loadable from their checkpoints with `allow("network", "mypackage.MyNet")`.
+becomes loadable from their checkpoints with `trusted_targets=[mypackage.MyNet]` (sample.py,
+eval.py, train.py; train.py also trusts its own module config's `_target_`s), or
+`allow("network", "mypackage.MyNet")` from Python.
 """
 
 from __future__ import annotations
 
+import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -93,8 +97,35 @@ def allow(kind: str, target: str) -> None:
     ALLOWED[kind][0].add(target)
 
 
+def allow_targets(targets: Any, key: str = "trusted_targets") -> None:
+    """The user's `trusted_targets=[a.B, ...]`: classes of their own that files may name in
+    any slot (what the user names is theirs to trust, as in their own configs)."""
+    if targets is None:
+        return
+    if isinstance(targets, str) or not isinstance(targets, Sequence):
+        raise ValueError(
+            f"{key} must be a list of dotted names, e.g. [mypackage.MyNet]; got {targets!r}"
+        )
+    for target in targets:
+        if not isinstance(target, str) or not all(p.isidentifier() for p in target.split(".")):
+            raise ValueError(f"{key} entries are dotted names like mypackage.MyNet; got {target!r}")
+        if any(target in names for names, _ in ALLOWED.values()):
+            continue  # one of ours: allowed where it belongs, not in every slot
+        for kind in ALLOWED:
+            allow(kind, target)
+
+
 def _refuse(source: str | Path, where: str, what: str) -> UntrustedFile:
     return UntrustedFile(f"{source}: {where} {what}; refusing to load it")
+
+
+def _own_class_hint(target: Any) -> str:
+    """How to load a checkpoint of one's own class, for a name outside the standard library
+    (no hint for `builtins.open` and its kind: no one's own class)."""
+    top = str(target).split(".")[0]
+    if not isinstance(target, str) or not top.isidentifier() or top in sys.stdlib_module_names:
+        return ""
+    return f" (if it is a class of your own, trust it with trusted_targets=[{target}])"
 
 
 def check_plain(value: Any, where: str, source: str | Path) -> None:
@@ -131,7 +162,9 @@ def check_node(node: Any, kinds: tuple[str, ...], where: str, source: str | Path
     allowed = set().union(*(ALLOWED[k][0] for k in kinds))
     if not isinstance(target, str) or target not in allowed:
         what = " or ".join(ALLOWED[k][1] for k in kinds)
-        raise _refuse(source, where, f"names `{target}`, which is not {what}")
+        raise _refuse(
+            source, where, f"names `{target}`, which is not {what}{_own_class_hint(target)}"
+        )
     for key, value in node.items():
         if key == "_target_":
             continue

@@ -49,6 +49,9 @@ def files(root: Path, ckpt: Path) -> dict[str, str]:
         path = root / f"{name}.ckpt"
         torch.save({**original, "hyper_parameters": {**original["hyper_parameters"], **edit}}, path)
         made[f"untrusted_{name}"] = str(path)
+    # TorchScript: torch.load would hand it to torch.jit.load, whose loading runs code
+    torch.jit.save(torch.jit.trace(torch.nn.Linear(2, 2), torch.zeros(1, 2)), root / "ts.ckpt")
+    made["untrusted_torchscript"] = str(root / "ts.ckpt")
     return made
 
 
@@ -87,6 +90,14 @@ _SAMPLE = [
 ]
 
 CASES: list[tuple[str, str, list[str], str]] = [
+    (
+        "untrusted TorchScript: sample.py",
+        "sample",
+        ["ckpt={untrusted_torchscript}"],
+        r"^refused to load .*ts.ckpt: the weights-only loader does not read it \(a TorchScript "
+        r"file, or another format that runs code when loaded\)\. Only load checkpoints written "
+        r"by this project or from a source you trust\.$",
+    ),
     *[
         (f"untrusted {name}: sample.py", "sample", [f"ckpt={{untrusted_{name}}}"], message)
         for name, message in _SAMPLE

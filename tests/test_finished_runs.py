@@ -156,8 +156,23 @@ def test_the_lock_is_released_on_errors_and_a_stale_one_is_taken_over(run: Path,
         caplog.clear()
         with caplog.at_level(logging.WARNING, logger="ddpm"):
             train_in(run)  # finished: returns at once
-        assert f"removing the stale lock {run / LOCK_NAME}" in caplog.text
+        assert f"removed the stale lock {run / LOCK_NAME}" in caplog.text
         assert not (run / LOCK_NAME).exists()
+
+
+def test_a_slower_takeover_of_a_stale_lock_leaves_the_new_holders_lock(tmp_path: Path):
+    """Two launches after a crash both read the stale holder; the first takes the lock over.
+    The second, acting on what it read, must not delete the first one's fresh lock."""
+    path = tmp_path / LOCK_NAME
+    stale = {"pid": 1, "host": "elsewhere", "since": "long ago"}
+    fresh = {"pid": os.getpid(), "host": socket.gethostname(), "since": "now"}
+    path.write_text(json.dumps(fresh))  # the first launch took over already
+    runlock._take_over(path, stale)  # the second, with its stale read
+    assert json.loads(path.read_text()) == fresh
+    assert sorted(p.name for p in tmp_path.iterdir()) == [LOCK_NAME]
+    path.write_text(json.dumps(stale))  # alone: the stale lock goes
+    runlock._take_over(path, stale)
+    assert not list(tmp_path.iterdir())
 
 
 def test_the_lock_of_another_host_is_refused_and_ddp_children_skip_it(tmp_path, monkeypatch):

@@ -161,7 +161,9 @@ def test_wrapping_a_folder_whose_config_names_code_writes_nothing(tmp_path: Path
 
 
 def test_a_latent_cache_holding_a_pickle_payload_runs_nothing(tmp_path: Path):
-    """The latent cache is loaded weights-only: a planted pickle is set aside, never run."""
+    """The latent cache holds no configs; it is loaded weights-only (as before issue 23), so
+    a planted pickle is set aside, never run: kept as the cache's entry of this file's list of
+    everything that reads a file (its content checks are tests/test_caches.py's)."""
     marker = tmp_path / "pwned"
 
     class Payload:
@@ -206,3 +208,63 @@ def test_every_entry_point_refuses_a_config_gadget_in_one_line(trained_run: Path
     ]
     refused_in_one_line(runs, "names `builtins.open`", "refusing to load it")
     assert not marker.exists()
+
+
+def test_a_checkpoint_of_ones_own_class_loads_with_trusted_targets(trained_run: Path, tmp_path):
+    """A network class of the user's own: refused by default with the way to trust it named,
+    drawn from with trusted_targets=[that class]; a standard-library callable gets no hint."""
+    from conftest import compose_config
+
+    from ddpm.sampling import sample
+
+    ckpt = torch.load(trained_run / "checkpoints" / "last.ckpt", weights_only=True)
+    net = {**ckpt["hyper_parameters"]["net"], "_target_": "own_net.OwnUNet"}
+    path = planted(trained_run / "checkpoints" / "last.ckpt", tmp_path / "own.ckpt", net=net)
+    args = [f"ckpt={path}", "n=2", "steps=2"]
+    with pytest.raises(
+        UntrustedFile,
+        match=r"names `own_net.OwnUNet`, which is not a network of this project or an "
+        r"autoencoder this project uses \(if it is a class of your own, trust it with "
+        r"trusted_targets=\[own_net.OwnUNet\]\); refusing",
+    ):
+        sample(compose_config([*args, f"out={tmp_path / 'a'}"], name="sample"))
+    assert not (tmp_path / "a").exists()
+    saved = {kind: set(names) for kind, (names, _) in trusted.ALLOWED.items()}
+    try:
+        trusted_args = [*args, f"out={tmp_path / 'b'}", "trusted_targets=[own_net.OwnUNet]"]
+        sample(compose_config(trusted_args, name="sample"))
+    finally:
+        for kind, names in saved.items():
+            trusted.ALLOWED[kind][0].intersection_update(names)
+    assert (tmp_path / "b" / "grid.png").is_file()
+    with pytest.raises(
+        UntrustedFile,
+        match=r"names `builtins.open`, which is not a noise "
+        r"schedule of this project; refusing",
+    ):
+        check_hyper_parameters({"schedule": {"_target_": "builtins.open"}}, "CKPT")
+
+
+def test_trusted_targets_must_be_dotted_names():
+    with pytest.raises(ValueError, match=r"trusted_targets must be a list of dotted names"):
+        trusted.allow_targets("own_net.OwnUNet")
+    with pytest.raises(ValueError, match=r"trusted_targets entries are dotted names .*'a b'"):
+        trusted.allow_targets(["a b"])
+
+
+def test_a_run_of_ones_own_network_class_resumes(tmp_path: Path):
+    """train.py trusts the _target_s of its own module config: a run of the user's network
+    class continues from its own checkpoints (resume=auto), no trusted_targets needed."""
+    run = tmp_path / "run"
+    own = [*FAST, "model._target_=own_net.OwnUNet"]
+    saved = {kind: set(names) for kind, (names, _) in trusted.ALLOWED.items()}
+    try:
+        train(train_config(run, [*own, "trainer.max_steps=2"]))
+        for kind, names in saved.items():  # as a fresh process would start
+            trusted.ALLOWED[kind][0].intersection_update(names)
+        metrics = train(train_config(run, [*own, "trainer.max_steps=3"]))
+    finally:
+        for kind, names in saved.items():
+            trusted.ALLOWED[kind][0].intersection_update(names)
+    assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 3
+    assert metrics
