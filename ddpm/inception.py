@@ -155,9 +155,34 @@ def inception_weights(path: str | Path | None, cache_dir: str | Path | None = No
     return str(path)
 
 
+# conversions this process checked or wrote: (source file, cache dir) -> the converted file
+# and its identity then. Checking the same unchanged pair again (every eval.py call in one
+# process, every FID validation) would load the TorchScript (0.5 s) to learn nothing new; a
+# file replaced or rewritten since has another inode, size or times and is checked again.
+_checked: dict[tuple, tuple[Path, tuple]] = {}
+
+
+def _identity(path: Path) -> tuple:
+    st = path.stat()
+    return (str(path.resolve()), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
 def _converted(path: Path, cache: Path) -> Path:
     """fid-helper's TorchScript converted into cache/, the cached file reused only when it
-    holds exactly the tensors of a fresh conversion (0.4 s: cheaper than trusting it)."""
+    holds exactly the tensors of a fresh conversion (0.4 s: cheaper than trusting it), or when
+    this process did that check on the same unchanged files (`_checked`)."""
+    key = (_identity(path), str(Path(cache).resolve()))
+    if key in _checked:
+        converted, identity = _checked[key]
+        if converted.is_file() and _identity(converted) == identity:
+            return converted
+    converted = _convert_checked(path, cache)
+    _checked[key] = (converted, _identity(converted))
+    return converted
+
+
+def _convert_checked(path: Path, cache: Path) -> Path:
+    """`_converted` without the memo: read, check, convert, compare or write."""
     # the bytes checked are the bytes loaded: the file read once, not reopened after its check
     data = path.read_bytes()
     digest = hashlib.sha256(data).hexdigest()
