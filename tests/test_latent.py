@@ -6,13 +6,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import FAST, run_script
+from conftest import FAST, compose_config, run_script, train_config
 from PIL import Image
 
 from ddpm.autoencoder import load_autoencoder
 from ddpm.checkpoint import CheckpointError
+from ddpm.evaluation import evaluate
 from ddpm.latents import LatentDataModule
 from ddpm.module import load_module
+from ddpm.training import train
 
 # a 2-level AutoencoderKL (f = 2, c = 2) on 16 px digits: latents of 2x8x8
 TINY_AE = [
@@ -134,28 +136,18 @@ def test_latent_bad_inputs_are_named(autoencoder: Path, latent_run: Path, tmp_pa
         load_autoencoder(latent_run / "checkpoints" / "last.ckpt")
     with pytest.raises(ValueError, match="trained on 16 px images, the dataset is at 32 px"):
         LatentDataModule(autoencoder=ae, image_size=32, cache_dir=str(tmp_path)).setup()
-    proc = run_script(
-        "train.py",
-        *FAST,
-        "experiment=latent_mnist5k",
-        "dataset.image_size=16",
-        "model.image_size=8",
-        f"autoencoder={ae}",
-        f"dataset.cache_dir={tmp_path}",
-        f"hydra.run.dir={tmp_path / 'run'}",
-        check=False,
+    # in-process (the one-line form of these errors is the entry points' tests' concern):
+    # a subprocess each cost ~6 s of interpreter start in the fast tier
+    overrides = [*FAST, "experiment=latent_mnist5k", "dataset.image_size=16", "model.image_size=8"]
+    cfg = train_config(
+        tmp_path / "run", [*overrides, f"autoencoder={ae}", f"dataset.cache_dir={tmp_path}"]
     )
-    assert proc.returncode != 0 and "set model.in_channels=2" in proc.stderr
-    proc = run_script(
-        "eval.py",
-        f"source={latent_run / 'checkpoints' / 'last.ckpt'}",
-        "nll=true",
-        "fid=false",
-        "n=2",
-        f"hydra.run.dir={tmp_path}",
-        check=False,
-    )
-    assert proc.returncode != 0 and "is a latent DDPM" in proc.stderr
+    with pytest.raises(ValueError, match="set model.in_channels=2"):
+        train(cfg)
+    source = latent_run / "checkpoints" / "last.ckpt"
+    cfg = compose_config([f"source={source}", "nll=true", "fid=false", "n=2"], name="eval")
+    with pytest.raises(ValueError, match="is a latent DDPM"):
+        evaluate(cfg)
 
 
 def test_a_pretrained_diffusers_vae_folder_wraps_into_an_autoencoder_checkpoint(tmp_path: Path):
