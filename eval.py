@@ -14,8 +14,8 @@ from __future__ import annotations
 import hydra
 from omegaconf import DictConfig
 
-from ddpm.errors import one_line_errors
-from ddpm.evaluation import evaluate
+from ddpm.cli.errors import one_line_errors
+from ddpm.cli.eval import evaluate
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="eval")

@@ -17,8 +17,8 @@ from __future__ import annotations
 import hydra
 from omegaconf import DictConfig
 
-from ddpm.errors import one_line_errors
-from ddpm.sampling import sample
+from ddpm.cli.errors import one_line_errors
+from ddpm.cli.sample import sample
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="sample")

@@ -19,9 +19,9 @@ from __future__ import annotations
 import hydra
 from omegaconf import DictConfig
 
-from ddpm.errors import one_line_errors
-from ddpm.tracking import use_ddp_child_command
-from ddpm.training import run
+from ddpm.cli.errors import one_line_errors
+from ddpm.cli.train import run
+from ddpm.run.launch import use_ddp_child_command
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")

@@ -20,7 +20,7 @@ import hydra
 import torch
 from omegaconf import OmegaConf
 
-from ddpm.datasets import load_mnist5k
+from ddpm.data.loaders import load_mnist5k
 from ddpm.module import DiffusionModule
 
 CONF = Path(__file__).resolve().parents[1] / "conf"

@@ -117,7 +117,7 @@ def measure(name: str, batches: int = 300) -> dict:
     """Run in a fresh process: write the fake copy, load it, time the batches."""
     import torch
 
-    from ddpm.data import ImageDataModule
+    from ddpm.data.datamodule import ImageDataModule
 
     n, size, channels, batch, flips = CASES[name]
     with tempfile.TemporaryDirectory() as tmp:

@@ -22,9 +22,9 @@ import time
 import torch
 from torch.utils.data import Dataset
 
-from ddpm.datasets import load_mnist5k
-from ddpm.inception import fid_helper_file, inception_weights
-from ddpm.metrics import InceptionMetrics
+from ddpm.data.loaders import load_mnist5k
+from ddpm.metrics.fid import InceptionMetrics
+from ddpm.metrics.inception import fid_helper_file, inception_weights
 
 
 class Tensors(Dataset):

@@ -24,13 +24,13 @@ import time
 import torch
 
 from bench.readability import centre_28, readability
-from ddpm.data import fit_size
-from ddpm.datasets import load_mnist5k
+from ddpm.data.datamodule import fit_size
+from ddpm.data.loaders import load_mnist5k
 from ddpm.generate import generate_all
-from ddpm.inception import fid_helper_file, inception_weights
-from ddpm.metrics import InceptionMetrics, metric_name
+from ddpm.metrics.fid import InceptionMetrics, metric_name
+from ddpm.metrics.inception import fid_helper_file, inception_weights
+from ddpm.metrics.reference import cached_reference, reference_subset, stats_key
 from ddpm.module import load_module
-from ddpm.reference import cached_reference, reference_subset, stats_key
 from ddpm.samplers import sampler_settings
 
 

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor, nn
 
-from ddpm.datasets import load_mnist5k
+from ddpm.data.loaders import load_mnist5k
 
 CACHE = Path(".cache/digit_classifier.pt")
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import hashlib
+import json
 import logging
 import os
 import pickle
@@ -196,8 +197,10 @@ def check_output_dir(
     """Refuse, before any work, an output directory that is a file or lies under one, or that
     cannot be written (read-only disk, no permission). The message names the option `key`,
     its `value` (the directory itself, or a file to go in it) and the fix (`key`=`fix`).
-    Writes a probe file into the nearest existing folder (permission bits don't stop root, a
-    read-only disk does) and makes no folder."""
+    Writes a probe into the nearest existing folder (permission bits don't stop root, a
+    read-only disk does; an anonymous temporary file, so nothing is left behind even when the
+    write fails) and makes no folder. The one writability check of the project: train.py's run
+    directory, sample.py's and eval.py's out=, before Hydra creates them and again at start."""
     directory = Path(directory).absolute()
     value = Path(value).absolute() if value is not None else directory
     ancestor = nearest_existing(directory)
@@ -205,8 +208,9 @@ def check_output_dir(
         where = "is a file" if ancestor == value else f"lies under the file {ancestor}"
         raise NotADirectoryError(f"{key}={value} {where}; give a path in a directory: {key}={fix}")
     try:
-        with tempfile.TemporaryFile(dir=ancestor):
-            pass
+        with tempfile.TemporaryFile(dir=ancestor) as probe:
+            probe.write(b"ok")  # a full disk creates the file and fails the write
+            probe.flush()
     except OSError as e:
         raise PermissionError(
             f"{key}={value}: cannot write to {ancestor} ({e.strerror or e}); choose a "
@@ -286,3 +290,15 @@ def file_sha256(path: str | Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def read_json(path: Path) -> dict:
+    """A run's JSON file, or an error that names it (a run killed while writing leaves it cut)."""
+    try:
+        value = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        msg = f"{path}: not readable JSON ({e}); rerun that job or delete the file"
+        raise ValueError(msg) from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{path}: expected a JSON object, got {type(value).__name__}")
+    return value

@@ -24,7 +24,8 @@ from torchmetrics import MeanMetric
 from ddpm.autoencoder import build_autoencoder, downsampling, load_autoencoder
 from ddpm.checkpoint import CheckpointError, load_checkpoint
 from ddpm.likelihood import bpd_estimate, reverse_log_variance, vb_term_bpd
-from ddpm.resume import NonFiniteGuard, RNGCapture
+from ddpm.nonfinite import NonFiniteGuard
+from ddpm.rng import RNGCapture
 from ddpm.schedule import NoiseSchedule
 from ddpm.trusted import check_node
 

@@ -55,7 +55,7 @@ def files(root: Path, ckpt: Path) -> dict[str, str]:
     """Files for the cases above, made under `root`; `ckpt` is the tiny trained run's
     last.ckpt (read it, never change it). The pickle's payload touches `root`/../pwned, the
     file the table asserts was never made."""
-    from ddpm.inception import fid_helper_file
+    from ddpm.metrics.inception import fid_helper_file
 
     fake = root / "fake_default_1.pt"  # a zip with TorchScript's constants.pkl, nothing real
     with zipfile.ZipFile(fake, "w") as z:

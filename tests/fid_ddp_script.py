@@ -14,11 +14,11 @@ import sys
 import torch
 import torch.distributed as dist
 
-from ddpm.datasets import load_mnist5k
+from ddpm.data.loaders import load_mnist5k
 from ddpm.generate import generate, shard
-from ddpm.metrics import InceptionMetrics, measure
+from ddpm.metrics.fid import InceptionMetrics, measure
+from ddpm.metrics.reference import prepare_reference, stats_key
 from ddpm.module import load_module
-from ddpm.reference import prepare_reference, stats_key
 
 
 def main() -> None:

@@ -20,7 +20,9 @@ from bad_cases_sample_eval import SAMPLE_EVAL_CASES
 from bad_cases_train import TRAIN_CASES
 from conftest import compose_config, train_config
 
-from ddpm import evaluation, sampling, training
+from ddpm.cli import eval as evaluation
+from ddpm.cli import sample as sampling
+from ddpm.cli import train as training
 
 TRAIN = ["debug=fast", "+trainer.enable_progress_bar=false"]
 
@@ -279,7 +281,7 @@ def run_case(kind: str, overrides: list[str], files: dict, uncond: str, out: Pat
         args = [f"ckpt={ckpt}", f"out={out / 'samples'}", "n=4", "steps=2"]
         sampling.sample(compose_config([*args, *overrides], name="sample"))
     else:
-        from ddpm.inception import fid_helper_file
+        from ddpm.metrics.inception import fid_helper_file
 
         args = [
             f"source={files['ckpt']}",

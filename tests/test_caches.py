@@ -22,9 +22,11 @@ import pytest
 import torch
 from conftest import ROOT, compose_config
 
-from ddpm import files, inception
+from ddpm import files
+from ddpm.data import fontletters
 from ddpm.files import DiskFull, atomic_write, user_cache_dir
-from ddpm.inception import fid_helper_file, inception_weights
+from ddpm.metrics import inception
+from ddpm.metrics.inception import fid_helper_file, inception_weights
 
 ADVICE = ("weights_only", "likely succeed")  # torch's invitation to load a file unsafely
 
@@ -115,7 +117,7 @@ def test_has_classifier_refuses_a_pickle_in_one_line(tmp_path):
 
 def fake_metrics(features: int = 8):
     """A stand-in for InceptionMetrics with the real-state interface cached_reference uses."""
-    from ddpm.metrics import REAL_STATES
+    from ddpm.metrics.fid import REAL_STATES
 
     class Metrics:
         def __init__(self):
@@ -139,7 +141,7 @@ def fake_metrics(features: int = 8):
 
 
 def stats_case(tmp_path: Path):
-    from ddpm.reference import stats_key
+    from ddpm.metrics.reference import stats_key
 
     images = torch.zeros(4, 1, 8, 8, dtype=torch.uint8)
     key = stats_key("mnist5k", "train", images, None, 8, tmp_path)
@@ -147,7 +149,7 @@ def stats_case(tmp_path: Path):
 
 
 def test_reference_statistics_of_a_pickle_are_rebuilt_without_torchs_advice(tmp_path, caplog):
-    from ddpm.reference import cached_reference
+    from ddpm.metrics.reference import cached_reference
 
     key, real = stats_case(tmp_path)
     path = cached_reference(fake_metrics(), key, real, tmp_path)  # where its cache lives
@@ -173,7 +175,7 @@ def test_reference_statistics_of_a_pickle_are_rebuilt_without_torchs_advice(tmp_
 def test_a_full_disk_leaves_the_reference_statistics_uncached(tmp_path, monkeypatch, caplog):
     """A cache write that finds no space is a warning naming the file; the statistics are in
     memory and the measurement goes on."""
-    from ddpm.reference import cached_reference
+    from ddpm.metrics.reference import cached_reference
 
     key, real = stats_case(tmp_path)
 
@@ -196,7 +198,7 @@ def letters_cache(root: Path, per_class: int = 2) -> Path:
 def test_a_letters_cache_of_the_wrong_content_is_rendered_anew(tmp_path, caplog):
     """30 black images that load fine were trusted; now every kind of wrong content is named
     in a warning, kept aside for a look, and the letters rendered again."""
-    from ddpm.fontletters import load_letters
+    from ddpm.data.fontletters import load_letters
 
     images, labels = load_letters(tmp_path, per_class=2)
     path = letters_cache(tmp_path)
@@ -215,9 +217,7 @@ def test_a_letters_cache_of_the_wrong_content_is_rendered_anew(tmp_path, caplog)
         "52 of its images are blank": {
             **good,
             "images": torch.zeros_like(images),
-            "sha256": __import__("ddpm.fontletters").fontletters._digest(
-                torch.zeros_like(images), labels
-            ),
+            "sha256": fontletters._digest(torch.zeros_like(images), labels),
         },
         "its labels are not 0..25 in order": {**good, "labels": labels.flip(0)},
         "it holds more than tensors and plain data": {"images": Payload(marker)},
@@ -243,7 +243,7 @@ def test_a_letters_cache_of_the_wrong_content_is_rendered_anew(tmp_path, caplog)
 def test_the_letters_are_cached_per_user(tmp_path, monkeypatch):
     """dataset=fontletters renders once per user ($XDG_CACHE_HOME/ddpm), not once per
     working directory's data/."""
-    from ddpm.datasets import load_fontletters
+    from ddpm.data.loaders import load_fontletters
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     load_fontletters(tmp_path / "data", per_class=2)
@@ -254,7 +254,7 @@ def test_the_letters_are_cached_per_user(tmp_path, monkeypatch):
 def latent_module(tmp_path: Path):
     """A LatentDataModule whose autoencoder file is only hashed (its cache is planted): the
     content checks run before any autoencoder would be loaded."""
-    from ddpm.latents import LatentDataModule
+    from ddpm.data.latents import LatentDataModule
 
     ae = tmp_path / "ae.ckpt"
     ae.write_bytes(b"an autoencoder checkpoint, hashed for the key")
@@ -280,7 +280,7 @@ def test_a_latent_cache_of_nan_is_encoded_anew(tmp_path, monkeypatch, caplog):
     learning rate; now it is named, moved aside and encoded again."""
     import hashlib
 
-    from ddpm.latents import LatentDataModule, latents_digest
+    from ddpm.data.latents import LatentDataModule, latents_digest
 
     dm = latent_module(tmp_path)
     key = dm.key()
@@ -322,7 +322,7 @@ def test_what_killed_cache_writes_left_is_removed_at_the_next_start(tmp_path, ca
     live writer holds, or one just made, is left alone."""
     import fcntl
 
-    from ddpm.fontletters import load_letters
+    from ddpm.data.fontletters import load_letters
 
     old = time.time() - 3600
     dead = [
@@ -342,7 +342,7 @@ def test_what_killed_cache_writes_left_is_removed_at_the_next_start(tmp_path, ca
     with open(live, "rb+") as writer, caplog.at_level(logging.WARNING):
         fcntl.flock(writer, fcntl.LOCK_EX)
         load_letters(tmp_path, per_class=2)
-        from ddpm.reference import cached_reference
+        from ddpm.metrics.reference import cached_reference
 
         key, real = stats_case(tmp_path)
         cached_reference(fake_metrics(), key, real, tmp_path)
@@ -389,7 +389,7 @@ def full_after(monkeypatch, k: int, suffix: str):
 
 
 def test_sample_py_on_a_full_disk_says_resume_finishes_the_job(trained_run, tmp_path, monkeypatch):
-    from ddpm import sampling
+    from ddpm.cli import sample as sampling
 
     out = tmp_path / "samples"
     args = [f"ckpt={trained_run / 'checkpoints' / 'last.ckpt'}", f"out={out}", "n=5", "steps=2"]
@@ -413,7 +413,7 @@ def test_sample_py_on_a_full_disk_says_resume_finishes_the_job(trained_run, tmp_
 
 def eval_args(tmp_path: Path, out: Path) -> list[str]:
     """eval.py on 20 real digits (an .npz) against 30 others, 64-d features."""
-    from ddpm.datasets import load_mnist5k
+    from ddpm.data.loaders import load_mnist5k
 
     npz = tmp_path / "digits.npz"
     np.savez(npz, arr_0=load_mnist5k().images[-20:].permute(0, 2, 3, 1).numpy())
@@ -432,7 +432,7 @@ def eval_args(tmp_path: Path, out: Path) -> list[str]:
 def test_eval_py_checks_out_for_space_before_the_work(tmp_path, monkeypatch):
     import shutil
 
-    from ddpm import evaluation
+    from ddpm.cli import eval as evaluation
 
     def nothing_free(path):
         return shutil._ntuple_diskusage(100, 100, 0)
@@ -453,7 +453,7 @@ def test_eval_py_checks_out_for_space_before_the_work(tmp_path, monkeypatch):
 
 
 def test_eval_py_prints_the_result_it_cannot_write(tmp_path, monkeypatch, capsys):
-    from ddpm import evaluation
+    from ddpm.cli import eval as evaluation
 
     out = tmp_path / "fid.json"
     cfg = compose_config(eval_args(tmp_path, out), name="eval")
@@ -525,7 +525,7 @@ def test_eval_py_writes_its_logs_beside_its_result_not_into_the_cwd(tmp_path):
 def test_eval_py_prints_the_table_it_cannot_write(trained_run, tmp_path, monkeypatch, capsys):
     """table=: the step-count table's files on a full disk: one line naming the file, and the
     values of every entry printed (minutes of sampling are not lost)."""
-    from ddpm import evaluation
+    from ddpm.cli import eval as evaluation
 
     out = tmp_path / "fid.json"
     args = eval_args(tmp_path, out)
@@ -556,7 +556,7 @@ def test_eval_py_with_a_planted_conversion_runs_nothing(
     """The case of the issue: a pickle at the cached conversion's name ran under eval.py
     inception_score=false (torch-fidelity's load) and =auto (a traceback with torch's
     advice); now eval.py measures with a fresh conversion and names the planted file."""
-    from ddpm import evaluation
+    from ddpm.cli import eval as evaluation
 
     marker = tmp_path / "pwned"
     planted = converted_name(tmp_path / "cache")

@@ -15,7 +15,7 @@ import pytest
 import torch
 from conftest import FAST, ROOT, compose_config, final_state, run_script
 
-from ddpm.cluster import launcher_problem
+from ddpm.run.launch import launcher_problem
 
 # The stand-in validates the script it is given as SLURM would refuse it (counts must be
 # positive integers) and as this project needs it (one task per GPU, submitit's USR2 warning

@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from ddpm.data import ImageDataModule, fit_size
-from ddpm.datasets import load_mnist5k
+from ddpm.data.datamodule import ImageDataModule, fit_size
+from ddpm.data.loaders import load_mnist5k
 
 
 def test_mnist5k_is_the_real_digits():

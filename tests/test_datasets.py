@@ -15,8 +15,8 @@ import torch
 from fakes import _fake_emnist, _fake_ffhq, fake_mnist, pattern, write_idx, write_png
 from PIL import Image
 
-from ddpm.data import ImageDataModule
-from ddpm.datasets import load_cifar10, load_emnist, load_mnist, load_stl10
+from ddpm.data.datamodule import ImageDataModule
+from ddpm.data.loaders import load_cifar10, load_emnist, load_mnist, load_stl10
 
 
 def assert_upright(images: torch.Tensor) -> None:
@@ -288,7 +288,7 @@ def test_cifar10_and_stl10_configs_set_up(name, fake_cifar, fake_stl10, tmp_path
 
 
 def test_one_image_file_decodes_like_a_folder(tmp_path):
-    from ddpm.folder import load_image
+    from ddpm.data.folder import load_image
 
     rgb = np.zeros((30, 40, 3), np.uint8)
     rgb[:, :, 0] = 200
@@ -324,7 +324,7 @@ def test_val_split_trains_on_all_of_the_training_split(fake_cifar: Path):
 def test_fontletters_are_emnist_like_letters(tmp_path, monkeypatch):
     """The offline letters: 26 classes a..z (upper and lower case in one), upright white-on-
     black 28x28 glyphs centred like EMNIST's, drawn once per seed and cached per user."""
-    from ddpm.datasets import load_fontletters
+    from ddpm.data.loaders import load_fontletters
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "home-cache"))
     letters = tmp_path / "home-cache" / "ddpm" / "fontletters"

@@ -11,7 +11,8 @@ import pytest
 import torch
 from conftest import FAST, compose_config, train_config
 
-from ddpm import sampling, training
+from ddpm.cli import sample as sampling
+from ddpm.cli import train as training
 from ddpm.device import autocast, choose_precision, cpu_flags, cpu_has_native_bf16
 from ddpm.module import load_module
 

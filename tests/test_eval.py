@@ -10,13 +10,14 @@ import torch
 from conftest import compose_config, run_script
 from PIL import Image
 
-from ddpm import evaluation
-from ddpm.datasets import load_mnist5k
-from ddpm.evaluation import image_files, npz_images, read_image, write_table
-from ddpm.folder import load_image_folder
-from ddpm.inception import fid_helper_file
-from ddpm.metrics import REAL_STATES, InceptionMetrics, check_count, metric_name
-from ddpm.reference import cached_reference, stats_key
+from ddpm.cli import eval as evaluation
+from ddpm.cli.eval import write_table
+from ddpm.cli.sources import image_files, npz_images, read_image
+from ddpm.data.folder import load_image_folder
+from ddpm.data.loaders import load_mnist5k
+from ddpm.metrics.fid import REAL_STATES, InceptionMetrics, check_count, metric_name
+from ddpm.metrics.inception import fid_helper_file
+from ddpm.metrics.reference import cached_reference, stats_key
 
 
 def test_reference_statistics_are_cached_and_invalidated(weights, tmp_path: Path):
@@ -469,7 +470,7 @@ def bad_sources(trained_run: Path, tmp_path_factory: pytest.TempPathFactory) -> 
             Image.new("L", (size, size), color=k).save(root / name / f"{k:02d}.png")
     from conftest import compose_config
 
-    from ddpm import sampling
+    from ddpm.cli import sample as sampling
 
     ckpt = trained_run / "checkpoints" / "last.ckpt"
     args = [f"ckpt={ckpt}", f"out={root / 'sampled'}", "n=4", "steps=2"]
@@ -488,7 +489,7 @@ def bad_sources(trained_run: Path, tmp_path_factory: pytest.TempPathFactory) -> 
 
 def _no_inception(monkeypatch) -> None:
     """The Inception network must not be loaded: every check comes before it."""
-    from ddpm import evaluation
+    from ddpm.cli import eval as evaluation
 
     def started(*args, **kwargs):
         raise AssertionError("the Inception work started before the input was checked")
@@ -511,7 +512,8 @@ def test_a_bad_source_is_named_before_any_work(
 
     from conftest import compose_config
 
-    from ddpm import evaluation, files
+    from ddpm import files
+    from ddpm.cli import eval as evaluation
 
     if any("readonly" in o for o in overrides):  # as root, only a read-only disk refuses
         real = tempfile.TemporaryFile

@@ -15,10 +15,11 @@ from fakes import _fake_emnist, _fake_ffhq, fake_mnist
 from PIL import Image
 from wandb_records import summary
 
-from ddpm import evaluation, training
-from ddpm.inception import fid_helper_file
-from ddpm.results import main as results_main
-from ddpm.results import summarize
+from ddpm.cli import eval as evaluation
+from ddpm.cli import train as training
+from ddpm.cli.results import main as results_main
+from ddpm.cli.results import summarize
+from ddpm.metrics.inception import fid_helper_file
 
 
 def job_dirs(sweep: Path) -> list[Path]:

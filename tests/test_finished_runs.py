@@ -13,6 +13,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -20,15 +21,15 @@ import pytest
 import torch
 from conftest import FAST, run_script, train_config
 
-from ddpm import runlock
 from ddpm.checkpoint import CheckpointError
-from ddpm.resume import check_writable
-from ddpm.runlock import LOCK_NAME, RunLocked
+from ddpm.files import check_output_dir
+from ddpm.run import runlock
+from ddpm.run.runlock import LOCK_NAME, RunLocked
 
 
 def train_in(run: Path, *overrides: str) -> dict:
     """training.train in-process, with `run` as the run directory."""
-    from ddpm import training
+    from ddpm.cli import train as training
 
     return training.train(train_config(run, [*FAST, *overrides]))
 
@@ -94,7 +95,7 @@ def test_continuing_to_more_steps_merges_the_metrics(run: Path):
 def test_a_rerun_finished_sweep_keeps_its_table(tmp_path: Path):
     """`-m` twice into the same sweep directory: the second reruns finished jobs, which keep
     their metrics, so `python -m ddpm.results` still has its metric columns."""
-    from ddpm.results import main
+    from ddpm.cli.results import main
 
     sweep = tmp_path / "sweep"
     args = ["-m", *FAST, "seed=0", f"hydra.sweep.dir={sweep}"]
@@ -111,7 +112,7 @@ def test_a_rerun_finished_sweep_keeps_its_table(tmp_path: Path):
 def test_results_name_runs_whose_metrics_an_older_rerun_emptied(run: Path, capsys):
     """Sweeps rerun before this fix hold metrics.json files of {"step": N}: named, not a table
     silently without metric columns."""
-    from ddpm.results import main
+    from ddpm.cli.results import main
 
     (run / "metrics.json").write_text('{"step": 4}')
     main([str(run.parent), "--out", str(run.parent / "table")])
@@ -256,18 +257,28 @@ def test_last_ckpt_symlinks_neither_block_nor_go_stale(run: Path, target: str, c
 
 
 def test_the_writability_probe_leaves_no_file(tmp_path: Path, monkeypatch):
-    """check_writable's probe file is removed, also when the write fails after creating it
+    """The writability check's probe is removed, also when the write fails after creating it
     (a full disk)."""
-    check_writable(tmp_path)
+    check_output_dir(tmp_path, "hydra.run.dir")
     assert not list(tmp_path.iterdir())
+    real = tempfile.TemporaryFile
 
-    def disk_full(self, data):
-        self.touch()
-        raise OSError(errno.ENOSPC, "No space left on device")
+    class FullDisk:
+        def __init__(self, **kwargs):
+            self.file = real(**kwargs)  # created in the folder, as on a full disk
 
-    monkeypatch.setattr(Path, "write_bytes", disk_full)
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.file.close()
+
+        def write(self, data):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(tempfile, "TemporaryFile", FullDisk)
     with pytest.raises(PermissionError, match="No space left on device"):
-        check_writable(tmp_path)
+        check_output_dir(tmp_path, "hydra.run.dir")
     assert not list(tmp_path.iterdir())
 
 
@@ -277,7 +288,7 @@ def test_finished_is_max_steps_or_with_max_steps_minus_one_max_epochs():
     alone (neither) always continues."""
     from omegaconf import OmegaConf
 
-    from ddpm.training import finished_step
+    from ddpm.run.resume import finished_step
 
     def ckpt(step: int, epochs: int) -> dict:
         progress = {"current": {"processed": epochs}}

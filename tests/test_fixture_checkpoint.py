@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 from conftest import compose_config
 
+from ddpm.cli.sample import sample
 from ddpm.generate import generate_all
+from ddpm.images import to_uint8
 from ddpm.module import load_module
-from ddpm.render import to_uint8
-from ddpm.sampling import sample
 
 FIXTURES = Path(__file__).parent / "fixtures"
 CKPT = FIXTURES / "main_a2bb1d3.ckpt"

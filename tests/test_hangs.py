@@ -21,9 +21,9 @@ import torch
 from bad_cases_hangs import png_declaring, small_png, zip_declaring
 from PIL import Image
 
-from ddpm.evaluation import image_files, npz_array, read_image
+from ddpm.cli.sources import image_files, npz_array, read_image
+from ddpm.data.folder import load_image, load_image_folder
 from ddpm.files import check_regular, read_regular
-from ddpm.folder import load_image, load_image_folder
 
 LIMIT_S = 20
 
@@ -160,11 +160,11 @@ GLOO_TIMEOUT = (
 def test_a_dead_peers_gloo_error_is_one_line_naming_the_rank(monkeypatch, rank, dead):
     from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
-    from ddpm.errors import dead_peer_line, one_line_errors
+    from ddpm.cli.errors import dead_peer_line, one_line_errors
 
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setattr(rank_zero_only, "rank", rank)
-    monkeypatch.setattr("ddpm.errors._run_dir", lambda: None)  # no Hydra run here
+    monkeypatch.setattr("ddpm.cli.errors._run_dir", lambda: None)  # no Hydra run here
     line = dead_peer_line(RuntimeError(GLOO_TIMEOUT))
     assert line == (
         f"Error: rank {dead} of 2 stopped answering (seen from rank {rank}): it died, was killed "
@@ -181,10 +181,10 @@ def test_a_dead_peers_gloo_error_is_one_line_naming_the_rank(monkeypatch, rank, 
 
 
 def test_other_runtime_errors_keep_their_traceback(monkeypatch):
-    from ddpm.errors import dead_peer_line, one_line_errors
+    from ddpm.cli.errors import dead_peer_line, one_line_errors
 
     monkeypatch.delenv("WORLD_SIZE", raising=False)
-    monkeypatch.setattr("ddpm.errors._run_dir", lambda: None)
+    monkeypatch.setattr("ddpm.cli.errors._run_dir", lambda: None)
     assert dead_peer_line(RuntimeError("the operation timed out after 3 retries")) is None
     with pytest.raises(RuntimeError, match="shape mismatch"), one_line_errors():
         raise RuntimeError("shape mismatch")

@@ -11,10 +11,10 @@ from PIL import Image
 
 from ddpm.autoencoder import load_autoencoder
 from ddpm.checkpoint import CheckpointError
-from ddpm.evaluation import evaluate
-from ddpm.latents import LatentDataModule
+from ddpm.cli.eval import evaluate
+from ddpm.cli.train import train
+from ddpm.data.latents import LatentDataModule
 from ddpm.module import load_module
-from ddpm.training import train
 
 # a 2-level AutoencoderKL (f = 2, c = 2) on 16 px digits: latents of 2x8x8
 TINY_AE = [

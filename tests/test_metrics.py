@@ -9,15 +9,15 @@ import pytest
 import torch
 from torch_fidelity.metric_isc import isc_features_to_metric
 
-from ddpm.datasets import load_mnist5k
-from ddpm.inception import fid_helper_file, has_classifier, inception_weights
-from ddpm.metrics import (
+from ddpm.data.loaders import load_mnist5k
+from ddpm.metrics.fid import (
     InceptionMetrics,
     as_uint8_rgb,
     frechet_distance,
     inception_score,
     kernel_inception_distance,
 )
+from ddpm.metrics.inception import fid_helper_file, has_classifier, inception_weights
 
 
 def test_converted_weights_give_the_torchscript_features(weights):
@@ -246,7 +246,7 @@ def test_weights_files_are_checked(tmp_path: Path):
 
 
 def test_weights_are_hashed_once_and_again_after_any_write(tmp_path: Path, monkeypatch):
-    from ddpm import inception
+    from ddpm.metrics import inception
 
     path = tmp_path / "net.pth"
     path.write_bytes(b"a" * 1000)

@@ -7,7 +7,7 @@ import torch
 
 from ddpm.generate import denoised, generate, generate_all
 from ddpm.module import EMA, DiffusionModule
-from ddpm.resume import DivergenceError, NonFiniteGuard
+from ddpm.nonfinite import DivergenceError, NonFiniteGuard
 
 NET = {
     "_target_": "ddpm.unet.UNet",
@@ -178,7 +178,7 @@ def test_nonfinite_gradient_skips_the_update():
 def test_loss_curve_marks_steps_without_a_finite_loss(tmp_path):
     """module.nonfinite=skip: a skipped step's loss is NaN or inf, and Lightning passes {} for a
     step without a loss; neither is plotted, and neither crashes the curve (it did, KeyError)."""
-    from ddpm.callbacks import LossCurve
+    from ddpm.run.callbacks import LossCurve
 
     curve = LossCurve(every_n_steps=1)
     trainer = SimpleNamespace(global_step=0, default_root_dir=str(tmp_path))

@@ -5,9 +5,10 @@ import torch
 from PIL import Image
 
 from bench.readability import centre_28, split_grid
+from ddpm.cli.sample import noise_levels_t
+from ddpm.cli.sample_folder import load_png
 from ddpm.generate import image_labels
-from ddpm.render import save_grid, save_png, to_uint8, wrap_words
-from ddpm.sampling import load_png, noise_levels_t
+from ddpm.images import save_grid, save_png, to_uint8, wrap_words
 
 
 def test_grid_round_trips_through_png(tmp_path):

@@ -18,15 +18,14 @@ import torch
 from conftest import FAST, ROOT, final_state, run_script, train_config
 
 from ddpm.checkpoint import CheckpointError
-from ddpm.resume import (
+from ddpm.files import check_output_dir
+from ddpm.run.checkpoints import (
     AtomicCheckpointIO,
-    check_creatable,
-    check_writable,
     checkpoint_files,
     find_checkpoint,
     remove_dead_writes,
-    resume_from,
 )
+from ddpm.run.resume import resume_from
 
 # 40 tiny steps over 5-batch epochs (so runs cross epoch boundaries), a checkpoint every 4
 RUN = [
@@ -251,12 +250,12 @@ def test_atomic_write_gives_the_mode_of_a_plain_open(tmp_path: Path):
 def test_unwritable_run_directory_fails_at_start(tmp_path: Path):
     blocker = tmp_path / "file"
     blocker.write_text("a file where the run directory should go")
-    for check in (check_writable, check_creatable):
-        with pytest.raises(PermissionError, match=f"cannot write to the run directory {blocker}"):
-            check(blocker / "run")
+    shown = f"hydra.run.dir={blocker / 'run'} lies under the file {blocker}"
+    with pytest.raises(NotADirectoryError, match=shown):
+        check_output_dir(blocker / "run", "hydra.run.dir")
     proc = run_script("train.py", *FAST, f"hydra.run.dir={blocker / 'run'}", check=False)
     assert proc.returncode != 0
-    assert proc.stderr.strip().startswith("Error: cannot write to the run directory")
+    assert proc.stderr.strip().startswith(f"Error: {shown}; give a path in a directory")
     assert "Traceback" not in proc.stderr
 
 
@@ -266,7 +265,7 @@ def test_keep_last_k_and_a_failed_save_deletes_nothing(tmp_path: Path, monkeypat
     from conftest import compose_config
     from omegaconf import open_dict
 
-    from ddpm import training
+    from ddpm.cli import train as training
 
     def cfg(run: Path, *extra: str):
         c = compose_config(
@@ -301,7 +300,7 @@ def test_keep_last_k_and_a_failed_save_deletes_nothing(tmp_path: Path, monkeypat
 
 def train_in(run: Path, *overrides: str) -> dict:
     """training.train in-process, with `run` as the run directory."""
-    from ddpm import training
+    from ddpm.cli import train as training
 
     return training.train(train_config(run, [*FAST, *overrides]))
 
@@ -394,7 +393,7 @@ def test_keep_last_k_holds_after_kills(tmp_path: Path):
 def test_out_of_memory_names_the_batch_size(monkeypatch, tmp_path: Path):
     """Out of memory in training: one line that says which settings to lower (and how to keep
     the effective batch), not torch's allocator report."""
-    from ddpm.errors import InputError
+    from ddpm.cli.errors import InputError
     from ddpm.module import DiffusionModule
 
     def too_big(self, batch, batch_idx):
@@ -431,7 +430,7 @@ def test_skipped_nonfinite_steps_leave_the_loss_curve_whole(tmp_path: Path):
 
 def test_changed_schedule_on_resume_goes_on_only_when_allowed(trained_run: Path, caplog):
     """resume_changes=allow: the same change as the table's refused one is a warning."""
-    from ddpm.resume import check_same_process
+    from ddpm.run.resume import check_same_process
 
     path = trained_run / "checkpoints" / "last.ckpt"
     ckpt = torch.load(path, weights_only=True)
@@ -449,7 +448,7 @@ def test_a_network_chosen_by_attention_level_resumes_one_chosen_by_size():
     """The quickstart's model moved from attn_resolutions=[7] to attn_levels=[-1] (the same
     network at 28 px): its older runs resume; an attention change that builds another
     network is still named."""
-    from ddpm.resume import check_same_network
+    from ddpm.run.resume import check_same_network
 
     old = {"_target_": "ddpm.unet.UNet", "image_size": 28, "ch": 32, "ch_mult": [1, 2, 2]}
     new = {**old, "attn_resolutions": [], "attn_levels": [-1]}

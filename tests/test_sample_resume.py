@@ -13,7 +13,8 @@ import torch
 from conftest import compose_config, run_script
 from PIL import Image
 
-from ddpm import files, sampling
+from ddpm import files
+from ddpm.cli import sample as sampling
 
 
 def sample(ckpt: Path, out: Path, *overrides: str) -> Path:
@@ -149,7 +150,7 @@ def test_entry_points_print_one_line_not_a_traceback(ckpt, tmp_path):
 def test_known_errors_become_one_line_unless_the_full_trace_is_asked(monkeypatch):
     from hydra.errors import InstantiationException
 
-    from ddpm.errors import InputError, one_line_errors
+    from ddpm.cli.errors import InputError, one_line_errors
 
     def outcome(error: BaseException) -> str:
         try:

@@ -13,7 +13,8 @@ from conftest import CONF, FAST, ROOT, compose_config, run_script, tiny_fid
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from ddpm.training import print_config_tree, resume_setting
+from ddpm.cli.train import print_config_tree
+from ddpm.run.resume import resume_setting
 
 
 def test_tags_go_to_the_wandb_logger():
@@ -43,7 +44,7 @@ def test_callbacks_none_has_no_callbacks():
 def test_debug_configs_compose():
     from lightning.pytorch.profilers import SimpleProfiler
 
-    from ddpm.training import build
+    from ddpm.cli.train import build
 
     assert compose_config(["debug=overfit"]).trainer.overfit_batches == 1
     limit = compose_config(["debug=limit"]).trainer

@@ -17,9 +17,9 @@ from conftest import FAST, refused_in_one_line, train_config
 from ddpm import trusted
 from ddpm.autoencoder import main as autoencoder_main
 from ddpm.checkpoint import load_checkpoint
-from ddpm.latents import LatentDataModule
+from ddpm.cli.train import train
+from ddpm.data.latents import LatentDataModule
 from ddpm.module import load_module
-from ddpm.training import train
 from ddpm.trusted import UntrustedFile, check_hyper_parameters
 
 
@@ -215,7 +215,7 @@ def test_a_checkpoint_of_ones_own_class_loads_with_trusted_targets(trained_run: 
     drawn from with trusted_targets=[that class]; a standard-library callable gets no hint."""
     from conftest import compose_config
 
-    from ddpm.sampling import sample
+    from ddpm.cli.sample import sample
 
     ckpt = torch.load(trained_run / "checkpoints" / "last.ckpt", weights_only=True)
     net = {**ckpt["hyper_parameters"]["net"], "_target_": "own_net.OwnUNet"}

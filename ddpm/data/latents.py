@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from ddpm.autoencoder import autoencoder_file_problem, downsampling, load_autoencoder
-from ddpm.data import ImageDataModule, TensorImages
+from ddpm.data.datamodule import ImageDataModule, TensorImages
 from ddpm.files import (
     atomic_write,
     cache_root,

@@ -30,7 +30,7 @@ from torchmetrics.image.inception import InceptionScore
 from torchmetrics.image.kid import KernelInceptionDistance
 from torchmetrics.utilities import dim_zero_cat
 
-from ddpm.inception import FEATURES, classifier_problem
+from ddpm.metrics.inception import FEATURES, classifier_problem
 
 log = logging.getLogger(__name__)
 # torch-fidelity's seed for its KID subsets and IS split order (its `rng_seed` default)

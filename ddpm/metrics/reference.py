@@ -13,8 +13,8 @@ import torch
 from torch import Tensor
 
 from ddpm.files import atomic_write, cache_root, load_failure, move_aside, remove_dead_temps
-from ddpm.inception import weights_digest
-from ddpm.metrics import REAL_STATES, InceptionMetrics
+from ddpm.metrics.fid import REAL_STATES, InceptionMetrics
+from ddpm.metrics.inception import weights_digest
 
 log = logging.getLogger(__name__)
 

@@ -15,10 +15,10 @@ from matplotlib.figure import Figure
 from torchvision.utils import make_grid
 
 from ddpm.generate import first_frame, generate, generate_all, shard
-from ddpm.inception import inception_weights
-from ddpm.metrics import InceptionMetrics, check_count, measure
-from ddpm.reference import prepare_reference, reference_subset, stats_key
-from ddpm.render import Recorder, save_animation, save_grid, to_pil
+from ddpm.images import Recorder, save_animation, save_grid, to_pil
+from ddpm.metrics.fid import InceptionMetrics, check_count, measure
+from ddpm.metrics.inception import inception_weights
+from ddpm.metrics.reference import prepare_reference, reference_subset, stats_key
 from ddpm.samplers import sampler_label, sampler_settings
 
 

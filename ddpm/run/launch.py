@@ -12,6 +12,7 @@ ranks itself (`ddpm.tracking.ddp_child_command` reruns train.py for this job alo
 from __future__ import annotations
 
 import shutil
+import sys
 from typing import Any
 
 from hydra.experimental.callback import Callback
@@ -61,3 +62,43 @@ class CheckLauncher(Callback):
         problem = launcher_problem(config)
         if problem is not None:
             raise SystemExit(f"Error: {problem}")
+
+
+def ddp_child_command(local_rank: int, script: str | None = None) -> tuple[list[str], str]:
+    """The command Lightning's DDP launcher runs for ranks 1.. under Hydra.
+
+    Lightning's own (`_hydra_subprocess_cmd`) repeats sys.argv, so in a multirun every child
+    starts the whole sweep again, and it points the child at hydra.run.dir, not at the job's
+    directory. This reruns just this job: its own overrides, its own output directory. In a
+    job of hydra-submitit-launcher sys.argv is submitit's (`submitit.core._submit FOLDER`),
+    so the entry point's own `script` is run."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.utils import get_original_cwd, to_absolute_path
+
+    import __main__
+
+    hc = HydraConfig.get()
+    if script is not None:
+        command = [sys.executable, script]
+    elif __main__.__spec__ is None:
+        command = [sys.executable, to_absolute_path(sys.argv[0])]
+    else:
+        command = [sys.executable, "-m", __main__.__spec__.name]
+    directory = hc.runtime.output_dir.replace("\\", "\\\\").replace('"', '\\"')
+    command += [
+        *hc.overrides.task,
+        f'hydra.run.dir="{directory}"',
+        f"hydra.job.name=train_ddp_process_{local_rank}",
+        "hydra.output_subdir=null",
+    ]
+    return command, get_original_cwd()
+
+
+def use_ddp_child_command(script: str | None = None) -> None:
+    """Lightning's DDP launcher starts ranks 1.. with `ddp_child_command` (running `script`,
+    the entry point's file, when given)."""
+    from functools import partial
+
+    from lightning.pytorch.strategies.launchers import subprocess_script
+
+    subprocess_script._hydra_subprocess_cmd = partial(ddp_child_command, script=script)

@@ -22,8 +22,8 @@ import torch
 from torch import Tensor
 from torchvision.datasets.utils import check_integrity
 
-from ddpm.folder import load_image_folder
-from ddpm.fontletters import load_letters
+from ddpm.data.folder import load_image_folder
+from ddpm.data.fontletters import load_letters
 
 
 @dataclass

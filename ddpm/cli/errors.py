@@ -21,6 +21,7 @@ from omegaconf import DictConfig
 
 from ddpm.checkpoint import CheckpointError
 from ddpm.files import check_output_dir
+from ddpm.run.runlock import check_free
 from ddpm.trusted import UntrustedFile
 
 
@@ -189,12 +190,21 @@ def one_line_errors(batch_key: str = "batch_size") -> Iterator[None]:
 
 
 class CheckOutputDir(Callback):
-    """A Hydra callback: a run directory (set from the option `key`) that is a file or cannot
-    be written is one line, before Hydra's own attempt to create it fails with a traceback."""
+    """The Hydra callback of all three entry points: an output directory (the option `key`)
+    that is a file, lies under one or cannot be written is one line, before Hydra's own attempt
+    to create it fails with a traceback. With `lock` (train.py), one that a live run holds
+    (`ddpm.run.runlock`) too, before Hydra rewrites the running job's .hydra/; a sweep's
+    directory is checked at the sweep's start, each job's as it starts (`ddpm.cli.train`)."""
 
-    def __init__(self, key: str = "hydra.run.dir") -> None:
-        self.key = key
+    def __init__(self, key: str = "hydra.run.dir", fix: str = "DIR", lock: bool = False) -> None:
+        self.key, self.fix, self.lock = key, fix, lock
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
         with one_line_errors():  # Hydra turns a callback's exceptions into warnings
-            check_output_dir(config.hydra.run.dir, self.key)
+            check_output_dir(config.hydra.run.dir, self.key, fix=self.fix)
+            if self.lock:
+                check_free(config.hydra.run.dir)
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        with one_line_errors():
+            check_output_dir(config.hydra.sweep.dir, "hydra.sweep.dir", fix=self.fix)

@@ -3,7 +3,6 @@ checks, and the clean-up that lets the next job of a multirun start fresh."""
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -22,27 +21,26 @@ from lightning.pytorch.utilities.model_helpers import is_overridden
 from omegaconf import DictConfig, OmegaConf
 
 from ddpm import unet
+from ddpm.cli.errors import InputError
 from ddpm.device import choose_precision
-from ddpm.errors import InputError
-from ddpm.files import atomic_write
+from ddpm.files import check_output_dir
 from ddpm.module import check_min_snr_gamma
-from ddpm.results import read_json
-from ddpm.resume import (
-    NOT_COMPARED,
-    ApplyOptimizerSettings,
+from ddpm.run.checkpoints import (
     AtomicCheckpointIO,
-    Interrupt,
-    RecordDataset,
-    check_same_network,
-    check_same_process,
-    check_writable,
     first_unused,
     remove_dead_writes,
-    resume_from,
 )
-from ddpm.runlock import first_process, run_lock
+from ddpm.run.resume import (
+    ApplyOptimizerSettings,
+    RecordDataset,
+    check_resume,
+    dataset_identity,
+    write_metrics,
+)
+from ddpm.run.runlock import first_process, run_lock
+from ddpm.run.stopping import Interrupt
+from ddpm.run.tracking import dirname, record_run
 from ddpm.samplers import check_guidance, check_seed
-from ddpm.tracking import dirname, record_run
 from ddpm.trusted import allow_targets
 
 log = logging.getLogger(__name__)
@@ -98,7 +96,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     trust_own_targets(cfg)
     L.seed_everything(cfg.seed, workers=True)
     out = Path(cfg.paths.output_dir)
-    check_writable(out)
+    check_output_dir(out, "hydra.run.dir", fix="DIR (or paths.log_dir=DIR)")
+    out.mkdir(parents=True, exist_ok=True)  # Hydra has made it, unless called in-process
     # one run per directory: a second launch would interleave its checkpoints and logs with
     # this one's. Held until metrics.json is written, so a launch that waited for it finds
     # the run finished.
@@ -177,131 +176,6 @@ def fit(cfg: DictConfig, out: Path) -> dict[str, Any]:
     if trainer.is_global_zero:  # what `python -m ddpm.results` tabulates over a sweep
         metrics = write_metrics(out / "metrics.json", trainer.global_step, metrics)
     return metrics
-
-
-def check_resume(cfg: DictConfig, out: Path) -> tuple[Path | None, bool, dict | None]:
-    """(checkpoint to resume from, whether changed optimizer settings are to be applied, the
-    saved metrics of a run that has nothing left to train, else None), from the checkpoint
-    alone: nothing is built or written."""
-    found = resume_from(resume_setting(cfg), out)
-    if found is None:
-        return None, False, None
-    ckpt_path, ckpt = found
-    check_same_network(ckpt_path, ckpt, OmegaConf.to_container(cfg.module.net, resolve=True))
-    module = OmegaConf.to_container(cfg.module, resolve=True)
-    diffusion = "schedule" in module  # a diffusion model (not an autoencoder)
-    # A changed learning rate (or optimizer, or LR schedule) is refused like a changed noise
-    # schedule rather than silently applied: a rerun of a sweep with edited defaults must not
-    # quietly mix two settings in one run; resume_changes=allow then applies it for real
-    # (Lightning would otherwise restore the checkpoint's, while run.json records the new one).
-    changed = check_same_process(
-        ckpt_path,
-        ckpt,
-        module["schedule"] if diffusion else None,
-        module.get("objective") if diffusion else None,
-        cfg.get("resume_changes", "refuse") == "allow",
-        optimizer=module.get("optimizer", NOT_COMPARED),
-        lr_scheduler=module.get("lr_scheduler", NOT_COMPARED),
-        dataset=dataset_identity(cfg.dataset),
-    )
-    apply = any(key.startswith(("module.optimizer", "module.lr_scheduler")) for key in changed)
-    # after the checks: a changed setting is named even when there is nothing left to train
-    step = finished_step(ckpt, cfg.trainer)
-    if step is not None:
-        return ckpt_path, False, finished_run(out, ckpt_path, step, cfg.trainer)
-    return ckpt_path, apply, None
-
-
-# what tells one training set from another; batch size, workers, flips and where a named
-# dataset is stored (data_dir, moved between machines) do not
-DATASET_KEYS = ("_target_", "name", "image_size", "channels", "num_classes", "val_fraction")
-
-
-def dataset_identity(dataset: DictConfig) -> dict[str, Any]:
-    """The dataset settings a resume must keep (`RecordDataset` saves them in checkpoints); a
-    folder or zip dataset is its data_dir."""
-    node = OmegaConf.to_container(dataset, resolve=True)
-    identity = {key: node[key] for key in DATASET_KEYS if key in node}
-    if node.get("name") == "folder" and node.get("data_dir"):
-        identity["data_dir"] = str(Path(str(node["data_dir"])).expanduser().absolute())
-    return identity
-
-
-def finished_step(ckpt: dict[str, Any], trainer: DictConfig) -> int | None:
-    """The checkpoint's step when it leaves nothing to train under these trainer settings
-    (trainer.max_steps reached, or trainer.max_epochs: either ends a run), else None. Fitting
-    from it would train no step and then overwrite the run's final metrics, grids and curve
-    with those of no training."""
-    step = ckpt.get("global_step")
-    if not isinstance(step, int):
-        return None
-    return step if _limit_reached(ckpt, trainer) else None
-
-
-def _limit_reached(ckpt: dict[str, Any], trainer: DictConfig) -> str | None:
-    """Which of trainer.max_steps / max_epochs the checkpoint has reached (as Lightning's fit
-    loop counts them: global_step, the epochs processed), or None."""
-    max_steps = trainer.get("max_steps", -1)
-    if isinstance(max_steps, int) and 0 < max_steps <= ckpt.get("global_step", 0):
-        return "trainer.max_steps"
-    max_epochs = trainer.get("max_epochs")
-    progress = ((ckpt.get("loops") or {}).get("fit_loop") or {}).get("epoch_progress") or {}
-    epochs = (progress.get("current") or {}).get("processed")
-    if isinstance(max_epochs, int) and max_epochs >= 0 and isinstance(epochs, int):
-        return "trainer.max_epochs" if epochs >= max_epochs else None
-    return None
-
-
-def finished_run(out: Path, ckpt_path: Path, step: int, trainer: DictConfig) -> dict[str, Any]:
-    """Say that the run has nothing left to train, and return its saved final metrics."""
-    path = out / "metrics.json"
-    saved = read_metrics(path)
-    key = _limit_reached({"global_step": step}, trainer) or "trainer.max_epochs"
-    value = trainer.get(key.split(".")[1])
-    kept = f"its results in {out} are kept" if saved else f"it has no {path.name} (stopped first)"
-    log.info(
-        "this run already finished at step %d (%s, %s=%s): nothing trained, nothing changed; "
-        "%s. To train it further, rerun with a higher %s",
-        *(step, ckpt_path.name, key, value, kept, key),
-    )
-    return {k: math.nan if v is None else float(v) for k, v in saved.items() if k != "step"}
-
-
-def read_metrics(path: Path) -> dict[str, Any]:
-    """A run's metrics.json ({} when missing; unreadable: a warning and {})."""
-    if not path.is_file():
-        return {}
-    try:
-        return read_json(path)
-    except ValueError as e:
-        log.warning("%s", e)
-        return {}
-
-
-def write_metrics(path: Path, step: int, metrics: dict[str, float]) -> dict[str, float]:
-    """metrics.json: this part's final metrics over the earlier parts' (a resumed run that logs
-    fewer, e.g. without test=true or FID this time, keeps the earlier values), written
-    atomically (a kill mid-write leaves the old file); returns the merged metrics."""
-    earlier = read_metrics(path)
-    # valid JSON: a diverged metric is null, not NaN (which JSON does not have)
-    finite = {k: v if math.isfinite(v) else None for k, v in metrics.items()}
-    merged = {k: v for k, v in {**earlier, **finite}.items() if k != "step"}
-    text = json.dumps({"step": step, **merged}, indent=1, allow_nan=False) + "\n"
-    atomic_write(path, lambda f: f.write(text.encode()))
-    return {k: math.nan if v is None else float(v) for k, v in merged.items()}
-
-
-def resume_setting(cfg: DictConfig) -> Any:
-    """`resume`, or `ckpt_path` (lightning-hydra-template's name for resume=PATH)."""
-    path = cfg.get("ckpt_path")
-    if path is None:
-        return cfg.resume
-    if str(cfg.resume) not in ("auto", str(path)):
-        raise ValueError(
-            f"ckpt_path={path} and resume={cfg.resume} both say where to start from: give one "
-            "(ckpt_path=PATH is resume=PATH)"
-        )
-    return path
 
 
 @rank_zero_only

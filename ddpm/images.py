@@ -8,7 +8,6 @@ captions (torchvision's own PNG writer is deprecated since 0.29); `textwrap` wra
 from __future__ import annotations
 
 import math
-import re
 import textwrap
 from collections.abc import Callable
 from pathlib import Path
@@ -20,11 +19,6 @@ from torchvision.transforms.v2.functional import to_pil_image
 from torchvision.utils import make_grid
 
 from ddpm.files import atomic_write
-
-# sample.py's output folder, which eval.py reads too: images/000000.png ... (image k of the
-# run), and sample.json, the settings they were drawn with
-IMAGE_NAME = re.compile(r"\d{6}\.png")
-SETTINGS = "sample.json"
 
 
 def to_uint8(x: Tensor) -> Tensor:

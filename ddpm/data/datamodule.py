@@ -18,7 +18,7 @@ import torchvision.transforms.v2.functional as TF
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from ddpm.datasets import LOADERS, Images
+from ddpm.data.loaders import LOADERS, Images
 
 log = logging.getLogger(__name__)
 
