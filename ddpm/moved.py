@@ -16,8 +16,6 @@ import importlib
 import types
 from typing import Any
 
-from hydra.utils import get_object
-
 # old module (ddpm.<name>) -> the modules its names went to, searched in this order
 MODULES: dict[str, tuple[str, ...]] = {
     "callbacks": ("ddpm.run.callbacks",),
@@ -86,9 +84,26 @@ def canonical(target: Any) -> Any:
     anything else (another package's name, a name that resolves to nothing) as it is."""
     if not isinstance(target, str) or not target.startswith("ddpm."):
         return target
-    try:
-        obj = get_object(target)
-    except Exception:  # noqa: BLE001 - not resolvable: compared as written
+    obj = _locate(target)
+    if obj is None:
         return target
     module, name = getattr(obj, "__module__", None), getattr(obj, "__qualname__", None)
     return f"{module}.{name}" if module and name else target
+
+
+def _locate(dotted: str) -> Any:
+    """What a dotted name names, as Hydra finds a `_target_` (the longest importable module,
+    then attributes: the old names through `ddpm.__getattr__`), or None."""
+    parts = dotted.split(".")
+    for n in range(len(parts), 0, -1):
+        try:
+            obj = importlib.import_module(".".join(parts[:n]))
+        except ImportError:
+            continue
+        try:
+            for part in parts[n:]:
+                obj = getattr(obj, part)
+        except AttributeError:
+            return None
+        return obj
+    return None

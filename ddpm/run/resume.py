@@ -22,6 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 from ddpm import unet
 from ddpm.checkpoint import CheckpointError, load_checkpoint
 from ddpm.files import atomic_write, read_json
+from ddpm.moved import canonical
 from ddpm.run.checkpoints import checkpoint_files, checkpoint_step, find_checkpoint
 
 log = logging.getLogger(__name__)
@@ -89,7 +90,7 @@ def check_same_process(
     changes += _changes("module.optimizer", saved.get("optimizer", NOT_COMPARED), optimizer)
     old = saved.get("lr_scheduler", NOT_COMPARED)
     changes += _changes("module.lr_scheduler", old, lr_scheduler)
-    changes += _changes("dataset", ckpt.get("dataset", NOT_COMPARED), dataset)
+    changes += _changes("dataset", _current(ckpt.get("dataset", NOT_COMPARED)), _current(dataset))
     if not changes:
         return []
     listed = ", ".join(f"{key}={old} (this run: {new})" for key, old, new in changes)
@@ -119,6 +120,15 @@ def _changes(prefix: str, old: Any, new: Any) -> list[tuple[str, str, str]]:
         for key in sorted(set(old) | set(new))
         if _plain(old.get(key)) != _plain(new.get(key))
     ]
+
+
+def _current(node: Any) -> Any:
+    """A config node with its `_target_` by today's name (a checkpoint from before the
+    regrouping records `ddpm.data.ImageDataModule`, today's config names
+    `ddpm.data.datamodule.ImageDataModule`: one class)."""
+    if isinstance(node, dict) and "_target_" in node:
+        return {**node, "_target_": canonical(node["_target_"])}
+    return node
 
 
 def _plain(value: Any) -> Any:
