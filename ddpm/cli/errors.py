@@ -1,7 +1,8 @@
 """Bad inputs reported as one line: the entry points' known errors (a wrong value, a missing or
-unwritable file, a refused checkpoint) end the program with `Error: <message>` alone, as the
-run-directory check of train.py does (`ddpm.resume.CheckRunDirectory`); `HYDRA_FULL_ERROR=1`
-lets the original error through, for Hydra to print with its whole trace."""
+unwritable file, a refused checkpoint) end the program with `Error: <message>` alone, and so
+does the output-directory check all three run before Hydra creates the directory
+(`CheckOutputDir`); `HYDRA_FULL_ERROR=1` lets the original error through, for Hydra to print
+with its whole trace."""
 
 from __future__ import annotations
 

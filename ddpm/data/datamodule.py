@@ -1,6 +1,6 @@
 """Datasets as uint8 tensors in memory, served in batches and scaled to [-1, 1] on the device.
 
-The loaders themselves, one small function per dataset, live in `ddpm.datasets`; the
+The loaders themselves, one small function per dataset, live in `ddpm.data.loaders`; the
 `ImageDataModule` resizes once, splits, batches and augments whatever a loader returns. Decoding
 happens once: afterwards a batch is one tensor index, so the loader never starves a GPU.
 """

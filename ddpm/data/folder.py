@@ -47,7 +47,7 @@ class ImageTooLarge(ValueError):
 def _too_large(pixels: str) -> ImageTooLarge:
     return ImageTooLarge(
         f"its header declares {pixels} pixels, more than the {MAX_PIXELS / 1e6:.0f} M an image "
-        "may have (ddpm.folder.MAX_PIXELS): a decompression bomb, or far larger than any "
+        "may have (ddpm.data.folder.MAX_PIXELS): a decompression bomb, or far larger than any "
         "training image; remove it or downscale it"
     )
 

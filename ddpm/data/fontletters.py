@@ -6,7 +6,7 @@ EMNIST cannot be downloaded on machines without a network; this set lets the sen
 typefaces, not handwriting. Each image is a glyph with a random stroke width (as drawn or
 dilated), a random affine map (rotation, shear, scale, shift) and an elastic distortion, fitted
 into the 20x20 centre of a 28x28 image and softened like EMNIST's. Labels and orientation are
-EMNIST-letters' as `ddpm.datasets.load_emnist` returns them: classes 0..25 = 'a'..'z', upper
+EMNIST-letters' as `ddpm.data.loaders.load_emnist` returns them: classes 0..25 = 'a'..'z', upper
 and lower case in one class, upright; `cases="upper"` (or `"lower"`) draws one case only, for
 models that should write capitals without learning two shapes per class. The set is drawn
 from a seed and cached in the per-user cache (`<user cache>/fontletters/`, see

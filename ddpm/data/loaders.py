@@ -262,7 +262,7 @@ def load_fontletters(
     **_: Any,
 ) -> Images:
     """Letters rendered from installed fonts, EMNIST-letters' labels and orientation
-    (`ddpm.fontletters`): no download. `test` is another draw (another seed); `subset` is
+    (`ddpm.data.fontletters`): no download. `test` is another draw (another seed); `subset` is
     `letters` (upper and lower case, as EMNIST's), `upper` or `lower`."""
     _check_split("fontletters", split, ("train", "test"))
     cases = {None: "both", "letters": "both", "upper": "upper", "lower": "lower"}

@@ -1,5 +1,5 @@
 """FID, KID and Inception Score measured as papers measure them, on torchmetrics with the
-TF-Inception network (its weights: `ddpm.inception`).
+TF-Inception network (its weights: `ddpm.metrics.inception`).
 
 torchmetrics collects the features (and computes FID); what is written here is what it lacks:
 - the paper-comparable settings: uint8 inputs, grayscale repeated to RGB, no antialiasing in
@@ -9,7 +9,7 @@ torchmetrics collects the features (and computes FID); what is written here is w
   differ (torch `randperm` subsets and splits, float32 kernels, the IS's std with ddof=1);
 - one network pass per batch shared by the three metrics;
 - the reference images' statistics (FID's float64 feature sums, KID's features) as a state to
-  save and load (`ddpm.reference` caches them);
+  save and load (`ddpm.metrics.reference` caches them);
 - the Fréchet distance itself in float64 with scipy, for statistics computed elsewhere.
 """
 

@@ -1,12 +1,12 @@
-"""Jobs on a cluster through hydra-submitit-launcher: sizing a SLURM job from the trainer
-config before anything is submitted.
+"""Launching: jobs on a cluster through hydra-submitit-launcher (sizing a SLURM job from the
+trainer config before anything is submitted), and the command Lightning's DDP children run.
 
 Under `hydra/launcher=slurm` SLURM starts one task per GPU (`--ntasks-per-node` =
 `--gpus-per-node`) and Lightning's SLURMEnvironment makes each task one DDP rank, so the
 task count must be a number. `trainer=ddp` says `devices: -1` ("every GPU"), which SLURM
 can't allocate: the count comes from `hydra.launcher.gpus_per_node` or `trainer.devices`.
 Under `hydra/launcher=submitit_local` submitit starts one task and Lightning starts the other
-ranks itself (`ddpm.tracking.ddp_child_command` reruns train.py for this job alone).
+ranks itself (`ddpm.run.launch.ddp_child_command` reruns train.py for this job alone).
 """
 
 from __future__ import annotations

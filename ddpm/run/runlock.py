@@ -10,7 +10,7 @@ its pid is dead (or now a later process: another start time); from another host 
 names this same SLURM job (a requeued job, possibly on another node: SLURM never runs one
 job twice at once), or when its holder, which touches it every HEARTBEAT_S seconds, has been
 silent for STALE_AFTER_S. Only the first process of a DDP run locks: its children (ranks
-1..) run the same job by design (`ddpm.tracking.ddp_child_command`) and never look at it.
+1..) run the same job by design (`ddpm.run.launch.ddp_child_command`) and never look at it.
 """
 
 from __future__ import annotations
