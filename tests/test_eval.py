@@ -400,6 +400,44 @@ def test_eval_py_prints_the_nll_bound_of_held_out_images(trained_run: Path, tmp_
         evaluation.evaluate(cfg)
 
 
+def test_the_checkpoint_is_read_once_per_evaluation(trained_run: Path, tmp_path, monkeypatch):
+    """nll=true and a table of three samplers read the source checkpoint once: its checks,
+    the bound and every entry's sampling use the module loaded then (it was read five times:
+    the checks, the bound, each entry). Counted at torch.load, whatever loader calls it."""
+    state = torch.load(trained_run / "checkpoints" / "last.ckpt", weights_only=True)
+    hparams = state["hyper_parameters"]
+    # T = 10: the bound's T network calls in a moment (the network takes any t)
+    state["hyper_parameters"] = {**hparams, "schedule": {**hparams["schedule"], "timesteps": 10}}
+    ckpt = tmp_path / "t10.ckpt"
+    torch.save(state, ckpt)
+    reads = []
+    real = torch.load
+
+    def counted(f, *args, **kwargs):
+        if isinstance(f, (str, Path)) and Path(f) == ckpt:
+            reads.append(f)
+        return real(f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "load", counted)
+    args = [
+        f"source={ckpt}",
+        "nll=true",
+        "table=[ddim:2,ddim:3,dpmpp_2m:2]",
+        "n=4",
+        "batch_size=4",
+        "reference_n=100",
+        "features=64",
+        f"weights={fid_helper_file()}",
+        f"cache_dir={tmp_path / 'cache'}",
+        f"out={tmp_path / 'r.json'}",
+    ]
+    result = evaluation.evaluate(compose_config(args, name="eval"))
+    assert len(reads) == 1
+    assert result["bpd_mnist5k_val"] > 0
+    assert all(result[f"fid4_train_{s}"] > 0 for s in ("ddim2", "ddim3", "dpmpp_2m2"))
+    assert (tmp_path / "r.table.md").is_file()
+
+
 # Bad sources that need files of their own (the bad-input table's fixture has none of these):
 # (case, overrides ({files} filled in), the message). Each fails before the Inception network
 # is loaded, and leaves the files as they were.

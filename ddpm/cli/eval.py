@@ -33,7 +33,7 @@ from ddpm.likelihood import bpd_exact
 from ddpm.metrics.fid import InceptionMetrics, check_count, measure
 from ddpm.metrics.inception import has_classifier, inception_weights
 from ddpm.metrics.reference import cached_reference, reference_subset, stats_key
-from ddpm.module import load_module
+from ddpm.module import DiffusionModule, load_module
 from ddpm.samplers import (
     SAMPLERS,
     check_guidance,
@@ -45,13 +45,15 @@ from ddpm.trusted import allow_targets
 log = logging.getLogger(__name__)
 
 
-def negative_log_likelihood(cfg: DictConfig, device: torch.device) -> dict:
+def negative_log_likelihood(
+    cfg: DictConfig,
+    module: DiffusionModule,
+    device: torch.device,
+) -> dict:
     """The variational bound of every one of n held-out images over all T steps (T network
-    calls per batch; `ddpm.likelihood.bpd_exact`), with the checkpoint's EMA weights."""
+    calls per batch; `ddpm.likelihood.bpd_exact`), with the EMA weights of the source
+    checkpoint's `module` (loaded by `check_inputs`)."""
     source = Path(cfg.source)
-    if source.suffix != ".ckpt":
-        raise ValueError(f"nll=true needs source= to be a checkpoint (.ckpt), got {source}")
-    module = load_module(source, map_location=device)
     if module.autoencoder is not None:
         raise ValueError(
             f"{source} is a latent DDPM: its bound is of latents, not of 256-level pixels, and "
@@ -129,9 +131,11 @@ OmegaConf.register_new_resolver("ddpm_eval_logs", log_dir, replace=True)
 OUT_SPACE = 1 << 20
 
 
-def check_inputs(cfg: DictConfig) -> None:
+def check_inputs(cfg: DictConfig, device: torch.device) -> DiffusionModule | None:
     """Every option and file that can be checked without the Inception network or sampling:
-    a bad one fails here, before minutes of work, with its name and the fix."""
+    a bad one fails here, before minutes of work, with its name and the fix. Returns the
+    source checkpoint's module, on `device` (the one load of it: the NLL and the sampling
+    use it), or None for a source of images."""
     if OmegaConf.is_missing(cfg, "source"):
         raise ValueError(
             "source= is missing: give the images to measure (an .npz, a folder of images or "
@@ -160,8 +164,9 @@ def check_inputs(cfg: DictConfig) -> None:
     check_output_dir(out.parent, "out", out, fix="DIR/fid.json")
     check_free_space(out, "out", OUT_SPACE, fix="DIR/fid.json")
     source = Path(cfg.source)
+    module = None
     if source.suffix == ".ckpt":
-        module = load_module(source, map_location="cpu")
+        module = load_module(source, map_location=device)
         if cfg.guidance and not module.num_classes:
             raise ValueError(
                 f"guidance={cfg.guidance} needs a class-conditional model, and {source} is "
@@ -192,6 +197,7 @@ def check_inputs(cfg: DictConfig) -> None:
                 f"source images are {size} px, the reference {cfg.dataset.name} is "
                 f"{cfg.dataset.image_size} px: compare at one resolution (dataset.image_size)"
             )
+    return module
 
 
 def check_sampling_steps(cfg: DictConfig, num_timesteps: int) -> None:
@@ -225,12 +231,12 @@ def check_reference_split(cfg: DictConfig) -> None:
 def evaluate(cfg: DictConfig) -> dict:
     allow_targets(cfg.get("trusted_targets"))  # the user's own classes a checkpoint may name
     device = pick_device(cfg.device)
-    check_inputs(cfg)
+    module = check_inputs(cfg, device)  # a checkpoint source: loaded here, once
     result: dict = {"n": cfg.n, "source": str(cfg.source)}
     if cfg.nll:
-        result.update(negative_log_likelihood(cfg, device))
+        result.update(negative_log_likelihood(cfg, module, device))
     if cfg.fid:
-        result.update(inception_metrics(cfg, device))
+        result.update(inception_metrics(cfg, module, device))
     out = output_path(cfg)
     print(json.dumps(result))  # first: a result that cannot be written is not lost
     try:
@@ -243,7 +249,11 @@ def evaluate(cfg: DictConfig) -> dict:
     return result
 
 
-def inception_metrics(cfg: DictConfig, device: torch.device) -> dict:
+def inception_metrics(
+    cfg: DictConfig, module: DiffusionModule | None, device: torch.device
+) -> dict:
+    """FID (and KID, IS) of the source's n images, or of a checkpoint's `module`'s samples
+    per table= entry, against the reference split's cached statistics."""
     check_count(cfg.n, cfg.features)
     datamodule = hydra.utils.instantiate(cfg.dataset, split=cfg.reference_split)
     # the statistics are keyed by the images' content: they are read even on a cache hit
@@ -275,7 +285,7 @@ def inception_metrics(cfg: DictConfig, device: torch.device) -> dict:
     rows = []
     for entry_name, entry_steps in entries:
         channels = int(reference.shape[1])
-        batches, sampler = source_batches(cfg, device, channels, entry_name, entry_steps)
+        batches, sampler = source_batches(cfg, module, channels, entry_name, entry_steps)
 
         def checked(batches: Iterator[torch.Tensor], bar: tqdm) -> Iterator[torch.Tensor]:
             for batch in batches:

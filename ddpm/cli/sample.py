@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -37,7 +38,7 @@ from ddpm.images import (
     to_uint8,
     wrap_words,
 )
-from ddpm.module import load_module
+from ddpm.module import DiffusionModule, load_module
 from ddpm.samplers import check_guidance, check_seed, check_steps, sampler_settings
 from ddpm.trusted import allow_targets
 
@@ -158,43 +159,21 @@ def check_text(cfg: DictConfig, module) -> None:
     letter_labels(wrap_words(str(cfg.text), cfg.text_width), module.class_names)
 
 
-def write_text(
-    cfg: DictConfig, module, out: Path, sampler: dict, guidance: float, precision
-) -> Path:
-    """text="...": each letter drawn by a letters model, laid out as wrapped lines."""
-    lines = wrap_words(str(cfg.text), cfg.text_width)
-    labels = letter_labels(lines, module.class_names)
-    recorder = Recorder(sampler["steps"] or module.schedule.num_timesteps) if cfg.animate else None
-    images = generate_all(
-        module,
-        len(labels),
-        sampler=sampler,
-        seed=cfg.seed,
-        labels=labels,
-        guidance=guidance,
-        use_ema=cfg.use_ema,
-        callback=recorder,
-        context=lambda: precision,
-        desc="letters",
-    )
-    out.mkdir(parents=True, exist_ok=True)
-
-    def layout(letters: torch.Tensor) -> Image.Image:
-        page = sentence(letters, lines)
-        return to_pil(page[None], nrow=1, scale=cfg.scale, padding=0)
-
-    page = layout(to_uint8(images.cpu()))
-    atomic_write(out / "text.png", lambda f: page.save(f, format="PNG"))  # a full disk: named
-    if recorder is not None:
-        x_T = first_frame(module, len(labels), cfg.seed)
-        save_animation(recorder, out / "animation.gif", layout, x_T, hold_ms=hold_ms(cfg))
-    log.info("wrote %s", out / "text.png")
-    return out
-
-
 def check_options(cfg: DictConfig) -> None:
-    """Options that need no model, checked before it is loaded: a seed beyond 32 bits draws
-    another seed's images, guidance=nan black ones, grid_max=0 an empty grid.png."""
+    """Options that need no model, checked before it is loaded (n, batch_size, text,
+    animation_hold_ms, seed, guidance, grid_max): a seed beyond 32 bits draws another seed's
+    images, guidance=nan black ones, grid_max=0 an empty grid.png."""
+    if cfg.n < 1 or cfg.batch_size < 1:
+        raise ValueError(
+            f"n and batch_size must be >= 1, got n={cfg.n}, batch_size={cfg.batch_size}: n is "
+            "the number of images (e.g. n=64), batch_size the images per forward pass"
+        )
+    if cfg.text is not None and not str(cfg.text).strip():
+        raise ValueError(
+            f"text={str(cfg.text)!r} holds no letters; give a sentence (text='HELLO WORLD') "
+            "or drop text= to draw n images"
+        )
+    hold_ms(cfg)  # a wrong value fails before any work
     check_seed(cfg.seed)
     check_guidance(cfg.guidance)
     grid_max = cfg.grid_max
@@ -213,12 +192,33 @@ def hold_ms(cfg: DictConfig) -> int:
     return hold
 
 
+@dataclass
+class Plan:
+    """What sample.py will draw and write, every input checked and nothing yet written. `cfg`
+    holds the options used as given (n, seed, batch_size, use_ema, scale, grid_max, npz,
+    animate, text, text_width, resume)."""
+
+    cfg: DictConfig
+    module: DiffusionModule  # the checkpoint's, on the device
+    out: Path
+    sampler: dict  # generate()'s sampler arguments
+    guidance: float
+    precision: torch.autocast  # the context of every network call
+    labels: list[int] | None  # one class per image; None: unconditional (or text=)
+    nrow: int | None  # grid.png's row length: one class per column; None: square
+    record: dict  # out/sample.json: the settings that decide the pixels
+    stale: list[Path]  # earlier outputs in out/ that this run removes before it writes
+    noise_t: list[int] | None  # the timesteps of noise_levels.png; None: no figure
+    real: torch.Tensor | None  # its real image (1, C, H, W) uint8; None: the first sample
+    hold_ms: int  # how long animation.gif shows its final frame
+
+
 def sample(cfg: DictConfig) -> Path:
-    """sample.py: the checks, then the images (see `draw`). A full disk midway is one line
-    naming the file, and how to finish the job: the images written so far are kept and
-    resume=true draws only the rest."""
+    """sample.py: every check (`plan_sampling`), then the images (`write_samples`). A full
+    disk midway is one line naming the file, and how to finish the job: the images written so
+    far are kept and resume=true draws only the rest."""
     try:
-        return draw(cfg)
+        return write_samples(plan_sampling(cfg))
     except OSError as e:
         if e.errno not in FULL:
             raise
@@ -235,19 +235,12 @@ def _full_line(e: OSError, out: Path) -> str:
     return f"cannot write {where}: {e.strerror}; free space or write elsewhere"
 
 
-def draw(cfg: DictConfig) -> Path:
+def plan_sampling(cfg: DictConfig) -> Plan:
+    """Every check of sample.py's inputs, before any work: the options, the output folder
+    and its earlier outputs, the checkpoint (loaded once), the sampler, the noise-level
+    figure, labels and text, and that resume=true continues with the same settings. Nothing
+    is written and nothing drawn."""
     allow_targets(cfg.get("trusted_targets"))  # the user's own classes a checkpoint may name
-    if cfg.n < 1 or cfg.batch_size < 1:
-        raise ValueError(
-            f"n and batch_size must be >= 1, got n={cfg.n}, batch_size={cfg.batch_size}: n is "
-            "the number of images (e.g. n=64), batch_size the images per forward pass"
-        )
-    if cfg.text is not None and not str(cfg.text).strip():
-        raise ValueError(
-            f"text={str(cfg.text)!r} holds no letters; give a sentence (text='HELLO WORLD') "
-            "or drop text= to draw n images"
-        )
-    hold_ms(cfg)  # a wrong value fails before any work
     check_options(cfg)
     out = Path(cfg.out)
     check_output_dir(out, "out")
@@ -262,9 +255,9 @@ def draw(cfg: DictConfig) -> Path:
             "unconditional (trained with model.num_classes=null); drop guidance="
         )
     sampler, guidance = sampling(cfg, module)
-    real = None
+    noise_t, real = None, None
     if cfg.noise_levels:  # a wrong t or image fails now, not after the sampling
-        noise_levels_t(cfg.noise_levels_t, module.schedule.num_timesteps)
+        noise_t = noise_levels_t(cfg.noise_levels_t, module.schedule.num_timesteps)
         if cfg.noise_levels_image:
             channels, size, _ = module.image_shape
             real = load_image(cfg.noise_levels_image, size, channels, "noise_levels_image")
@@ -279,26 +272,75 @@ def draw(cfg: DictConfig) -> Path:
         guidance = 0.0  # unconditional samples of a conditional model: nothing to guide towards
     if cfg.text:
         check_text(cfg, module)
-
-    # every check passed: only now is anything in out/ changed
     record = settings_record(cfg, sampler, guidance, labels, nrow)
     if earlier and cfg.resume and not cfg.overwrite:
         check_settings(out, record)
-    for path in own_files(out):
-        # overwrite=true: all of it; resume=true: what is made from the images (grid, npz ...)
-        # is made anew for this run's n and options; always: temporary files of cut writes
-        derived = path.parent == out and path.name != SETTINGS
-        if cfg.overwrite or derived or path.name.endswith(".tmp"):
-            path.unlink()
-    atomic_write(out / SETTINGS, lambda f: f.write(json.dumps(record, indent=1).encode()))
-    if cfg.text:
-        return write_text(cfg, module, out, sampler, guidance, precision)
+    return Plan(
+        cfg=cfg,
+        module=module,
+        out=out,
+        sampler=sampler,
+        guidance=guidance,
+        precision=precision,
+        labels=labels,
+        nrow=nrow,
+        record=record,
+        stale=stale_files(out, cfg.overwrite),
+        noise_t=noise_t,
+        real=real,
+        hold_ms=hold_ms(cfg),
+    )
 
+
+def stale_files(out: Path, overwrite: bool) -> list[Path]:
+    """What of sample.py's own files in out/ this run removes: overwrite=true, all of them;
+    resume=true, what is made from the images (grid, npz ...), made anew for this run's n and
+    options; always, the temporary files of cut writes."""
+    stale = []
+    for path in own_files(out):
+        derived = path.parent == out and path.name != SETTINGS
+        if overwrite or derived or path.name.endswith(".tmp"):
+            stale.append(path)
+    return stale
+
+
+def write_samples(plan: Plan) -> Path:
+    """Draw and write what `plan_sampling` checked: only now is anything in out/ changed.
+    grid.png, images/, and when asked samples.npz, animation.gif and noise_levels.png; or,
+    for text=, text.png."""
+    cfg, module, out = plan.cfg, plan.module, plan.out
+    for path in plan.stale:
+        path.unlink()
+    atomic_write(out / SETTINGS, lambda f: f.write(json.dumps(plan.record, indent=1).encode()))
+    if cfg.text:
+        return write_text(plan)
+    everything = write_images(plan)
+    save_grid(everything[: cfg.grid_max].float() / 127.5 - 1, out / "grid.png", plan.nrow)
+    if cfg.npz:
+        array = everything.permute(0, 2, 3, 1).numpy()
+        atomic_write(out / "samples.npz", lambda f: np.savez(f, arr_0=array))
+    if plan.noise_t is not None:
+        first_label = None if plan.labels is None else torch.tensor(plan.labels[:1])
+        shown = everything[:1] if plan.real is None else plan.real  # generated, or a real one
+        x_t, x0_hat = denoised(
+            module, shown.float() / 127.5 - 1, plan.noise_t, cfg.seed, first_label
+        )
+        figure = noise_levels_figure(x_t, x0_hat, plan.noise_t)
+        atomic_write(out / "noise_levels.png", lambda f: figure.save(f, format="PNG"))
+    log.info("wrote %d images to %s", cfg.n, out)
+    return out
+
+
+def write_images(plan: Plan) -> torch.Tensor:
+    """images/000000.png ... as each batch comes (an interrupted run resumes from them), and
+    animation.gif of the first batch drawn; returns all n images, uint8 (n, C, H, W)."""
+    cfg, module, out = plan.cfg, plan.module, plan.out
     (out / "images").mkdir(parents=True, exist_ok=True)
     kept = finished_images(out, cfg.n, module.image_shape) if cfg.resume else []
     start = len(kept)
-    recorder = Recorder(sampler["steps"] or module.schedule.num_timesteps) if cfg.animate else None
-    row = nrow or max(1, int(min(cfg.batch_size, cfg.n - start) ** 0.5))
+    steps = plan.sampler["steps"] or module.schedule.num_timesteps
+    recorder = Recorder(steps) if cfg.animate else None
+    row = plan.nrow or max(1, int(min(cfg.batch_size, cfg.n - start) ** 0.5))
 
     def frame(images: torch.Tensor) -> Image.Image:
         return to_pil(images, row, cfg.scale)
@@ -306,15 +348,15 @@ def draw(cfg: DictConfig) -> Path:
     batches = generate(
         module,
         cfg.n - start,
-        sampler=sampler,
+        sampler=plan.sampler,
         seed=cfg.seed,
         first=start,
-        labels=labels,
-        guidance=guidance,
+        labels=plan.labels,
+        guidance=plan.guidance,
         batch_size=cfg.batch_size,
         use_ema=cfg.use_ema,
         callback=recorder,  # the first batch is animated
-        context=lambda: precision,
+        context=lambda: plan.precision,
     )
     for first, images in batches:
         images = to_uint8(images.cpu())
@@ -323,18 +365,39 @@ def draw(cfg: DictConfig) -> Path:
         kept.append(images)
         if recorder is not None and first == start:
             x_T = first_frame(module, len(images), cfg.seed, first)
-            save_animation(recorder, out / "animation.gif", frame, x_T, hold_ms=hold_ms(cfg))
-    everything = torch.cat(kept)
-    save_grid(everything[: cfg.grid_max].float() / 127.5 - 1, out / "grid.png", nrow)
-    if cfg.npz:
-        array = everything.permute(0, 2, 3, 1).numpy()
-        atomic_write(out / "samples.npz", lambda f: np.savez(f, arr_0=array))
-    if cfg.noise_levels:
-        first_label = None if labels is None else torch.tensor(labels[:1])
-        ts = noise_levels_t(cfg.noise_levels_t, module.schedule.num_timesteps)
-        shown = everything[:1] if real is None else real  # a generated image or a real one
-        x_t, x0_hat = denoised(module, shown.float() / 127.5 - 1, ts, cfg.seed, first_label)
-        figure = noise_levels_figure(x_t, x0_hat, ts)
-        atomic_write(out / "noise_levels.png", lambda f: figure.save(f, format="PNG"))
-    log.info("wrote %d images to %s", cfg.n, out)
+            save_animation(recorder, out / "animation.gif", frame, x_T, hold_ms=plan.hold_ms)
+    return torch.cat(kept)
+
+
+def write_text(plan: Plan) -> Path:
+    """text="...": each letter drawn by a letters model, laid out as wrapped lines."""
+    cfg, module, out = plan.cfg, plan.module, plan.out
+    lines = wrap_words(str(cfg.text), cfg.text_width)
+    labels = letter_labels(lines, module.class_names)
+    steps = plan.sampler["steps"] or module.schedule.num_timesteps
+    recorder = Recorder(steps) if cfg.animate else None
+    images = generate_all(
+        module,
+        len(labels),
+        sampler=plan.sampler,
+        seed=cfg.seed,
+        labels=labels,
+        guidance=plan.guidance,
+        use_ema=cfg.use_ema,
+        callback=recorder,
+        context=lambda: plan.precision,
+        desc="letters",
+    )
+    out.mkdir(parents=True, exist_ok=True)
+
+    def layout(letters: torch.Tensor) -> Image.Image:
+        page = sentence(letters, lines)
+        return to_pil(page[None], nrow=1, scale=cfg.scale, padding=0)
+
+    page = layout(to_uint8(images.cpu()))
+    atomic_write(out / "text.png", lambda f: page.save(f, format="PNG"))  # a full disk: named
+    if recorder is not None:
+        x_T = first_frame(module, len(labels), cfg.seed)
+        save_animation(recorder, out / "animation.gif", layout, x_T, hold_ms=plan.hold_ms)
+    log.info("wrote %s", out / "text.png")
     return out

@@ -32,7 +32,7 @@ from ddpm.files import (
 )
 from ddpm.generate import generate
 from ddpm.images import to_uint8
-from ddpm.module import load_module
+from ddpm.module import DiffusionModule
 from ddpm.samplers import (
     sampler_label,
     sampler_settings,
@@ -189,16 +189,17 @@ def image_files(source: Path, n: int) -> list[Path]:
 
 def source_batches(
     cfg: DictConfig,
-    device: torch.device,
+    module: DiffusionModule | None,
     channels: int,
     name: str | None = None,
     steps: int | None = None,
 ) -> tuple[Iterator[torch.Tensor], str | None]:
     """uint8 (B, C, H, W) batches of the first n images of the source, and the sampler's label.
 
-    Image files are read with the reference's `channels`. For a checkpoint, `name` and `steps`
-    override the sampler config (the options of cfg.sampler apply when it is the same sampler;
-    another one runs with its defaults).
+    Image files are read with the reference's `channels`. A checkpoint source is sampled with
+    `module`, the one eval.py loaded from it; `name` and `steps` override the sampler config
+    (the options of cfg.sampler apply when it is the same sampler; another one runs with its
+    defaults).
     """
     source = Path(cfg.source)
     if source.suffix == ".npz":
@@ -214,7 +215,6 @@ def source_batches(
 
         return read(), None
     if source.suffix == ".ckpt":
-        module = load_module(source, map_location=device)
         sampler = sampler_settings(OmegaConf.to_container(cfg.sampler, resolve=True), cfg.steps)
         if name is not None and name != sampler["sampler"]:
             sampler = {"sampler": name, "steps": None}  # another sampler: its own defaults
