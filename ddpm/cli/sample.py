@@ -17,7 +17,7 @@ from PIL import Image
 from ddpm.cli.sample_folder import (
     SETTINGS,
     check_earlier,
-    check_settings,
+    check_recorded_settings,
     finished_images,
     own_files,
     settings_record,
@@ -274,7 +274,7 @@ def plan_sampling(cfg: DictConfig) -> Plan:
         check_text(cfg, module)
     record = settings_record(cfg, sampler, guidance, labels, nrow)
     if earlier and cfg.resume and not cfg.overwrite:
-        check_settings(out, record)
+        check_recorded_settings(out, record)
     return Plan(
         cfg=cfg,
         module=module,

@@ -79,7 +79,7 @@ def settings_record(
     }
 
 
-def check_settings(out: Path, record: dict) -> None:
+def check_recorded_settings(out: Path, record: dict) -> None:
     """Refuse to resume images drawn with other settings than this run's (out/sample.json)."""
     path = out / SETTINGS
     try:
