@@ -3,13 +3,19 @@
 It knows nothing about diffusion: it maps a noisy image and an integer timestep (and optionally a
 class label) to a tensor of the image's shape. What that output means (ε, x_0 or v) is decided by
 the module that trains it.
+
+Its options beyond the sizes (`downsample_padding`, `flip_sin_to_cos`, `freq_shift`, `norm_eps`,
+`norm_groups`, `head_dim`, `null_label`) make it the same function as diffusers' `UNet2DModel`
+with DownBlock2D / AttnDownBlock2D blocks, so published models import exactly (`ddpm.convert`);
+their defaults are this network as it always was, so existing checkpoints keep their outputs.
 """
 
 from __future__ import annotations
 
 import inspect
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from functools import partial
 from typing import Any
 
 import torch
@@ -17,30 +23,47 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 
-def timestep_embedding(t: Tensor, dim: int, max_period: float = 10000.0) -> Tensor:
-    """Sinusoidal embedding of (B,) timesteps -> (B, dim), as in Transformer positional codes."""
+def timestep_embedding(
+    t: Tensor,
+    dim: int,
+    max_period: float = 10000.0,
+    flip_sin_to_cos: bool = False,
+    freq_shift: float = 1,
+) -> Tensor:
+    """Sinusoidal embedding of (B,) timesteps -> (B, dim), as in Transformer positional codes:
+    [sin(t ω_k), cos(t ω_k)] with ω_k = max_period^(-k / (dim/2 - freq_shift)), k < dim/2
+    (freq_shift 1: Ho et al.'s; diffusers' `downscale_freq_shift`), cos first if flipped."""
     half = dim // 2
-    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device) / (half - 1))
+    freqs = torch.exp(
+        -math.log(max_period) * torch.arange(half, device=t.device) / (half - freq_shift)
+    )
     args = t.float()[:, None] * freqs[None]
     emb = torch.cat([torch.sin(args), torch.cos(args)], dim=1)
+    if flip_sin_to_cos:
+        emb = torch.cat([emb[:, half:], emb[:, :half]], dim=1)
     return F.pad(emb, (0, 1)) if dim % 2 else emb
 
 
-def _norm(channels: int) -> nn.GroupNorm:
-    # 32 groups as in the paper; fewer for the narrow networks used on CPU
-    groups = math.gcd(32, channels)
-    return nn.GroupNorm(groups, channels, eps=1e-6)
+def _norm(channels: int, groups: int | None = None, eps: float = 1e-6) -> nn.GroupNorm:
+    # 32 groups as in the paper; fewer for the narrow networks used on CPU (gcd(32, C)), or
+    # the same number everywhere (diffusers' norm_num_groups)
+    return nn.GroupNorm(groups or math.gcd(32, channels), channels, eps=eps)
+
+
+Norm = Callable[[int], nn.GroupNorm]
 
 
 class ResBlock(nn.Module):
     """GroupNorm -> SiLU -> conv, plus the projected time embedding, then again with dropout."""
 
-    def __init__(self, in_ch: int, out_ch: int, emb_dim: int, dropout: float) -> None:
+    def __init__(
+        self, in_ch: int, out_ch: int, emb_dim: int, dropout: float, norm: Norm = _norm
+    ) -> None:
         super().__init__()
-        self.norm1 = _norm(in_ch)
+        self.norm1 = norm(in_ch)
         self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
         self.emb_proj = nn.Linear(emb_dim, out_ch)
-        self.norm2 = _norm(out_ch)
+        self.norm2 = norm(out_ch)
         self.dropout = nn.Dropout(dropout)
         self.conv2 = nn.Conv2d(out_ch, out_ch, 3, padding=1)
         self.skip = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else nn.Identity()
@@ -55,12 +78,12 @@ class ResBlock(nn.Module):
 class AttnBlock(nn.Module):
     """Self-attention over the H·W positions (one head by default, as in the paper), via SDPA."""
 
-    def __init__(self, channels: int, num_heads: int = 1) -> None:
+    def __init__(self, channels: int, num_heads: int = 1, norm: Norm = _norm) -> None:
         super().__init__()
         if channels % num_heads:
             raise ValueError(f"attention: {channels} channels do not split into {num_heads} heads")
         self.num_heads = num_heads
-        self.norm = _norm(channels)
+        self.norm = norm(channels)
         self.qkv = nn.Conv2d(channels, 3 * channels, 1)
         self.proj = nn.Conv2d(channels, channels, 1)
 
@@ -74,11 +97,18 @@ class AttnBlock(nn.Module):
 
 
 class Downsample(nn.Module):
-    def __init__(self, channels: int) -> None:
+    """A stride-2 3x3 conv. `padding=1` pads one pixel on every side; `padding=0` pads one
+    on the right and bottom only: TensorFlow's "SAME" for even sizes, as Ho et al.'s code and
+    diffusers' `downsample_padding=0` do (the windows start at pixel 0, not -1)."""
+
+    def __init__(self, channels: int, padding: int = 1) -> None:
         super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=1)
+        self.padding = padding
+        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=padding)
 
     def forward(self, x: Tensor, emb: Tensor | None = None) -> Tensor:
+        if self.padding == 0:
+            x = F.pad(x, (0, 1, 0, 1))
         return self.conv(x)
 
 
@@ -152,6 +182,7 @@ def _check_attention(
     attn_resolutions: Any,
     num_heads: Any,
     attn_levels: Any = None,
+    head_dim: Any = None,
 ) -> None:
     """Attention settings that would fail deep inside: 0 heads is a ZeroDivisionError at the
     first attention block, heads that do not divide a width a reshape error."""
@@ -164,14 +195,55 @@ def _check_attention(
         )
     # the middle block always attends, at the last level's width
     widths = sorted(
-        {ch * ch_mult[-1]} | {ch * ch_mult[k] for k in range(len(ch_mult)) if levels[k] in attended}
+        {ch * ch_mult[-1]}
+        | {ch * ch_mult[k] for k in range(len(ch_mult)) if levels[k] in attended}
     )
+    if head_dim is not None:
+        if isinstance(head_dim, bool) or not isinstance(head_dim, int) or head_dim < 1:
+            raise ValueError(
+                f"model.head_dim must be null (model.num_heads heads) or an integer >= 1 "
+                f"(channels per head), got {head_dim!r}"
+            )
+        uneven = [w for w in widths if w % head_dim]
+        if uneven:
+            raise ValueError(
+                f"model.head_dim={head_dim} does not divide the attention widths {uneven}; use "
+                "a divisor of them, or model.head_dim=null"
+            )
+        return
     uneven = [w for w in widths if w % num_heads]
     if uneven:
         raise ValueError(
             f"model.num_heads={num_heads} does not divide the attention widths {uneven} "
             "(model.ch * model.ch_mult of the attended levels and the middle block); use a "
             "divisor of them, e.g. model.num_heads=1"
+        )
+
+
+def _check_layout(
+    ch: int, ch_mult: Sequence[int], norm_groups: Any, norm_eps: Any, downsample_padding: Any
+) -> None:
+    """The options that make this network diffusers' UNet2DModel, one line each."""
+    if norm_groups is not None:
+        widths = sorted({ch} | {ch * m for m in ch_mult})
+        if isinstance(norm_groups, bool) or not isinstance(norm_groups, int) or norm_groups < 1:
+            raise ValueError(
+                f"model.norm_groups must be null (gcd(32, C) groups per GroupNorm) or an "
+                f"integer >= 1, got {norm_groups!r}"
+            )
+        uneven = [w for w in widths if w % norm_groups]
+        if uneven:
+            raise ValueError(
+                f"model.norm_groups={norm_groups} does not divide the widths {uneven} "
+                "(model.ch and model.ch * model.ch_mult); use a divisor of them, or null"
+            )
+    number = isinstance(norm_eps, (int, float)) and not isinstance(norm_eps, bool)
+    if not number or not 0 < norm_eps < 1:
+        raise ValueError(f"model.norm_eps must be a number in (0, 1), e.g. 1e-6; got {norm_eps!r}")
+    if downsample_padding not in (0, 1) or isinstance(downsample_padding, bool):
+        raise ValueError(
+            "model.downsample_padding must be 1 (pad every side) or 0 (pad right and bottom: "
+            f"TensorFlow's SAME, as Ho et al.'s models), got {downsample_padding!r}"
         )
 
 
@@ -184,6 +256,10 @@ def check_sizes(
     dropout: float,
     num_heads: Any,
     attn_levels: Any = None,
+    head_dim: Any = None,
+    norm_groups: Any = None,
+    norm_eps: Any = 1e-6,
+    downsample_padding: Any = 1,
 ) -> None:
     """The constructor's value checks, one line naming the model.<key> each."""
     factor = 2 ** (len(ch_mult) - 1)
@@ -203,7 +279,8 @@ def check_sizes(
         raise ValueError(f"model.in_channels must be >= 1, got {in_channels}")
     if not 0 <= dropout < 1:
         raise ValueError(f"model.dropout must be in [0, 1), got {dropout}")
-    _check_attention(image_size, ch, ch_mult, attn_resolutions, num_heads, attn_levels)
+    _check_attention(image_size, ch, ch_mult, attn_resolutions, num_heads, attn_levels, head_dim)
+    _check_layout(ch, ch_mult, norm_groups, norm_eps, downsample_padding)
 
 
 def check_config(config: Mapping[str, Any]) -> None:
@@ -231,6 +308,16 @@ class UNet(nn.Module):
             first downsampling; -1: the last level): unlike sizes, they fit any image size.
         num_classes: if set, a class embedding is added to the time embedding; index
             `num_classes` is the null label used for classifier-free guidance.
+        downsample_padding: 1 pads the stride-2 convs on every side; 0 on the right and bottom
+            only (TF "SAME": Ho et al.'s models, diffusers' `downsample_padding=0`).
+        flip_sin_to_cos, freq_shift: the timestep embedding's layout (`timestep_embedding`).
+        norm_eps: ε of every GroupNorm.
+        norm_groups: groups of every GroupNorm; None: gcd(32, C) for C channels.
+        head_dim: channels per attention head (heads = width / head_dim in each block); None:
+            `num_heads` heads everywhere.
+        null_label: the class embedding has the extra null row (index num_classes); False for
+            a model that was trained without one (diffusers' `num_class_embeds`): labels are
+            then required.
 
     Shapes: x (B, C, H, W) float, t (B,) int64 in [0, T), y (B,) int64 or None.
     """
@@ -248,23 +335,48 @@ class UNet(nn.Module):
         num_heads: int = 1,
         num_classes: int | None = None,
         attn_levels: Sequence[int] | None = None,
+        downsample_padding: int = 1,
+        flip_sin_to_cos: bool = False,
+        freq_shift: int = 1,
+        norm_eps: float = 1e-6,
+        norm_groups: int | None = None,
+        head_dim: int | None = None,
+        null_label: bool = True,
     ) -> None:
         super().__init__()
         args = (image_size, in_channels, ch, ch_mult, attn_resolutions, dropout, num_heads)
-        check_sizes(*args, attn_levels)
+        check_sizes(
+            *args,
+            attn_levels,
+            head_dim=head_dim,
+            norm_groups=norm_groups,
+            norm_eps=norm_eps,
+            downsample_padding=downsample_padding,
+        )
         attn_resolutions = attention_sizes(image_size, ch_mult, attn_resolutions, attn_levels)
         self.image_size = image_size
         self.in_channels = in_channels
         self.num_classes = num_classes
+        self.null_label = bool(null_label)
+        self.flip_sin_to_cos = bool(flip_sin_to_cos)
+        self.freq_shift = freq_shift
         out_channels = out_channels or in_channels
         emb_dim = 4 * ch
+        norm = partial(_norm, groups=norm_groups, eps=norm_eps)
+
+        def attention(width: int) -> AttnBlock:
+            return AttnBlock(width, width // head_dim if head_dim else num_heads, norm)
+
+        def resblock(c_in: int, c_out: int) -> ResBlock:
+            return ResBlock(c_in, c_out, emb_dim, dropout, norm)
 
         self.ch = ch
         self.time_embed = nn.Sequential(
             nn.Linear(ch, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim)
         )
         # one extra row: the null label of classifier-free guidance
-        self.class_embed = nn.Embedding(num_classes + 1, emb_dim) if num_classes else None
+        rows = (num_classes or 0) + self.null_label
+        self.class_embed = nn.Embedding(rows, emb_dim) if num_classes else None
 
         self.conv_in = nn.Conv2d(in_channels, ch, 3, padding=1)
         self.down = nn.ModuleList()
@@ -273,36 +385,31 @@ class UNet(nn.Module):
         for level, mult in enumerate(ch_mult):
             for _ in range(num_res_blocks):
                 out = ch * mult
-                attn = AttnBlock(out, num_heads) if res in attn_resolutions else None
-                self.down.append(_Level(ResBlock(cur, out, emb_dim, dropout), attn))
+                attn = attention(out) if res in attn_resolutions else None
+                self.down.append(_Level(resblock(cur, out), attn))
                 cur = out
                 skip_channels.append(cur)
             if level != len(ch_mult) - 1:
-                self.down.append(Downsample(cur))
+                self.down.append(Downsample(cur, downsample_padding))
                 skip_channels.append(cur)
                 res //= 2
 
         self.mid = nn.ModuleList(
-            [
-                _Level(ResBlock(cur, cur, emb_dim, dropout), AttnBlock(cur, num_heads)),
-                _Level(ResBlock(cur, cur, emb_dim, dropout), None),
-            ]
+            [_Level(resblock(cur, cur), attention(cur)), _Level(resblock(cur, cur), None)]
         )
 
         self.up = nn.ModuleList()
         for level, mult in reversed(list(enumerate(ch_mult))):
             for _ in range(num_res_blocks + 1):
                 out = ch * mult
-                attn = AttnBlock(out, num_heads) if res in attn_resolutions else None
-                self.up.append(
-                    _Level(ResBlock(cur + skip_channels.pop(), out, emb_dim, dropout), attn)
-                )
+                attn = attention(out) if res in attn_resolutions else None
+                self.up.append(_Level(resblock(cur + skip_channels.pop(), out), attn))
                 cur = out
             if level != 0:
                 self.up.append(Upsample(cur))
                 res *= 2
 
-        self.norm_out = _norm(cur)
+        self.norm_out = norm(cur)
         self.conv_out = nn.Conv2d(cur, out_channels, 3, padding=1)
 
     def forward(self, x: Tensor, t: Tensor, y: Tensor | None = None) -> Tensor:
@@ -310,8 +417,15 @@ class UNet(nn.Module):
             raise ValueError(
                 f"UNet built for {self.image_size}x{self.image_size} images got {tuple(x.shape)}"
             )
-        emb = self.time_embed(timestep_embedding(t, self.ch))
+        emb = timestep_embedding(t, self.ch, 10000.0, self.flip_sin_to_cos, self.freq_shift)
+        emb = self.time_embed(emb)
         if self.class_embed is not None:
+            if y is None and not self.null_label:
+                raise ValueError(
+                    "this class-conditional UNet has no null label (model.null_label=false: "
+                    "trained without one, e.g. a diffusers num_class_embeds model): give labels "
+                    "(labels=cycle or a list) and no guidance"
+                )
             if y is None:  # unconditional use of a conditional model: the null label
                 y = torch.full_like(t, self.num_classes)
             emb = emb + self.class_embed(y)

@@ -1,7 +1,8 @@
 import pytest
 import torch
+from diffusers.models.embeddings import get_timestep_embedding
 
-from ddpm.unet import AttnBlock, UNet, check_config
+from ddpm.unet import AttnBlock, Downsample, UNet, check_config, timestep_embedding
 
 
 @pytest.mark.parametrize("channels", [1, 3])
@@ -10,7 +11,13 @@ def test_output_has_input_shape(channels, size):
     # attention at a level of each: 28 -> 14 -> 7 px; 32 -> 16 -> 8 -> 4; 64 -> ... -> 8
     ch_mult, attn = ((1, 2, 2), (7,)) if size == 28 else ((1, 2, 2, 2), (8,))
     net = UNet(
-        size, channels, ch=16, ch_mult=ch_mult, num_res_blocks=1, attn_resolutions=attn, dropout=0.1
+        size,
+        channels,
+        ch=16,
+        ch_mult=ch_mult,
+        num_res_blocks=1,
+        attn_resolutions=attn,
+        dropout=0.1,
     )
     x = torch.randn(2, channels, size, size)
     out = net(x, torch.tensor([0, 999]))
@@ -43,7 +50,9 @@ def test_output_depends_on_timestep_and_label():
     assert not torch.allclose(a, net(x, torch.tensor([500]), torch.tensor([0])))
     assert not torch.allclose(a, net(x, torch.tensor([10]), torch.tensor([2])))
     # no label: the null class, index num_classes
-    assert torch.allclose(net(x, torch.tensor([10])), net(x, torch.tensor([10]), torch.tensor([3])))
+    assert torch.allclose(
+        net(x, torch.tensor([10])), net(x, torch.tensor([10]), torch.tensor([3]))
+    )
 
 
 def test_size_not_divisible_is_refused():
@@ -92,3 +101,64 @@ def test_attention_by_level_is_attention_by_size_and_fits_any_image_size():
         r"\[-3, 2\] \(0: 28 px, -1: the last level, 7 px\), got \[3\]",
     ):
         UNet(28, **args, attn_levels=[3])
+
+
+def _tiny(**options) -> UNet:
+    args = {"ch": 16, "ch_mult": (1, 2), "num_res_blocks": 1, "attn_resolutions": (8,)}
+    return UNet(16, 3, **(args | options), dropout=0.0).eval()
+
+
+def test_the_diffusers_options_at_their_defaults_are_the_network_as_it_was():
+    """downsample_padding ... null_label at their defaults: the same weights, the same output
+    (tests/test_fixture_checkpoint.py: a checkpoint from before draws the same pixels)."""
+    torch.manual_seed(0)
+    before = _tiny(num_classes=3)
+    torch.manual_seed(0)
+    options = {"downsample_padding": 1, "flip_sin_to_cos": False, "freq_shift": 1}
+    options |= {"norm_eps": 1e-6, "norm_groups": None, "head_dim": None, "null_label": True}
+    now = _tiny(num_classes=3, **options)
+    assert list(before.state_dict()) == list(now.state_dict())
+    x, t, y = torch.randn(2, 3, 16, 16), torch.tensor([0, 999]), torch.tensor([1, 3])
+    assert torch.equal(before(x, t, y), now(x, t, y))
+
+
+def test_downsample_padding_0_is_tensorflow_same():
+    """padding=0 pads right and bottom only (TF "SAME", Ho et al.'s code): output pixel (0, 0)
+    sees input rows and columns 0..2; padding=1's window starts at -1 and sees 0..1."""
+    for padding, sees in ((0, 3), (1, 2)):
+        down = Downsample(4, padding)
+        x = torch.zeros(1, 4, 8, 8, requires_grad=True)
+        out = down(x)
+        assert out.shape[-2:] == (4, 4)
+        out[0, :, 0, 0].sum().backward()
+        reached = x.grad[0].abs().sum(0) > 0
+        assert reached[:sees, :sees].all() and not reached[sees:, :].any(), padding
+
+
+@pytest.mark.parametrize(("flip", "shift"), [(False, 1), (True, 0), (True, 1), (False, 0)])
+def test_timestep_embedding_layouts_are_diffusers(flip, shift):
+    t = torch.tensor([0, 1, 17, 500, 999])
+    ours = timestep_embedding(t, 64, flip_sin_to_cos=flip, freq_shift=shift)
+    theirs = get_timestep_embedding(t, 64, flip_sin_to_cos=flip, downscale_freq_shift=shift)
+    assert torch.equal(ours, theirs)
+
+
+def test_groups_heads_and_labels_of_the_diffusers_options():
+    net = _tiny(
+        norm_groups=4, head_dim=8, num_classes=5, null_label=False, attn_resolutions=(16, 8)
+    )
+    assert {m.num_groups for m in net.modules() if isinstance(m, torch.nn.GroupNorm)} == {4}
+    assert {m.num_heads for m in net.modules() if isinstance(m, AttnBlock)} == {2, 4}  # 16, 32
+    assert net.class_embed.num_embeddings == 5  # no null row
+    with pytest.raises(ValueError, match="no null label"):
+        net(torch.randn(1, 3, 16, 16), torch.tensor([3]))
+    with pytest.raises(
+        ValueError, match=r"model.norm_groups=3 does not divide the widths \[16, 32\]"
+    ):
+        check_config({"image_size": 16, "ch": 16, "ch_mult": [1, 2], "norm_groups": 3})
+    with pytest.raises(ValueError, match=r"model.head_dim=5 does not divide"):
+        _tiny(head_dim=5)
+    with pytest.raises(ValueError, match="model.downsample_padding must be 1"):
+        _tiny(downsample_padding=2)
+    with pytest.raises(ValueError, match="model.norm_eps must be a number in"):
+        _tiny(norm_eps=0)
