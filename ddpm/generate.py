@@ -12,15 +12,51 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
+from torch.optim.swa_utils import AveragedModel
 from tqdm import tqdm
 
+from ddpm.objectives import Denoiser
 from ddpm.samplers import Callback, get_sampler, image_generators, randn, sampler_label
+from ddpm.schedule import NoiseSchedule
 
 Labels = str | Sequence[int] | None
+
+
+@runtime_checkable
+class DiffusionModel(Protocol):
+    """What this file's functions use of a model, and nothing else: `ddpm.module.DiffusionModule`
+    has it all, and anything else that has it draws images by the same loop."""
+
+    net: nn.Module  # the trained network
+    ema: AveragedModel  # its EMA, the network at .ema.module: what images are drawn with
+    schedule: NoiseSchedule
+    autoencoder: nn.Module | None  # a latent model's; None in pixel space
+
+    @property
+    def device(self) -> torch.device:
+        """Where the networks' weights are: images are drawn there."""
+
+    @property
+    def num_classes(self) -> int | None:
+        """K of a class-conditional network (label K is the null label), else None."""
+
+    def encode(self, images: Tensor) -> Tensor:
+        """Images in [-1, 1] -> what the network models (the identity in pixel space)."""
+
+    def decode(self, x: Tensor) -> Tensor:
+        """What the network models -> images in [-1, 1]."""
+
+    def denoiser(self, net: nn.Module, labels: Tensor | None = None) -> Denoiser:
+        """`net` as (x_t, t) -> Prediction(ε, v), conditional on `labels` when given."""
+
+    def guided_denoiser(
+        self, net: nn.Module, labels: Tensor | None = None, guidance: float = 0.0
+    ) -> Denoiser:
+        """`denoiser` with classifier-free guidance w = `guidance`, for a sampler."""
 
 
 def image_labels(
@@ -45,7 +81,7 @@ def image_labels(
     return [int(v) for v in labels[first : first + count]]
 
 
-def initial_noise(module, n: int, seed: int = 0, first: int = 0) -> Tensor:
+def initial_noise(module: DiffusionModel, n: int, seed: int = 0, first: int = 0) -> Tensor:
     """The pure noise x_T (n, C, H, W) that images first..first+n-1 of `seed` start from."""
     net = module.ema.module
     shape = (n, net.in_channels, net.image_size, net.image_size)
@@ -53,14 +89,14 @@ def initial_noise(module, n: int, seed: int = 0, first: int = 0) -> Tensor:
 
 
 @torch.no_grad()
-def first_frame(module, n: int, seed: int = 0, first: int = 0) -> Tensor:
+def first_frame(module: DiffusionModel, n: int, seed: int = 0, first: int = 0) -> Tensor:
     """x_T as an animation's first frame, on the CPU: the noise itself, or for a latent model
     what the decoder makes of it."""
     return module.decode(initial_noise(module, n, seed, first)).float().cpu()
 
 
 def generate(
-    module,
+    module: DiffusionModel,
     n: int,
     *,
     sampler: Mapping[str, Any],
@@ -80,7 +116,7 @@ def generate(
 
     `sampler` is `ddpm.samplers.sampler_settings`' dict ({"sampler": name, "steps": ...,
     options}); the EMA weights unless `use_ema` is false. `labels` by `image_labels`' rule;
-    guidance w > 0 (as in `module.model_fn`) needs labels. `callback(i, t, x_t, x0)` sees every
+    guidance w > 0 (`module.guided_denoiser`) needs labels. `callback(i, t, x_t, x0)` sees every
     sampler step of the first batch (animations). Each batch is drawn inside `context()` (e.g.
     the autocast of the run's precision), and the caller's work on it outside. A progress bar
     counts images, advancing at every sampler step.
@@ -119,7 +155,7 @@ def generate(
                     gens = image_generators(seed, k, count)
                     shape = (count, net.in_channels, net.image_size, net.image_size)
                     x_0 = get_sampler(name)(
-                        module.model_fn(net, y, guidance),
+                        module.guided_denoiser(net, y, guidance),
                         module.schedule,
                         randn(shape, gens, module.device),
                         steps,
@@ -135,14 +171,18 @@ def generate(
             yield k, x_0.float().clamp(-1, 1)
 
 
-def generate_all(module, n: int, **kwargs: Any) -> Tensor:
+def generate_all(module: DiffusionModel, n: int, **kwargs: Any) -> Tensor:
     """`generate`'s images, all of them in one tensor (n, C, H, W)."""
     return torch.cat([images for _, images in generate(module, n, **kwargs)])
 
 
 @torch.no_grad()
 def denoised(
-    module, image: Tensor, ts: Sequence[int], seed: int = 0, labels: Tensor | None = None
+    module: DiffusionModel,
+    image: Tensor,
+    ts: Sequence[int],
+    seed: int = 0,
+    labels: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """`image` (1, C, H, W) in [-1, 1] noised to each t of `ts` (q_sample, eq. 4), and the EMA
     model's estimate of x_0 from each (eq. 15): two (len(ts), C, H, W) tensors (for a latent
@@ -153,7 +193,7 @@ def denoised(
     noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(seed)).to(device)
     x_t = module.schedule.q_sample(x0, t, noise)
     y = None if labels is None else labels.to(device).expand(len(ts))
-    eps, _ = module.model_out(module.ema.module, y)(x_t, t)
+    eps, _ = module.denoiser(module.ema.module, y)(x_t, t)
     x0_hat = module.schedule.predict_x0(x_t, t, eps)
     if module.autoencoder is None:
         return x_t, x0_hat.clamp(-1, 1)

@@ -28,9 +28,10 @@ from ddpm.schedule import NoiseSchedule, _extract
 VARIANCES = ("large", "small", "learned")
 LOG2 = math.log(2.0)
 
-# model_out(x_t, t) -> (ε̂, v) where v in [-1, 1] interpolates log β̃ .. log β (learned
-# variances) or is None (fixed)
-ModelOut = Callable[[Tensor, Tensor], tuple[Tensor, Tensor | None]]
+# denoiser(x_t, t) -> (ε̂, v), a `ddpm.objectives.Prediction`: v in [-1, 1] interpolates
+# log β̃ .. log β (learned variances) or is None (fixed). Written out, not imported: the math
+# imports nothing of the package but the schedule.
+Denoiser = Callable[[Tensor, Tensor], tuple[Tensor, Tensor | None]]
 
 
 def normal_kl(mean1: Tensor, logvar1: Tensor, mean2: Tensor, logvar2: Tensor) -> Tensor:
@@ -123,6 +124,16 @@ def vb_term_bpd(
     return torch.where(first, decoder_nll.flatten(1).mean(1) / LOG2, kl)
 
 
+def learned_vb_term_bpd(
+    schedule: NoiseSchedule, x0: Tensor, x_t: Tensor, t: Tensor, eps: Tensor, v: Tensor
+) -> Tensor:
+    """The term of timestep t per image (B,), bits/dim, in float32, under the learned variance
+    v and with x̂_0 unclipped: T times it at a random t estimates the L_vlb of L_hybrid
+    (Nichol & Dhariwal 2021, Sec. 3.1), with the mean's gradient stopped when ε̂ is detached."""
+    logvar = reverse_log_variance(schedule, t, x0.ndim, "learned", v.float())
+    return vb_term_bpd(schedule, x0.float(), x_t.float(), t, eps, logvar, clip_x0=False)
+
+
 def float64(schedule: NoiseSchedule, device: torch.device | str) -> NoiseSchedule:
     """The schedule's tables in float64 on `device` (a new module: the model's own stays as
     it is). The bound sums up to thousands of terms, some ~1e-6 bits: float32 tables would
@@ -131,7 +142,7 @@ def float64(schedule: NoiseSchedule, device: torch.device | str) -> NoiseSchedul
 
 
 def _term(
-    model_out: ModelOut,
+    denoiser: Denoiser,
     precise: NoiseSchedule,
     x0: Tensor,
     t: Tensor,
@@ -144,7 +155,7 @@ def _term(
     noise = torch.randn(x0.shape, generator=generator, device="cpu").to(x0)
     x_t = precise.q_sample(x0.double(), t, noise.double())
     x0 = x0.double()
-    eps, v = model_out(x_t.to(noise.dtype), t)
+    eps, v = denoiser(x_t.to(noise.dtype), t)
     v = None if v is None else v.double()
     logvar = reverse_log_variance(precise, t, x0.ndim, variance, v)
     return vb_term_bpd(precise, x0, x_t, t, eps.double(), logvar, clip_x0)
@@ -152,7 +163,7 @@ def _term(
 
 @torch.no_grad()
 def bpd_exact(
-    model_out: ModelOut,
+    denoiser: Denoiser,
     schedule: NoiseSchedule,
     x0: Tensor,
     variance: str,
@@ -168,7 +179,7 @@ def bpd_exact(
     terms = []
     for t in range(schedule.num_timesteps):
         ts = torch.full((x0.shape[0],), t, device=x0.device, dtype=torch.long)
-        terms.append(_term(model_out, precise, x0, ts, variance, clip_x0, generator))
+        terms.append(_term(denoiser, precise, x0, ts, variance, clip_x0, generator))
         if progress is not None:
             progress(1)
     terms = torch.stack(terms, 1)
@@ -178,7 +189,7 @@ def bpd_exact(
 
 @torch.no_grad()
 def bpd_estimate(
-    model_out: ModelOut,
+    denoiser: Denoiser,
     schedule: NoiseSchedule,
     x0: Tensor,
     variance: str,
@@ -195,7 +206,7 @@ def bpd_estimate(
     precise = float64(schedule, x0.device)
     prior = prior_bpd(precise, x0.double())
     zeros = torch.zeros(B, device=x0.device, dtype=torch.long)
-    decoder = _term(model_out, precise, x0, zeros, variance, clip_x0, generator)
+    decoder = _term(denoiser, precise, x0, zeros, variance, clip_x0, generator)
     if T == 1:
         return decoder + prior
     # the inverse CDF of p(t) ∝ 1/t on 1..T-1, read at stratified uniforms
@@ -208,5 +219,5 @@ def bpd_estimate(
     index = torch.searchsorted(cdf, u.clamp(max=1 - 1e-12))
     t = (index + 1).to(x0.device)
     p_t = (weights / weights.sum())[index].to(x0.device)
-    middle = _term(model_out, precise, x0, t, variance, clip_x0, generator) / p_t
+    middle = _term(denoiser, precise, x0, t, variance, clip_x0, generator) / p_t
     return decoder + middle + prior

@@ -1,19 +1,18 @@
-"""DiffusionModule: the training objective, EMA weights and optimizer; `load_module` rebuilds one
-from a checkpoint. Images are drawn from it by `ddpm.generate`."""
+"""DiffusionModule: the training objective (its math in `ddpm.objectives`), EMA weights and
+optimizer; `load_module` rebuilds one from a checkpoint. Images are drawn from it by
+`ddpm.generate`."""
 
 from __future__ import annotations
 
 import logging
 import math
 import warnings
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import hydra
 import lightning as L
 import torch
-import torch.nn.functional as F
 from lightning.pytorch.callbacks import LearningRateMonitor
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
@@ -23,15 +22,27 @@ from torchmetrics import MeanMetric
 
 from ddpm.autoencoder import build_autoencoder, downsampling, load_autoencoder
 from ddpm.checkpoint import CheckpointError, load_checkpoint
-from ddpm.likelihood import bpd_estimate, reverse_log_variance, vb_term_bpd
+from ddpm.likelihood import bpd_estimate, learned_vb_term_bpd
 from ddpm.nonfinite import NonFiniteGuard
+from ddpm.objectives import (
+    LOSSES,
+    OBJECTIVES,
+    WEIGHTINGS,
+    Denoiser,
+    Prediction,
+    check_min_snr_gamma,
+    classifier_free_guidance,
+    drop_labels,
+    eps_from_output,
+    min_snr_weight,
+    per_sample_loss,
+    split_output,
+    training_target,
+)
 from ddpm.rng import RNGCapture
 from ddpm.schedule import NoiseSchedule
 from ddpm.trusted import check_node
 
-OBJECTIVES = ("eps", "x0", "v")
-LOSSES = {"mse": F.mse_loss, "l1": F.l1_loss}
-WEIGHTINGS = ("none", "min_snr")
 NONFINITE = ("stop", "skip")
 
 log = logging.getLogger(__name__)
@@ -77,17 +88,6 @@ def check_lr(lr: Any) -> None:
         raise ValueError(f"module.optimizer.lr must be a finite number > 0, e.g. 2e-4; got {lr!r}")
 
 
-def check_min_snr_gamma(gamma: Any) -> None:
-    """γ of min-SNR weighting caps the x_0 weight min(SNR, γ): at 0 every loss is 0 (nothing
-    trains) and below 0 the weights are negative, so the optimizer ascends the loss (nan fails
-    `> 0` too; inf, no cap, is the ε loss and allowed)."""
-    if isinstance(gamma, bool) or not isinstance(gamma, (int, float)) or not gamma > 0:
-        raise ValueError(
-            "module.min_snr_gamma must be a number > 0 (the cap γ of min(SNR, γ); Hang et al. "
-            f"use 5, module.min_snr_gamma=5); got {gamma!r}"
-        )
-
-
 def _plain(cfg: Any) -> Any:
     """Config node -> plain Python, so checkpoints hold no OmegaConf objects (weights_only)."""
     if isinstance(cfg, DictConfig):
@@ -110,7 +110,7 @@ class DiffusionModule(L.LightningModule):
         cond_drop_prob: for class-conditional nets, how often a label is replaced by the null
             label during training (classifier-free guidance, Ho & Salimans 2022).
         nonfinite / nonfinite_check_every / nonfinite_max_skips: what a non-finite loss or
-            gradient does, "stop" or "skip" (`ddpm.resume.NonFiniteGuard`).
+            gradient does, "stop" or "skip" (`ddpm.nonfinite.NonFiniteGuard`).
         channels_last: keep the network's weights and activations in NHWC (faster
             convolutions on tensor cores).
         compile: train through `nn.Module.compile` of the network (same module, same state-dict
@@ -289,21 +289,6 @@ class DiffusionModule(L.LightningModule):
         """The reverse variance of the bound: learned, or the configured fixed one."""
         return "learned" if self.hparams.learn_sigma else self.hparams.nll_variance
 
-    def split_output(self, out: Tensor) -> tuple[Tensor, Tensor | None]:
-        """The network's output -> (its prediction per `objective`, v or None)."""
-        if not self.hparams.learn_sigma:
-            return out, None
-        prediction, v = out.chunk(2, dim=1)
-        return prediction, v
-
-    def eps_from_output(self, out: Tensor, x_t: Tensor, t: Tensor) -> Tensor:
-        """Convert the network's prediction (per `objective`) to ε, which samplers take."""
-        if self.hparams.objective == "eps":
-            return out
-        if self.hparams.objective == "x0":
-            return self.schedule.predict_eps(x_t, t, out)
-        return self.schedule.eps_from_v(x_t, t, out)
-
     def loss_fn(
         self,
         x0: Tensor,
@@ -313,47 +298,32 @@ class DiffusionModule(L.LightningModule):
         return_t: bool = False,
     ) -> Tensor | tuple[Tensor, Tensor]:
         """Per-sample losses (B,) of the training objective at random t and ε (net: self.net),
-        and with `return_t` the timesteps they were drawn at."""
+        and with `return_t` the timesteps they were drawn at: x_t drawn, labels dropped for
+        guidance, the error of the prediction from its target, weighted, plus L_hybrid's
+        L_vlb for a learned variance (the math in `ddpm.objectives`)."""
         net = net if net is not None else self.net
-        hp = self.hparams
-        B = x0.shape[0]
+        hp, schedule = self.hparams, self.schedule
         t = torch.randint(
-            0, self.schedule.num_timesteps, (B,), device=x0.device, generator=generator
+            0, schedule.num_timesteps, (x0.shape[0],), device=x0.device, generator=generator
         )
         noise = torch.randn(x0.shape, device=x0.device, generator=generator, dtype=x0.dtype)
-        x_t = self.schedule.q_sample(x0, t, noise)  # eq. 4
+        x_t = schedule.q_sample(x0, t, noise)  # eq. 4
         if self.num_classes and y is not None and self.training and hp.cond_drop_prob:
-            drop = torch.rand(B, device=x0.device) < hp.cond_drop_prob
-            y = torch.where(drop, torch.full_like(y, self.num_classes), y)
+            y = drop_labels(y, self.num_classes, hp.cond_drop_prob)
         if hp.channels_last:
             x_t = x_t.contiguous(memory_format=torch.channels_last)
-        out, v = self.split_output(self._forward(net, x_t, t, y if self.num_classes else None))
-
-        # what the network predicts, and the weight of its error
-        if hp.objective == "eps":
-            target = noise
-        elif hp.objective == "x0":
-            target = x0
-        else:  # "v"
-            target = self.schedule.velocity(x0, t, noise)
-        per_pixel = LOSSES[hp.loss](out.float(), target.float(), reduction="none")
-        losses = per_pixel.flatten(1).mean(1)
+        output = self._forward(net, x_t, t, y if self.num_classes else None)
+        prediction, v = split_output(output, hp.learn_sigma)
+        target = training_target(hp.objective, schedule, x0, t, noise)
+        losses = per_sample_loss(hp.loss, prediction, target)
         if hp.loss_weighting == "min_snr":
-            # weight min(SNR, γ) on the x_0 error, expressed for the objective's own error
-            snr = self.schedule.snr(t)
-            x0_weight = snr.clamp(max=hp.min_snr_gamma)
-            if hp.objective == "eps":
-                weight = x0_weight / snr
-            elif hp.objective == "x0":
-                weight = x0_weight
-            else:
-                weight = x0_weight / (snr + 1)
-            losses = losses * weight
+            losses = losses * min_snr_weight(hp.objective, schedule.snr(t), hp.min_snr_gamma)
         if v is not None:  # L_hybrid: + λ L_vlb, L_vlb = T · E_t[L_t], the mean's gradient stopped
-            eps = self.eps_from_output(out.detach().float(), x_t.float(), t)
-            logvar = reverse_log_variance(self.schedule, t, x0.ndim, "learned", v.float())
-            vb = vb_term_bpd(self.schedule, x0.float(), x_t.float(), t, eps, logvar, clip_x0=False)
-            losses = losses + hp.vlb_weight * self.schedule.num_timesteps * vb
+            eps = eps_from_output(
+                hp.objective, schedule, prediction.detach().float(), x_t.float(), t
+            )
+            vb = learned_vb_term_bpd(schedule, x0, x_t, t, eps, v)
+            losses = losses + hp.vlb_weight * schedule.num_timesteps * vb
         return (losses, t) if return_t else losses
 
     def _forward(self, net: nn.Module, x_t: Tensor, t: Tensor, y: Tensor | None) -> Tensor:
@@ -410,7 +380,7 @@ class DiffusionModule(L.LightningModule):
         # the bound in bits/dim: comparable across schedules and objectives, unlike the loss
         labels = y if self.num_classes else None
         bpd = bpd_estimate(
-            self.model_out(self.ema.module, labels),
+            self.denoiser(self.ema.module, labels),
             self.schedule,
             x0,
             self.variance,
@@ -432,41 +402,42 @@ class DiffusionModule(L.LightningModule):
         }
 
     # ---------------------------------------------------------------- sampling
-    def model_out(
-        self, net: nn.Module, labels: Tensor | None = None
-    ) -> Callable[[Tensor, Tensor], tuple[Tensor, Tensor | None]]:
-        """`model_out(x_t, t) -> (ε, v or None)` of the (conditional) network, for the bound."""
+    def denoiser(self, net: nn.Module, labels: Tensor | None = None) -> Denoiser:
+        """`denoiser(x_t, t) -> Prediction(ε, v)`: the network `net` (self.net or the EMA's),
+        conditional on `labels` (B,) when given, its prediction converted to ε per `objective`
+        and v its variance output (None unless learn_sigma). For the bound and for one look at
+        x̂_0; samplers take `guided_denoiser`."""
 
-        def fn(x_t: Tensor, t: Tensor) -> tuple[Tensor, Tensor | None]:
-            out, v = self.split_output(net(x_t, t, labels) if labels is not None else net(x_t, t))
-            return self.eps_from_output(out, x_t, t), v
+        def fn(x_t: Tensor, t: Tensor) -> Prediction:
+            output = net(x_t, t, labels) if labels is not None else net(x_t, t)
+            prediction, v = split_output(output, self.hparams.learn_sigma)
+            eps = eps_from_output(self.hparams.objective, self.schedule, prediction, x_t, t)
+            return Prediction(eps, v)
 
         return fn
 
-    def model_fn(
+    def guided_denoiser(
         self, net: nn.Module, labels: Tensor | None = None, guidance: float = 0.0
-    ) -> Callable[[Tensor, Tensor], Tensor | tuple[Tensor, Tensor]]:
-        """`model_fn(x_t, t) -> ε` for a sampler, or (ε, v) for a model with learned variances;
-        with labels and guidance w > 0, ε is (1 + w) ε(x_t, y) - w ε(x_t, ∅) (Ho & Salimans
-        2022, eq. 6) and v the conditional one's (as GLIDE guides only the mean)."""
+    ) -> Denoiser:
+        """`denoiser`, with classifier-free guidance w = `guidance` > 0 (which needs labels):
+        the conditional and the unconditional ε of one doubled batch, combined by
+        `ddpm.objectives.classifier_free_guidance`. What a sampler takes."""
         if labels is not None and not self.num_classes:
             raise ValueError("labels were given but the model is not class-conditional")
         if guidance and labels is None:
             raise ValueError("guidance needs labels (and a class-conditional model)")
+        if labels is None or not guidance:
+            return self.denoiser(net, labels)
+        both = self.denoiser(net, torch.cat([labels, torch.full_like(labels, self.num_classes)]))
 
-        def fn(x_t: Tensor, t: Tensor) -> Tensor | tuple[Tensor, Tensor]:
-            if labels is None or not guidance:
-                eps, v = self.model_out(net, labels)(x_t, t)
-            else:
-                null = torch.full_like(labels, self.num_classes)
-                both = self.model_out(net, torch.cat([labels, null]))
-                eps, v = both(torch.cat([x_t, x_t]), torch.cat([t, t]))
-                cond, uncond = eps.chunk(2)
-                eps = (1 + guidance) * cond - guidance * uncond
-                v = None if v is None else v.chunk(2)[0]
-            return eps if v is None else (eps, v)
+        def fn(x_t: Tensor, t: Tensor) -> Prediction:
+            doubled = both(torch.cat([x_t, x_t]), torch.cat([t, t]))
+            return classifier_free_guidance(doubled, guidance)
 
         return fn
+
+    # ddpm/cli/eval.py's name for `denoiser`, until it follows the rename
+    model_out = denoiser
 
 
 def load_module(path: str | Path, map_location: str | torch.device = "cpu") -> DiffusionModule:

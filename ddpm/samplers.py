@@ -1,9 +1,10 @@
 """Samplers: plain functions with one signature.
 
-    sample_xxx(model_fn, schedule, x_T, steps, *, generator=None, callback=None, ...) -> x_0
+    sample_xxx(denoiser, schedule, x_T, steps, *, generator=None, callback=None, ...) -> x_0
 
-`model_fn(x_t, t) -> ε` (B, C, H, W) for (B,) int64 timesteps of the training chain, or (ε, v)
-for a model with learned variances (v interpolates log β̃ .. log β; only DDPM's variance uses it).
+`denoiser(x_t, t) -> (ε, v)` for (B,) int64 timesteps of the training chain: ε (B, C, H, W),
+and v (B, C, H, W) for a model with learned variances (it interpolates log β̃ .. log β; only
+DDPM's variance uses it) or None (a `ddpm.objectives.Prediction`).
 `callback(i, t, x_t, x0_pred)` is called after every step (i counts steps from 0), for animations.
 `generator` is a torch.Generator, or one per image (see `image_generators`) so that image k of a
 seed is the same whatever batch it was drawn in.
@@ -31,7 +32,8 @@ from torch import Tensor
 
 from ddpm.schedule import NoiseSchedule
 
-ModelFn = Callable[[Tensor, Tensor], Tensor | tuple[Tensor, Tensor]]
+# written out, not imported from ddpm.objectives: the math imports nothing but the schedule
+Denoiser = Callable[[Tensor, Tensor], tuple[Tensor, Tensor | None]]
 Callback = Callable[[int, Tensor, Tensor, Tensor], None]
 Generator = torch.Generator | Sequence[torch.Generator] | None
 LOGSNR_FLOOR = -5.1  # λ at which `logsnr` spacing's even grid stops (see `timesteps`)
@@ -137,13 +139,21 @@ def timesteps(
     return ts
 
 
-def _eps_and_v(out: Tensor | tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor | None]:
-    return out if isinstance(out, tuple) else (out, None)
+def _predict(denoiser: Denoiser, x: Tensor, t: Tensor) -> tuple[Tensor, Tensor | None]:
+    """(ε, v) of the denoiser at x_t; refuses a bare ε, which unpacking would split along the
+    batch without a word."""
+    out = denoiser(x, t)
+    if not isinstance(out, tuple):
+        raise TypeError(
+            f"a denoiser returns (ε, v or None), e.g. ddpm.objectives.Prediction(eps); got a "
+            f"{type(out).__name__}"
+        )
+    return out
 
 
 @torch.no_grad()
 def sample_ddpm(
-    model_fn: ModelFn,
+    denoiser: Denoiser,
     schedule: NoiseSchedule,
     x_T: Tensor,
     steps: int | None = None,
@@ -180,7 +190,7 @@ def sample_ddpm(
     x = x_T
     for i, idx in enumerate(reversed(range(len(ts)))):
         t = torch.full((x.shape[0],), int(ts[idx]), device=x.device, dtype=torch.long)
-        eps, v = _eps_and_v(model_fn(x, t))
+        eps, v = _predict(denoiser, x, t)
         if variance == "learned" and v is None:
             raise ValueError(
                 "variance='learned' needs a model trained with module.learn_sigma=true"
@@ -202,11 +212,11 @@ def sample_ddpm(
     return x
 
 
-def _x0_and_eps(model_fn: ModelFn, x: Tensor, t: Tensor, a_bar: float, clip_x0: bool):
+def _x0_and_eps(denoiser: Denoiser, x: Tensor, t: Tensor, a_bar: float, clip_x0: bool):
     """The model's ε, its x_0 = (x_t - √(1-ᾱ) ε) / √ᾱ (eq. 15), clipped, and the ε that fits it.
 
     Written out here, not `schedule.predict_x0`: ᾱ is the respaced chain's Python float."""
-    eps, _ = _eps_and_v(model_fn(x, t))
+    eps, _ = _predict(denoiser, x, t)
     x0 = (x - (1 - a_bar) ** 0.5 * eps) / a_bar**0.5
     if clip_x0:
         x0 = x0.clamp(-1, 1)
@@ -216,7 +226,7 @@ def _x0_and_eps(model_fn: ModelFn, x: Tensor, t: Tensor, a_bar: float, clip_x0: 
 
 @torch.no_grad()
 def sample_ddim(
-    model_fn: ModelFn,
+    denoiser: Denoiser,
     schedule: NoiseSchedule,
     x_T: Tensor,
     steps: int | None = 50,
@@ -240,7 +250,7 @@ def sample_ddim(
     for i, idx in enumerate(reversed(range(len(ts)))):
         t = torch.full((x.shape[0],), int(ts[idx]), device=x.device, dtype=torch.long)
         a_bar, a_bar_prev = a_bars[idx], a_bars_prev[idx]
-        x0, eps = _x0_and_eps(model_fn, x, t, a_bar, clip_x0)
+        x0, eps = _x0_and_eps(denoiser, x, t, a_bar, clip_x0)
         # eq. 16: σ_t(η) = η √((1 - ᾱ_{t-1}) / (1 - ᾱ_t)) √(1 - ᾱ_t / ᾱ_{t-1})
         sigma = eta * ((1 - a_bar_prev) / (1 - a_bar) * (1 - a_bar / a_bar_prev)) ** 0.5
         # eq. 12: predicted x_0, direction pointing to x_t, random noise
@@ -254,7 +264,7 @@ def sample_ddim(
 
 @torch.no_grad()
 def sample_dpmpp_2m(
-    model_fn: ModelFn,
+    denoiser: Denoiser,
     schedule: NoiseSchedule,
     x_T: Tensor,
     steps: int | None = 20,
@@ -279,7 +289,7 @@ def sample_dpmpp_2m(
     for i, idx in enumerate(reversed(range(len(ts)))):
         t = torch.full((x.shape[0],), int(ts[idx]), device=x.device, dtype=torch.long)
         a_bar = a_bars[idx]
-        x0, _ = _x0_and_eps(model_fn, x, t, a_bar, clip_x0)
+        x0, _ = _x0_and_eps(denoiser, x, t, a_bar, clip_x0)
         if idx == 0:  # to σ = 0: x is the data prediction itself
             x = x0
         else:
@@ -321,7 +331,7 @@ def sampler_settings(
     configured = settings.pop("steps", None)
     settings["steps"] = steps if steps is not None else configured
     # a misspelt option fails here, by name, not as a TypeError deep inside sampling
-    fixed = {"model_fn", "schedule", "x_T", "steps", "generator", "callback"}
+    fixed = {"denoiser", "schedule", "x_T", "steps", "generator", "callback"}
     known = set(inspect.signature(get_sampler(settings["sampler"])).parameters) - fixed
     unknown = set(settings) - known - {"sampler", "steps"}
     if unknown:

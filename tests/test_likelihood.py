@@ -12,6 +12,7 @@ from ddpm.likelihood import (
     bpd_exact,
     discretized_gaussian_log_likelihood,
     float64,
+    learned_vb_term_bpd,
     normal_kl,
     reverse_log_variance,
     vb_term_bpd,
@@ -26,11 +27,11 @@ def exact_model(schedule: NoiseSchedule):
     """ε*(x_t, t) of N(MU, S²) data, with no variance output (fixed variances)."""
     a_bar = schedule.alphas_cumprod.double()
 
-    def model_out(x, t):
+    def denoiser(x, t):
         a = a_bar[t].reshape(-1, 1, 1, 1)
         return (1 - a).sqrt() * (x - a.sqrt() * MU) / (a * S**2 + 1 - a), None
 
-    return model_out
+    return denoiser
 
 
 def np_cdf(x):  # improved-diffusion's approx_standard_normal_cdf
@@ -162,3 +163,23 @@ def test_learned_variance_interpolates_between_the_fixed_ones():
     assert bool((small[1:] <= large[1:]).all())
     with pytest.raises(ValueError, match="variance must be one of"):
         reverse_log_variance(schedule, t, 2, "medium")
+
+
+def test_learned_term_of_l_hybrid_is_the_bound_with_the_learned_variance():
+    """L_hybrid's L_vlb term: vb_term_bpd under the learned variance, x̂_0 unclipped, in float32;
+    v = -1 is the term of σ² = β̃ and v = +1 that of σ² = β."""
+    schedule = NoiseSchedule.linear(100)
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.rand(4, 1, 8, 8, generator=g) * 2 - 1
+    eps = torch.randn(4, 1, 8, 8, generator=g)
+    t = torch.tensor([0, 1, 50, 99])
+    x_t = schedule.q_sample(x0, t, eps)
+    eps_hat = 1.5 * eps  # a wrong ε̂, so the terms are not 0, and x̂_0 leaves [-1, 1]
+    small = reverse_log_variance(schedule, t, 4, "small")
+    large = torch.log(schedule.betas[t]).reshape(4, 1, 1, 1)
+    for v_value, logvar in ((-1.0, small), (1.0, large)):
+        v = torch.full(x0.shape, v_value, dtype=torch.float64)
+        got = learned_vb_term_bpd(schedule, x0.double(), x_t.double(), t, eps_hat, v)
+        want = vb_term_bpd(schedule, x0, x_t, t, eps_hat, logvar, clip_x0=False)
+        assert got.dtype == torch.float32 and bool((got > 0).all())
+        torch.testing.assert_close(got, want)

@@ -5,9 +5,10 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from ddpm.generate import denoised, generate, generate_all
+from ddpm.generate import DiffusionModel, denoised, generate, generate_all
 from ddpm.module import EMA, DiffusionModule
 from ddpm.nonfinite import DivergenceError, NonFiniteGuard
+from ddpm.objectives import Prediction, split_output
 
 NET = {
     "_target_": "ddpm.unet.UNet",
@@ -251,17 +252,31 @@ def test_every_objective_samples_with_every_sampler(objective, sampler):
     assert out.min() >= -1 and out.max() <= 1
 
 
-def test_eps_from_output_inverts_each_objective():
-    """Given the true target of each objective, eps_from_output must recover the true ε."""
-    x0 = torch.rand(3, 1, 8, 8) * 2 - 1
-    eps = torch.randn(3, 1, 8, 8)
-    t = torch.tensor([5, 50, 95])
-    for objective in ("eps", "x0", "v"):
-        module = make(objective=objective)
-        s = module.schedule
-        x_t = s.q_sample(x0, t, eps)
-        target = {"eps": eps, "x0": x0, "v": s.velocity(x0, t, eps)}[objective]
-        assert torch.allclose(module.eps_from_output(target, x_t, t), eps, atol=2e-3), objective
+def test_the_module_is_what_generate_needs():
+    """DiffusionModule has every attribute and method of generate's DiffusionModel protocol."""
+    assert isinstance(make(), DiffusionModel)
+
+
+@pytest.mark.parametrize("learn_sigma", [False, True])
+def test_denoisers_return_one_type(learn_sigma):
+    """Both denoisers return a Prediction, v None unless learn_sigma; the guided one's ε is
+    (1 + w) ε(x, y) - w ε(x, ∅) of the plain one's, v the conditional v."""
+    module = make(net={**NET, "num_classes": 3}, learn_sigma=learn_sigma).eval()
+    net, x, t = module.ema.module, images(4), torch.tensor([3, 40, 70, 99])
+    y, null = torch.tensor([0, 1, 2, 1]), torch.full((4,), 3)
+    with torch.no_grad():
+        cond = module.denoiser(net, y)(x, t)
+        uncond = module.denoiser(net, null)(x, t)
+        guided = module.guided_denoiser(net, y, 2.0)(x, t)
+        unguided = module.guided_denoiser(net, y)(x, t)
+    for pred in (cond, guided, unguided):
+        assert isinstance(pred, Prediction) and pred.eps.shape == x.shape
+        assert (pred.v is not None) == learn_sigma
+    assert not torch.allclose(cond.eps, uncond.eps)  # the label matters: w is seen
+    torch.testing.assert_close(guided.eps, 3 * cond.eps - 2 * uncond.eps, rtol=1e-4, atol=1e-5)
+    assert torch.equal(unguided.eps, cond.eps)
+    if learn_sigma:
+        torch.testing.assert_close(guided.v, cond.v, rtol=1e-4, atol=1e-5)
 
 
 def test_channels_last_gives_the_same_loss():
@@ -331,8 +346,8 @@ def test_learned_variances_train_and_sample():
     with torch.no_grad():
         after = vlb_of(module, x)
         t = torch.randint(0, 100, (len(x),), generator=torch.Generator().manual_seed(2))
-        _, v = module.split_output(
-            module.net(module.schedule.q_sample(x, t, torch.randn_like(x)), t)
+        _, v = split_output(
+            module.net(module.schedule.q_sample(x, t, torch.randn_like(x)), t), learn_sigma=True
         )
     assert 0 < after < 0.7 * before, (before, after)
     # σ² within [β̃, β] for all but a few pixels (v is not clamped, as in improved-diffusion)
@@ -379,7 +394,7 @@ def test_ddpm_sampler_draws_with_the_learned_variance():
             with_v, schedule, x_T, 20, generator=image_generators(0, 0, 2), variance="auto"
         )
         plain = sample_ddpm(
-            lambda x, t: 0.1 * x,
+            lambda x, t: Prediction(0.1 * x),
             schedule,
             x_T,
             20,

@@ -3,6 +3,7 @@ import pytest
 import torch
 from torch import Tensor
 
+from ddpm.objectives import Prediction
 from ddpm.samplers import (
     image_generators,
     randn,
@@ -20,6 +21,19 @@ def dummy_eps(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     """A model of known output (diffusers' test trick): ε = x · t / (t + 1)."""
     t = t.to(x.dtype).reshape(-1, *([1] * (x.ndim - 1)))
     return x * t / (t + 1)
+
+
+def fixed(eps_fn):
+    """An ε function as a denoiser of fixed variance: (x_t, t) -> Prediction(ε, None)."""
+    return lambda x, t: Prediction(eps_fn(x, t))
+
+
+def test_a_bare_eps_is_refused():
+    """A denoiser returns (ε, v): a bare ε (2, ...) would unpack into two half-batches."""
+    x_T = torch.randn(2, 1, 4, 4)
+    for sampler in (sample_ddpm, sample_ddim, sample_dpmpp_2m):
+        with pytest.raises(TypeError, match=r"returns \(ε, v or None\).*got a Tensor"):
+            sampler(dummy_eps, NoiseSchedule.linear(10), x_T, 2)
 
 
 def reference_ddpm(x_T, betas, seeds, variance):
@@ -48,7 +62,7 @@ def test_ddpm_matches_algorithm_2(variance):
     seeds = (7, 0, 3)
     x_T = randn((3, 1, 4, 4), image_generators(*seeds), "cpu")
     got = sample_ddpm(
-        dummy_eps,
+        fixed(dummy_eps),
         schedule,
         x_T,
         20,
@@ -63,9 +77,9 @@ def test_ddpm_matches_algorithm_2(variance):
 def test_ddpm_is_deterministic_given_seed_and_uses_noise():
     schedule = NoiseSchedule.linear(50)
     x_T = torch.randn(2, 1, 4, 4, generator=torch.Generator().manual_seed(0))
-    a = sample_ddpm(dummy_eps, schedule, x_T, 50, generator=image_generators(1, 0, 2))
-    b = sample_ddpm(dummy_eps, schedule, x_T, 50, generator=image_generators(1, 0, 2))
-    c = sample_ddpm(dummy_eps, schedule, x_T, 50, generator=image_generators(2, 0, 2))
+    a = sample_ddpm(fixed(dummy_eps), schedule, x_T, 50, generator=image_generators(1, 0, 2))
+    b = sample_ddpm(fixed(dummy_eps), schedule, x_T, 50, generator=image_generators(1, 0, 2))
+    c = sample_ddpm(fixed(dummy_eps), schedule, x_T, 50, generator=image_generators(2, 0, 2))
     assert torch.equal(a, b)
     assert not torch.allclose(a, c)
 
@@ -74,7 +88,7 @@ def test_callback_sees_every_step_in_order():
     schedule = NoiseSchedule.linear(1000)
     seen = []
     sample_ddpm(
-        dummy_eps,
+        fixed(dummy_eps),
         schedule,
         torch.randn(1, 1, 2, 2),
         10,
@@ -111,7 +125,7 @@ def test_clipping_keeps_x0_in_range():
     schedule = NoiseSchedule.linear(100)
     x0s = []
     sample_ddpm(
-        lambda x, t: -10 * torch.ones_like(x),
+        fixed(lambda x, t: -10 * torch.ones_like(x)),
         schedule,
         torch.randn(2, 1, 4, 4),
         100,
@@ -157,7 +171,7 @@ def test_ddim_matches_eq_12(eta, spacing):
     seeds = (3, 0, 2)
     x_T = randn((2, 1, 4, 4), image_generators(*seeds), "cpu")
     got = sample_ddim(
-        dummy_eps,
+        fixed(dummy_eps),
         schedule,
         x_T,
         10,
@@ -175,10 +189,16 @@ def test_ddim_eta_1_all_steps_is_ddpm(clip):
     schedule = NoiseSchedule.linear(100, 1e-3, 0.1)
     x_T = randn((2, 1, 4, 4), image_generators(0, 0, 2), "cpu")
     ddim = sample_ddim(
-        dummy_eps, schedule, x_T, 100, generator=image_generators(1, 0, 2), eta=1.0, clip_x0=clip
+        fixed(dummy_eps),
+        schedule,
+        x_T,
+        100,
+        generator=image_generators(1, 0, 2),
+        eta=1.0,
+        clip_x0=clip,
     )
     ddpm = sample_ddpm(
-        dummy_eps,
+        fixed(dummy_eps),
         schedule,
         x_T,
         100,
@@ -219,7 +239,7 @@ def reference_dpmpp_2m(x_T, schedule, ts):
 def test_dpmpp_2m_matches_algorithm_2():
     schedule = NoiseSchedule.cosine(1000)
     x_T = torch.randn(2, 1, 4, 4, generator=torch.Generator().manual_seed(0))
-    got = sample_dpmpp_2m(dummy_eps, schedule, x_T, 12, clip_x0=False)
+    got = sample_dpmpp_2m(fixed(dummy_eps), schedule, x_T, 12, clip_x0=False)
     want = reference_dpmpp_2m(x_T, schedule, timesteps(1000, 12, "logsnr", schedule.alphas_cumprod))
     assert torch.allclose(got.double(), want, rtol=1e-4, atol=1e-4)
 
@@ -228,8 +248,8 @@ def test_dpmpp_2m_matches_algorithm_2():
 def test_deterministic_samplers_ignore_the_generator(sampler):
     schedule = NoiseSchedule.linear(1000)
     x_T = torch.randn(2, 1, 4, 4, generator=torch.Generator().manual_seed(0))
-    a = sampler(dummy_eps, schedule, x_T, 15, generator=image_generators(1, 0, 2))
-    b = sampler(dummy_eps, schedule, x_T, 15, generator=image_generators(9, 0, 2))
+    a = sampler(fixed(dummy_eps), schedule, x_T, 15, generator=image_generators(1, 0, 2))
+    b = sampler(fixed(dummy_eps), schedule, x_T, 15, generator=image_generators(9, 0, 2))
     assert torch.equal(a, b)
 
 
@@ -249,7 +269,7 @@ def test_exact_denoiser_of_a_point_mass_lands_on_it(sampler, steps):
         return (x - a.sqrt() * target) / (1 - a).sqrt()
 
     x_T = torch.randn(3, 1, 4, 4, generator=torch.Generator().manual_seed(0))
-    out = sampler(exact, schedule, x_T, steps, generator=image_generators(0, 0, 3))
+    out = sampler(fixed(exact), schedule, x_T, steps, generator=image_generators(0, 0, 3))
     assert torch.allclose(out, target.expand_as(out), atol=1e-3)
 
 
@@ -274,7 +294,7 @@ def test_one_step_starts_from_pure_noise(sampler):
         return (1 - a).sqrt() * (x - a.sqrt() * mu) / (a * s**2 + 1 - a)
 
     x_T = torch.randn(256, 1, 2, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
-    out = sampler(eps_star, schedule, x_T, 1, clip_x0=False)
+    out = sampler(fixed(eps_star), schedule, x_T, 1, clip_x0=False)
     assert timesteps(1000, 1).tolist() == [999] and seen == [999]
     assert abs(out.mean().item() - mu) < 0.01 and out.std().item() < 0.05
 
@@ -312,7 +332,7 @@ def ode_errors(sampler, schedule, steps_list, **options):
     want = ode_end(schedule, x_T)
     eps = gaussian_eps(schedule)
     return [
-        (sampler(eps, schedule, x_T, n, clip_x0=False, **options) - want).abs().max().item()
+        (sampler(fixed(eps), schedule, x_T, n, clip_x0=False, **options) - want).abs().max().item()
         for n in steps_list
     ]
 
@@ -377,7 +397,13 @@ def test_stochastic_samplers_reach_the_data_distribution(name):
     g = torch.Generator().manual_seed(1)
     x_T = torch.randn(20_000, 8, generator=g, dtype=torch.float64)
     out = sampler(
-        gaussian_eps(schedule, mu, s), schedule, x_T, 1000, generator=g, clip_x0=False, **options
+        fixed(gaussian_eps(schedule, mu, s)),
+        schedule,
+        x_T,
+        1000,
+        generator=g,
+        clip_x0=False,
+        **options,
     )
     standard_error = s / 20_000**0.5
     assert (out.mean(0) - mu).abs().max() < 4 * standard_error
@@ -394,7 +420,7 @@ def test_respaced_ddpm_variances_bracket_the_data_variance():
         g = torch.Generator().manual_seed(1)
         x_T = torch.randn(20_000, 8, generator=g, dtype=torch.float64)
         out = sample_ddpm(
-            gaussian_eps(schedule, mu, s),
+            fixed(gaussian_eps(schedule, mu, s)),
             schedule,
             x_T,
             50,
