@@ -31,9 +31,10 @@ S = 0.6
 def exact_eps(schedule: NoiseSchedule):
     a_bar = schedule.alphas_cumprod.double()
 
-    def eps(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    def eps(x: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, None]:
+        """The samplers' denoiser: (ε, no learned variance)."""
         a = a_bar[t.long()].reshape(-1, *[1] * (x.ndim - 1))
-        return (1 - a).sqrt() * (x - a.sqrt() * MU) / (a * S**2 + 1 - a)
+        return (1 - a).sqrt() * (x - a.sqrt() * MU) / (a * S**2 + 1 - a), None
 
     return eps
 
@@ -51,7 +52,7 @@ def diffusers_dpmpp(schedule: NoiseSchedule, x_T: torch.Tensor, steps: int) -> t
     scheduler.set_timesteps(steps)
     eps, x = exact_eps(schedule), x_T
     for t in scheduler.timesteps:
-        x = scheduler.step(eps(x, t.reshape(1)), t, x).prev_sample
+        x = scheduler.step(eps(x, t.reshape(1))[0], t, x).prev_sample
     return x
 
 

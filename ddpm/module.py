@@ -436,9 +436,6 @@ class DiffusionModule(L.LightningModule):
 
         return fn
 
-    # ddpm/cli/eval.py's name for `denoiser`, until it follows the rename
-    model_out = denoiser
-
 
 def load_module(path: str | Path, map_location: str | torch.device = "cpu") -> DiffusionModule:
     """Rebuild the DiffusionModule saved in `path` (network, schedule, EMA) in eval mode."""

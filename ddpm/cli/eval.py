@@ -78,7 +78,7 @@ def negative_log_likelihood(
                 y = labels[start : start + cfg.batch_size].to(device)
             with torch.no_grad():
                 out = bpd_exact(
-                    module.model_out(net, y),
+                    module.denoiser(net, y),
                     module.schedule,
                     x0,
                     module.variance,
