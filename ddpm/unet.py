@@ -294,6 +294,24 @@ def check_config(config: Mapping[str, Any]) -> None:
     check_attention_sizes(args["image_size"], args["ch_mult"], args["attn_resolutions"])
 
 
+class _Blocks:
+    """The UNet's ResBlocks and attention blocks, made with its shared settings: heads of
+    `head_dim` channels each, or `num_heads` heads whatever the width."""
+
+    def __init__(
+        self, emb_dim: int, dropout: float, norm: Norm, num_heads: int, head_dim: int | None
+    ) -> None:
+        self.emb_dim, self.dropout, self.norm = emb_dim, dropout, norm
+        self.num_heads, self.head_dim = num_heads, head_dim
+
+    def res(self, c_in: int, c_out: int) -> ResBlock:
+        return ResBlock(c_in, c_out, self.emb_dim, self.dropout, self.norm)
+
+    def attn(self, width: int) -> AttnBlock:
+        heads = width // self.head_dim if self.head_dim else self.num_heads
+        return AttnBlock(width, heads, self.norm)
+
+
 class UNet(nn.Module):
     """`UNet(x, t, y=None) -> tensor of x's shape`.
 
@@ -360,15 +378,9 @@ class UNet(nn.Module):
         self.null_label = bool(null_label)
         self.flip_sin_to_cos = bool(flip_sin_to_cos)
         self.freq_shift = freq_shift
-        out_channels = out_channels or in_channels
         emb_dim = 4 * ch
         norm = partial(_norm, groups=norm_groups, eps=norm_eps)
-
-        def attention(width: int) -> AttnBlock:
-            return AttnBlock(width, width // head_dim if head_dim else num_heads, norm)
-
-        def resblock(c_in: int, c_out: int) -> ResBlock:
-            return ResBlock(c_in, c_out, emb_dim, dropout, norm)
+        blocks = _Blocks(emb_dim, dropout, norm, num_heads, head_dim)
 
         self.ch = ch
         self.time_embed = nn.Sequential(
@@ -379,14 +391,31 @@ class UNet(nn.Module):
         self.class_embed = nn.Embedding(rows, emb_dim) if num_classes else None
 
         self.conv_in = nn.Conv2d(in_channels, ch, 3, padding=1)
+        cur = self._paths(
+            blocks, ch, ch_mult, num_res_blocks, attn_resolutions, downsample_padding
+        )
+        self.norm_out = norm(cur)
+        self.conv_out = nn.Conv2d(cur, out_channels or in_channels, 3, padding=1)
+
+    def _paths(
+        self,
+        blocks: _Blocks,
+        ch: int,
+        ch_mult: Sequence[int],
+        num_res_blocks: int,
+        attended: set[int],
+        downsample_padding: int,
+    ) -> int:
+        """The down path, the middle and the up path (in this order: the state dict's); returns
+        the width the up path ends at."""
         self.down = nn.ModuleList()
         skip_channels = [ch]
-        cur, res = ch, image_size
+        cur, res = ch, self.image_size
         for level, mult in enumerate(ch_mult):
             for _ in range(num_res_blocks):
                 out = ch * mult
-                attn = attention(out) if res in attn_resolutions else None
-                self.down.append(_Level(resblock(cur, out), attn))
+                attn = blocks.attn(out) if res in attended else None
+                self.down.append(_Level(blocks.res(cur, out), attn))
                 cur = out
                 skip_channels.append(cur)
             if level != len(ch_mult) - 1:
@@ -395,22 +424,20 @@ class UNet(nn.Module):
                 res //= 2
 
         self.mid = nn.ModuleList(
-            [_Level(resblock(cur, cur), attention(cur)), _Level(resblock(cur, cur), None)]
+            [_Level(blocks.res(cur, cur), blocks.attn(cur)), _Level(blocks.res(cur, cur), None)]
         )
 
         self.up = nn.ModuleList()
         for level, mult in reversed(list(enumerate(ch_mult))):
             for _ in range(num_res_blocks + 1):
                 out = ch * mult
-                attn = attention(out) if res in attn_resolutions else None
-                self.up.append(_Level(resblock(cur + skip_channels.pop(), out), attn))
+                attn = blocks.attn(out) if res in attended else None
+                self.up.append(_Level(blocks.res(cur + skip_channels.pop(), out), attn))
                 cur = out
             if level != 0:
                 self.up.append(Upsample(cur))
                 res *= 2
-
-        self.norm_out = norm(cur)
-        self.conv_out = nn.Conv2d(cur, out_channels, 3, padding=1)
+        return cur
 
     def forward(self, x: Tensor, t: Tensor, y: Tensor | None = None) -> Tensor:
         if x.shape[-1] != self.image_size or x.shape[-2] != self.image_size:
