@@ -10,9 +10,14 @@ from typing import Any
 PREDICTIONS = {"eps": "epsilon", "x0": "sample", "v": "v_prediction"}
 
 
+def run_dir(ckpt: Path) -> Path:
+    """RUN of RUN/checkpoints/x.ckpt (train.py's layout), else the checkpoint's folder."""
+    return ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt.parent
+
+
 def run_metrics(ckpt: Path) -> dict[str, Any]:
-    """The run's metrics.json (RUN/checkpoints/x.ckpt -> RUN/metrics.json), or {}."""
-    run = ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt.parent
+    """The run's metrics.json, or {}."""
+    run = run_dir(ckpt)
     try:
         value = json.loads((run / "metrics.json").read_text())
     except (OSError, ValueError):
@@ -24,6 +29,10 @@ def _schedule(schedule: dict[str, Any], T: int) -> str:
     name = str(schedule.get("_target_", "")).rsplit(".", 1)[-1]
     args = ", ".join(f"{k} {v}" for k, v in schedule.items() if k not in ("_target_", "betas"))
     return f"{name} ({args})" if args else f"{name} (given betas, T = {T})"
+
+
+def _figure(value: Any) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
 USE = """```python
@@ -76,8 +85,12 @@ def model_card(module: Any, raw: dict[str, Any], ckpt: Path, record: dict[str, A
         ("network", f"ddpm.unet.UNet, {params / 1e6:.2f}M parameters (here: UNet2DModel)"),
         ("weights", f"EMA, decay {hp.ema_decay}"),
     ]
+    origin = raw.get("converted_from") or {}
+    if origin:  # not trained here: converted in, then out again
+        rows.insert(0, ("converted from", f"{origin.get('format')} folder {origin.get('source')}"))
+    how = "converted into" if origin else "trained with"
     metrics = run_metrics(ckpt)
-    rows += [(f"metrics.json: {k}", v) for k, v in metrics.items()]
+    rows += [(f"metrics.json: {k}", _figure(v)) for k, v in metrics.items() if k != "step"]
     table = "\n".join(f"| {k} | {v} |" for k, v in rows)
     folder = "PATH/TO/THIS/FOLDER"
     if module.num_classes:
@@ -100,9 +113,9 @@ library_name: diffusers
 pipeline_tag: unconditional-image-generation
 tags: [ddpm, diffusion]
 ---
-# {ckpt.stem}
+# {run_dir(ckpt).name}/{ckpt.name}
 
-A denoising diffusion model trained with ddpm (PyTorch Lightning + Hydra) and exported by
+A denoising diffusion model {how} ddpm (PyTorch Lightning + Hydra), exported by
 `python -m ddpm.convert export {ckpt.name} DIR`.
 
 | | |
