@@ -644,3 +644,21 @@ def test_schedule_options_are_refused_where_the_folder_has_a_scheduler(tmp_path,
     src = bad_folder(tmp_path / "src", {}, {})
     argv = ["import", str(src), str(tmp_path / "out.ckpt"), "--schedule", "linear"]
     refused(capsys, argv, ["--schedule is for a UNet folder without one"], tmp_path)
+
+
+def test_a_latent_model_is_refused_by_name(tmp_path: Path, capsys):
+    """DDPMPipeline has no autoencoder stage (and LDMPipeline decodes with a VQModel)."""
+    vae = {"_target_": "diffusers.AutoencoderKL", "in_channels": 1, "out_channels": 1}
+    vae |= {"block_out_channels": [8, 8], "down_block_types": ["DownEncoderBlock2D"] * 2}
+    vae |= {"up_block_types": ["UpDecoderBlock2D"] * 2, "latent_channels": 2}
+    vae |= {"norm_num_groups": 4, "layers_per_block": 1}
+    net = {"_target_": "ddpm.unet.UNet", "image_size": 8, "in_channels": 2, "ch": 32}
+    net |= {"ch_mult": [1], "attn_resolutions": []}
+    hparams = build.hyper_parameters(
+        net, {"_target_": "ddpm.schedule.NoiseSchedule.linear"}, "eps", "large"
+    )
+    hparams["autoencoder"] = {"net": vae}
+    kwargs = {k: v for k, v in net.items() if k != "_target_"}
+    module = build.build_module(hparams, lambda _: UNet(**kwargs).state_dict())
+    ckpt = build.save(build.checkpoint(module, [], {}, {}), tmp_path / "latent.ckpt")
+    refused(capsys, ["export", str(ckpt), str(tmp_path / "out")], ["latent model"], tmp_path)
