@@ -224,6 +224,7 @@ def test_a_class_conditional_model_imports_with_its_labels(tmp_path: Path, null_
     module = load_module(tmp_path / "cond.ckpt")
     assert module.hparams.objective == "v" and module.hparams.net["head_dim"] == 16
     classes = 5 if null_label == "none" else 4
+    assert module.hparams.cond_drop_prob == (0.0 if null_label == "none" else 0.1)
     assert module.num_classes == classes and module.class_names == [str(k) for k in range(classes)]
     difference, _ = same_function(module.ema.module, theirs, 3, 16, 1000, classes=classes)
     assert difference < 1e-4

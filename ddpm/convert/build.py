@@ -46,6 +46,8 @@ def hyper_parameters(
         "objective": objective,
         "learn_sigma": variance == "learned",
         "nll_variance": variance if variance in ("large", "small") else "large",
+        # a network without a null label has no row to drop labels to (guidance training)
+        **({"cond_drop_prob": 0.0} if net.get("null_label") is False else {}),
     }
 
 
