@@ -183,6 +183,12 @@ class DiffusionModule(L.LightningModule):
         # learned variances: the network's output doubles, ε (or x_0, v) then the variance v
         out_channels = {"out_channels": 2 * net.get("in_channels", 3)} if learn_sigma else {}
         self.net: nn.Module = hydra.utils.instantiate(net, **out_channels)
+        if cond_drop_prob and self.num_classes and not getattr(self.net, "null_label", True):
+            raise ValueError(
+                f"module.cond_drop_prob={cond_drop_prob} drops labels to the null label, which "
+                "this network has none of (model.null_label=false, e.g. imported from a "
+                "diffusers num_class_embeds model): set module.cond_drop_prob=0"
+            )
         self.autoencoder: nn.Module | None = None
         if autoencoder:
             self._attach_autoencoder(autoencoder)
@@ -428,6 +434,12 @@ class DiffusionModule(L.LightningModule):
             raise ValueError("guidance needs labels (and a class-conditional model)")
         if labels is None or not guidance:
             return self.denoiser(net, labels)
+        if not getattr(net, "null_label", True):
+            raise ValueError(
+                f"guidance={guidance} needs the null label, which this network has none of "
+                "(model.null_label=false, e.g. imported from a diffusers num_class_embeds "
+                "model): sample with guidance=0"
+            )
         both = self.denoiser(net, torch.cat([labels, torch.full_like(labels, self.num_classes)]))
 
         def fn(x_t: Tensor, t: Tensor) -> Prediction:

@@ -402,3 +402,18 @@ def test_ddpm_sampler_draws_with_the_learned_variance():
             variance=fixed,
         )
         assert torch.allclose(learned, plain, atol=1e-5)
+
+
+def test_a_network_without_a_null_label_refuses_label_dropout_and_guidance():
+    """A class-conditional UNet with no null row (a diffusers num_class_embeds import) cannot
+    drop labels in training nor run the unconditional half of guidance: both are named at the
+    start, not an IndexError inside the embedding."""
+    net = {**NET, "num_classes": 3, "null_label": False}
+    with pytest.raises(ValueError, match="set module.cond_drop_prob=0"):
+        make(net=net, cond_drop_prob=0.1)
+    module = make(net=net, cond_drop_prob=0.0)
+    labels = torch.tensor([0, 1])
+    x, t = torch.randn(2, 1, 8, 8), torch.tensor([5, 50])
+    assert module.guided_denoiser(module.net, labels, 0.0)(x, t).eps.shape == x.shape
+    with pytest.raises(ValueError, match="guidance=2.0 needs the null label"):
+        module.guided_denoiser(module.net, labels, 2.0)
