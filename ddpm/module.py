@@ -95,6 +95,17 @@ def _plain(cfg: Any) -> Any:
     return cfg
 
 
+def check_label_dropout(net: nn.Module, cond_drop_prob: float) -> None:
+    """Label dropout replaces labels by the null label: a class-conditional network without
+    one (a diffusers num_class_embeds import) cannot train with it."""
+    if cond_drop_prob and getattr(net, "num_classes", None) and not getattr(net, "null_label", 1):
+        raise ValueError(
+            f"module.cond_drop_prob={cond_drop_prob} drops labels to the null label, which "
+            "this network has none of (model.null_label=false, e.g. imported from a "
+            "diffusers num_class_embeds model): set module.cond_drop_prob=0"
+        )
+
+
 class DiffusionModule(L.LightningModule):
     """Trains a denoiser on L = E_{t, x_0, ε} w(t) · ||target - net(x_t, t)||  (Ho et al. eq. 14).
 
@@ -183,12 +194,7 @@ class DiffusionModule(L.LightningModule):
         # learned variances: the network's output doubles, ε (or x_0, v) then the variance v
         out_channels = {"out_channels": 2 * net.get("in_channels", 3)} if learn_sigma else {}
         self.net: nn.Module = hydra.utils.instantiate(net, **out_channels)
-        if cond_drop_prob and self.num_classes and not getattr(self.net, "null_label", True):
-            raise ValueError(
-                f"module.cond_drop_prob={cond_drop_prob} drops labels to the null label, which "
-                "this network has none of (model.null_label=false, e.g. imported from a "
-                "diffusers num_class_embeds model): set module.cond_drop_prob=0"
-            )
+        check_label_dropout(self.net, cond_drop_prob)
         self.autoencoder: nn.Module | None = None
         if autoencoder:
             self._attach_autoencoder(autoencoder)
