@@ -94,6 +94,8 @@ def timesteps(
     λ = log(α/σ) (needs the schedule's `alphas_cumprod`), DPM-Solver's choice for its multistep
     solvers (Lu et al. 2022, Sec. 3.3 / App. D): uniform t leaves one step near t = 0 whose λ
     gap shrinks only like ½·log(1 + T/steps), which caps a 2nd-order solver at 1st-order error.
+    `trailing` counts back from T - 1 in strides of T/steps: the grid of N steps is every
+    other point of 2N's (what progressive distillation halves, `ddpm.distill`).
     """
     if not 1 <= steps <= num_timesteps:
         raise ValueError(
@@ -106,6 +108,13 @@ def timesteps(
     elif spacing == "quadratic":
         root_t = (num_timesteps - 1) ** 0.5
         ts = (torch.linspace(0, root_t, steps, dtype=torch.float64) ** 2).round().long()
+    elif spacing == "trailing":
+        # every (T/steps)-th step counted back from T - 1 (Lin et al. 2024, Table 2; diffusers'
+        # timestep_spacing="trailing"): the last step starts at t = T/steps - 1, not at 0, and
+        # the grid of N steps is every other point of the grid of 2N, which progressive
+        # distillation needs (ddpm.distill). Integer rounding (half up) keeps that exact.
+        i = torch.arange(1, steps + 1)
+        ts = (2 * num_timesteps * i + steps) // (2 * steps) - 1
     elif spacing == "logsnr":
         if alphas_cumprod is None or len(alphas_cumprod) != num_timesteps:
             raise ValueError("logsnr spacing needs the schedule's alphas_cumprod")
@@ -123,9 +132,10 @@ def timesteps(
         ts[-1] = num_timesteps - 1
     else:
         raise ValueError(
-            f"timestep spacing must be 'uniform', 'quadratic' or 'logsnr', got {spacing!r}"
+            "timestep spacing must be 'uniform', 'quadratic', 'logsnr' or 'trailing', got "
+            f"{spacing!r}"
         )
-    if spacing != "uniform":
+    if spacing in ("quadratic", "logsnr"):
         # near t = 0 several grid points round onto one step: move each repeat one step up,
         # then (at steps close to T) each overflow one step down below its successor
         for i in range(1, steps):
