@@ -51,7 +51,7 @@ _AUTOENCODERS = {
 
 # slot kind -> (the callables a file may name for it, what the message calls one)
 ALLOWED: dict[str, tuple[set[str], str]] = {
-    "network": ({"ddpm.unet.UNet"}, "a network of this project"),
+    "network": ({"ddpm.unet.UNet", "ddpm.adm.ADM"}, "a network of this project"),
     "autoencoder": (set(_AUTOENCODERS), "an autoencoder this project uses"),
     "schedule": (
         {

@@ -28,6 +28,7 @@ ROOMS = ("data", "metrics", "run", "cli")  # the folders; everything else is the
 MATH = {
     "schedule": set(),
     "unet": set(),
+    "adm": set(),
     "samplers": {"schedule"},
     "likelihood": {"schedule"},
     "objectives": {"schedule", "likelihood"},
