@@ -23,19 +23,16 @@ from __future__ import annotations
 
 import inspect
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor
 
+from ddpm.sampler_base import Callback, Denoiser, Generator, predict, randn
 from ddpm.schedule import NoiseSchedule
 
-# written out, not imported from ddpm.objectives: the math imports nothing but the schedule
-Denoiser = Callable[[Tensor, Tensor], tuple[Tensor, Tensor | None]]
-Callback = Callable[[int, Tensor, Tensor, Tensor], None]
-Generator = torch.Generator | Sequence[torch.Generator] | None
 LOGSNR_FLOOR = -5.1  # λ at which `logsnr` spacing's even grid stops (see `timesteps`)
 
 
@@ -68,19 +65,6 @@ def image_generators(seed: int, first: int, count: int) -> list[torch.Generator]
     ]
 
 
-def randn(shape: Sequence[int], generator: Generator, device: torch.device | str) -> Tensor:
-    """Standard normal noise of `shape`, drawn per image when given a list of generators."""
-    if isinstance(generator, Sequence) and not isinstance(generator, torch.Generator):
-        if len(generator) != shape[0]:
-            raise ValueError(f"{len(generator)} generators for a batch of {shape[0]} images")
-        return torch.stack([torch.randn(tuple(shape[1:]), generator=g) for g in generator]).to(
-            device
-        )
-    if generator is not None and generator.device != torch.device(device):
-        return torch.randn(tuple(shape), generator=generator).to(device)
-    return torch.randn(tuple(shape), generator=generator, device=device)
-
-
 def timesteps(
     num_timesteps: int,
     steps: int,
@@ -94,6 +78,8 @@ def timesteps(
     λ = log(α/σ) (needs the schedule's `alphas_cumprod`), DPM-Solver's choice for its multistep
     solvers (Lu et al. 2022, Sec. 3.3 / App. D): uniform t leaves one step near t = 0 whose λ
     gap shrinks only like ½·log(1 + T/steps), which caps a 2nd-order solver at 1st-order error.
+    `angle` spaces them evenly in φ = arctan(σ/α) (needs `alphas_cumprod` too): dense in the
+    middle of λ and sparse at both ends, DPM-Solver++(3M)'s default (docs/samplers.md).
     `trailing` counts back from T - 1 in strides of T/steps: the grid of N steps is every
     other point of 2N's (what progressive distillation halves, `ddpm.distill`).
     """
@@ -115,16 +101,22 @@ def timesteps(
         # distillation needs (ddpm.distill). Integer rounding (half up) keeps that exact.
         i = torch.arange(1, steps + 1)
         ts = (2 * num_timesteps * i + steps) // (2 * steps) - 1
-    elif spacing == "logsnr":
+    elif spacing in ("logsnr", "angle"):
         if alphas_cumprod is None or len(alphas_cumprod) != num_timesteps:
-            raise ValueError("logsnr spacing needs the schedule's alphas_cumprod")
+            raise ValueError(f"{spacing} spacing needs the schedule's alphas_cumprod")
         a_bar = alphas_cumprod.double().cpu()
         lam = (0.5 * torch.log(a_bar / (1 - a_bar))).numpy()  # decreasing in t
-        # below λ ≈ -5 (ᾱ < 5e-5, where the linear schedule of Ho et al. ends) x_t is noise to
-        # within 1 %: the cosine and sigmoid schedules reach λ ≈ -10 in their last few steps,
-        # and an even λ grid to there would spend a third of its steps on them. The first
-        # step still starts at t = T - 1.
-        grid = np.linspace(lam[0], max(lam[-1], LOGSNR_FLOOR), steps)
+        if spacing == "logsnr":
+            # below λ ≈ -5 (ᾱ < 5e-5, where the linear schedule of Ho et al. ends) x_t is
+            # noise to within 1 %: the cosine and sigmoid schedules reach λ ≈ -10 in their last
+            # few steps, and an even λ grid to there would spend a third of its steps on them.
+            # The first step still starts at t = T - 1.
+            grid = np.linspace(lam[0], max(lam[-1], LOGSNR_FLOOR), steps)
+        else:
+            # φ = arctan(σ/α) = arctan(e^-λ), the angle of (α, σ) on the unit circle (Salimans
+            # & Ho 2022's φ): even in φ is even in t on the cosine schedule, on any schedule
+            phi = np.linspace(np.arctan(np.exp(-lam[0])), np.arctan(np.exp(-lam[-1])), steps)
+            grid = -np.log(np.tan(phi))
         # the (fractional) t where λ(t) meets each grid point, rounded: np.interp wants
         # increasing x, so λ is read backwards
         t_of_lam = np.interp(grid[::-1], lam[::-1], np.arange(num_timesteps)[::-1])[::-1]
@@ -132,10 +124,10 @@ def timesteps(
         ts[-1] = num_timesteps - 1
     else:
         raise ValueError(
-            "timestep spacing must be 'uniform', 'quadratic', 'logsnr' or 'trailing', got "
-            f"{spacing!r}"
+            "timestep spacing must be 'uniform', 'quadratic', 'logsnr', 'angle' or 'trailing', "
+            f"got {spacing!r}"
         )
-    if spacing in ("quadratic", "logsnr"):
+    if spacing in ("quadratic", "logsnr", "angle"):
         # near t = 0 several grid points round onto one step: move each repeat one step up,
         # then (at steps close to T) each overflow one step down below its successor
         for i in range(1, steps):
@@ -147,18 +139,6 @@ def timesteps(
     if len(ts) != steps or ts[0] < 0 or ts[-1] > num_timesteps - 1:
         raise ValueError(f"{spacing} spacing gives only {len(ts)} distinct steps for steps={steps}")
     return ts
-
-
-def _predict(denoiser: Denoiser, x: Tensor, t: Tensor) -> tuple[Tensor, Tensor | None]:
-    """(ε, v) of the denoiser at x_t; refuses a bare ε, which unpacking would split along the
-    batch without a word."""
-    out = denoiser(x, t)
-    if not isinstance(out, tuple):
-        raise TypeError(
-            f"a denoiser returns (ε, v or None), e.g. ddpm.objectives.Prediction(eps); got a "
-            f"{type(out).__name__}"
-        )
-    return out
 
 
 @torch.no_grad()
@@ -200,7 +180,7 @@ def sample_ddpm(
     x = x_T
     for i, idx in enumerate(reversed(range(len(ts)))):
         t = torch.full((x.shape[0],), int(ts[idx]), device=x.device, dtype=torch.long)
-        eps, v = _predict(denoiser, x, t)
+        eps, v = predict(denoiser, x, t)
         if variance == "learned" and v is None:
             raise ValueError(
                 "variance='learned' needs a model trained with module.learn_sigma=true"
@@ -226,7 +206,7 @@ def _x0_and_eps(denoiser: Denoiser, x: Tensor, t: Tensor, a_bar: float, clip_x0:
     """The model's ε, its x_0 = (x_t - √(1-ᾱ) ε) / √ᾱ (eq. 15), clipped, and the ε that fits it.
 
     Written out here, not `schedule.predict_x0`: ᾱ is the respaced chain's Python float."""
-    eps, _ = _predict(denoiser, x, t)
+    eps, _ = predict(denoiser, x, t)
     x0 = (x - (1 - a_bar) ** 0.5 * eps) / a_bar**0.5
     if clip_x0:
         x0 = x0.clamp(-1, 1)
@@ -272,6 +252,71 @@ def sample_ddim(
     return x
 
 
+def _dpmpp_step(x: Tensor, x0s: list[Tensor], hs: list[float], h: float, k: int, chain_step):
+    """One DPM-Solver++ step of order k from x_t to the next, less noisy x_s (Lu et al. 2022):
+    x_s = (σ_s/σ_t) x_t - α_s (e^-h - 1) D, D = x̂_0 plus the λ-derivatives of x̂_0 that the last
+    k data predictions `x0s` (newest last, λ gaps `hs` between them) give by divided
+    differences. `chain_step` = (σ_s/σ_t, α_s)."""
+    sigma_ratio, alpha_next = chain_step
+    e = math.expm1(-h)  # e^-h - 1
+    x0 = x0s[-1]
+    if k == 1:  # DDIM
+        return sigma_ratio * x - alpha_next * e * x0
+    if k == 2:  # Algorithm 2: D = (1 + 1/2r) x̂_0(t) - 1/2r x̂_0(previous), r = h_prev / h
+        r = hs[-1] / h
+        return sigma_ratio * x - alpha_next * e * ((1 + 1 / (2 * r)) * x0 - 1 / (2 * r) * x0s[-2])
+    # 3M, as the authors' code (multistep_dpm_solver_third_order_update) and diffusers run it:
+    # D1 ≈ h·dx̂_0/dλ, D2 ≈ h²/2·d²x̂_0/dλ² from three predictions, with the weights
+    # φ_2 = (e^-h - 1)/h + 1 and φ_3 = (e^-h - 1 + h)/h² - 1/2 of the exponential integrator
+    r0, r1 = hs[-1] / h, hs[-2] / h
+    d1_0, d1_1 = (x0 - x0s[-2]) / r0, (x0s[-2] - x0s[-3]) / r1
+    d1 = d1_0 + r0 / (r0 + r1) * (d1_0 - d1_1)
+    d2 = (d1_0 - d1_1) / (r0 + r1)
+    return (
+        sigma_ratio * x
+        - alpha_next * e * x0
+        + alpha_next * (e / h + 1) * d1
+        - alpha_next * ((e + h) / h**2 - 0.5) * d2
+    )
+
+
+def _dpmpp_multistep(
+    denoiser: Denoiser,
+    schedule: NoiseSchedule,
+    x_T: Tensor,
+    steps: int,
+    order: int,
+    callback: Callback | None,
+    spacing: str,
+    clip_x0: bool,
+) -> Tensor:
+    """DPM-Solver++(2M) or (3M) on `steps` timesteps: each step at the highest order its
+    history allows, and at most order j over the last j steps (the reference code's
+    lower_order_final: the step into t = 0 at first order, i.e. DDIM, since its λ gap is
+    wide and extrapolating x̂_0 over it overshoots); x̂_0 at t = 0 is the sample."""
+    ts = timesteps(schedule.num_timesteps, steps, spacing, schedule.alphas_cumprod)
+    chain = schedule.respace(ts)
+    a_bars, a_bars_prev = chain.alphas_cumprod.tolist(), chain.alphas_cumprod_prev.tolist()
+    x, x0s, hs = x_T, [], []
+    for i, idx in enumerate(reversed(range(len(ts)))):
+        t = torch.full((x.shape[0],), int(ts[idx]), device=x.device, dtype=torch.long)
+        a_bar = a_bars[idx]
+        x0, _ = _x0_and_eps(denoiser, x, t, a_bar, clip_x0)
+        if idx == 0:  # to σ = 0: x is the data prediction itself
+            x = x0
+        else:
+            a_bar_next = a_bars_prev[idx]  # the next state is one step less noisy
+            alpha, sigma = a_bar**0.5, (1 - a_bar) ** 0.5
+            alpha_next, sigma_next = a_bar_next**0.5, (1 - a_bar_next) ** 0.5
+            h = math.log(alpha_next / sigma_next) - math.log(alpha / sigma)  # λ_s - λ_t
+            x0s, k = [*x0s[-2:], x0], min(order, len(x0s) + 1, idx)
+            x = _dpmpp_step(x, x0s, hs, h, k, (sigma_next / sigma, alpha_next))
+            hs = [*hs[-1:], h]
+        if callback is not None:
+            callback(i, t, x, x0)
+    return x
+
+
 @torch.no_grad()
 def sample_dpmpp_2m(
     denoiser: Denoiser,
@@ -290,43 +335,36 @@ def sample_dpmpp_2m(
     recommend for multistep solvers: with uniform t the last λ gap barely shrinks with more
     steps and the error stalls at ~1e-3 from 100 steps on (tests/test_samplers.py, exact ODE).
     """
-    ts = timesteps(
-        schedule.num_timesteps, steps or schedule.num_timesteps, spacing, schedule.alphas_cumprod
-    )
-    chain = schedule.respace(ts)
-    a_bars, a_bars_prev = chain.alphas_cumprod.tolist(), chain.alphas_cumprod_prev.tolist()
-    x, x0_prev, h_prev = x_T, None, None
-    for i, idx in enumerate(reversed(range(len(ts)))):
-        t = torch.full((x.shape[0],), int(ts[idx]), device=x.device, dtype=torch.long)
-        a_bar = a_bars[idx]
-        x0, _ = _x0_and_eps(denoiser, x, t, a_bar, clip_x0)
-        if idx == 0:  # to σ = 0: x is the data prediction itself
-            x = x0
-        else:
-            a_bar_next = a_bars_prev[idx]  # the next state is one step less noisy
-            alpha, sigma = a_bar**0.5, (1 - a_bar) ** 0.5
-            alpha_next, sigma_next = a_bar_next**0.5, (1 - a_bar_next) ** 0.5
-            lam, lam_next = math.log(alpha / sigma), math.log(alpha_next / sigma_next)
-            h = lam_next - lam
-            if x0_prev is None or idx == 1:
-                # the first step has no history; the last one into t = 0 spans a λ gap so
-                # wide (r ≈ 0.2) that extrapolating overshoots: both first order, i.e. DDIM
-                # (the reference implementation's lower_order_final)
-                d = x0
-            else:
-                r = h_prev / h
-                d = (1 + 1 / (2 * r)) * x0 - 1 / (2 * r) * x0_prev
-            x = (sigma_next / sigma) * x - alpha_next * math.expm1(-h) * d
-            x0_prev, h_prev = x0, h
-        if callback is not None:
-            callback(i, t, x, x0)
-    return x
+    steps = steps or schedule.num_timesteps
+    return _dpmpp_multistep(denoiser, schedule, x_T, steps, 2, callback, spacing, clip_x0)
+
+
+@torch.no_grad()
+def sample_dpmpp_3m(
+    denoiser: Denoiser,
+    schedule: NoiseSchedule,
+    x_T: Tensor,
+    steps: int | None = 20,
+    *,
+    generator: Generator = None,
+    callback: Callback | None = None,
+    spacing: str = "angle",
+    clip_x0: bool = True,
+) -> Tensor:
+    """DPM-Solver++(3M) (Lu et al. 2022's code): multistep 3rd order in the data prediction,
+    first and second order over the first two steps and the last two. `spacing="angle"` (the
+    default: even in φ = arctan(σ/α)) is what makes it pay: on the exact ODE of Gaussian data
+    it beats 2M on logsnr steps from 15 steps on (docs/samplers.md, bench/ode_error.py).
+    """
+    steps = steps or schedule.num_timesteps
+    return _dpmpp_multistep(denoiser, schedule, x_T, steps, 3, callback, spacing, clip_x0)
 
 
 SAMPLERS: dict[str, Callable[..., Tensor]] = {
     "ddpm": sample_ddpm,
     "ddim": sample_ddim,
     "dpmpp_2m": sample_dpmpp_2m,
+    "dpmpp_3m": sample_dpmpp_3m,
 }
 
 

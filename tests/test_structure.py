@@ -29,7 +29,8 @@ MATH = {
     "schedule": set(),
     "unet": set(),
     "adm": set(),
-    "samplers": {"schedule"},
+    "sampler_base": set(),
+    "samplers": {"schedule", "sampler_base"},
     "likelihood": {"schedule"},
     "objectives": {"schedule", "likelihood"},
 }
