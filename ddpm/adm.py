@@ -277,12 +277,13 @@ def check_config(
         raise ValueError(
             f"model.channel_mult must be a non-empty list of integers >= 1, got {mult!r}"
         )
-    factor = 2 ** (len(channel_mult) - 1)
+    factor = 2 ** (len(mult) - 1)
     if not _is_int(image_size, 1) or image_size % factor:
+        fits = [m for k, m in enumerate(mult) if _is_int(image_size, 1) and image_size % 2**k == 0]
         raise ValueError(
             f"model.image_size={image_size!r} is not divisible by {factor}, the network's "
-            f"downsampling factor for channel_mult={list(channel_mult)}; use fewer levels in "
-            "model.channel_mult or another dataset.image_size"
+            f"downsampling factor for channel_mult={list(mult)}; use fewer levels (e.g. "
+            f"model.channel_mult={fits}) or another dataset.image_size"
         )
     if not _is_int(model_channels, 1) or any((model_channels * m) % GROUPS for m in channel_mult):
         raise ValueError(

@@ -20,7 +20,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.model_helpers import is_overridden
 from omegaconf import DictConfig, OmegaConf
 
-from ddpm import unet
+from ddpm import adm, unet
 from ddpm.cli.errors import InputError
 from ddpm.device import choose_precision
 from ddpm.files import check_output_dir
@@ -254,6 +254,8 @@ def check_module(module: DictConfig) -> None:
     net = module.get("net") or {}
     if net.get("_target_") == "ddpm.unet.UNet":
         unet.check_config(net)
+    if net.get("_target_") == "ddpm.adm.ADM":
+        adm.check_config(**net)
     decay = (module.get("optimizer") or {}).get("weight_decay")
     if decay is None:
         return
