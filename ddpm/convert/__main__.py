@@ -1,4 +1,5 @@
 """python -m ddpm.convert import SRC OUT.ckpt [--schedule ...] | export CKPT OUT_DIR [--overwrite]
+python -m ddpm.convert import MODEL.pt OUT.ckpt --flags "MODEL_FLAGS DIFFUSION_FLAGS" [--codebase]
 
 A bad input (a folder without a UNet, a setting that does not map exactly, an existing output)
 is one line naming the file, key and value and the fix, before anything is written.
@@ -10,8 +11,10 @@ import argparse
 import json
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from ddpm.checkpoint import CheckpointError
+from ddpm.convert.openai import import_openai
 from ddpm.convert.pipeline import export_pipeline, import_pipeline, scheduler_options
 from ddpm.convert.unet2d import ConversionError
 from ddpm.trusted import UntrustedFile
@@ -23,8 +26,14 @@ def parser() -> argparse.ArgumentParser:
         description="diffusers pipelines in (import) and out (export); docs/published_models.md",
     )
     sub = p.add_subparsers(dest="command", required=True)
-    i = sub.add_parser("import", help="a diffusers folder -> a checkpoint of this project")
-    i.add_argument("src", help="pipeline folder (model_index.json), unet/ + scheduler/, or a UNet")
+    i = sub.add_parser(
+        "import", help="a diffusers folder or an OpenAI .pt -> a checkpoint of this project"
+    )
+    i.add_argument(
+        "src",
+        help="pipeline folder (model_index.json), unet/ + scheduler/, or a UNet; or an "
+        "improved-diffusion / guided-diffusion .pt (with --flags)",
+    )
     i.add_argument("out", help="the checkpoint to write (must not exist)")
     i.add_argument(
         "--schedule",
@@ -56,6 +65,18 @@ def parser() -> argparse.ArgumentParser:
         type=float,
         help="the network's dropout for fine-tuning (default: the config's)",
     )
+    i.add_argument(
+        "--flags",
+        help="an OpenAI .pt: the MODEL_FLAGS and DIFFUSION_FLAGS of its README, e.g. "
+        "'--image_size 32 --num_channels 128 --num_res_blocks 3 --learn_sigma True --dropout "
+        "0.3 --diffusion_steps 4000 --noise_schedule cosine'",
+    )
+    i.add_argument(
+        "--codebase",
+        default="auto",
+        help="with --flags: whose defaults complete them, improved | guided (-diffusion) | auto "
+        "(the one that reads them; refused where both do and differ)",
+    )
     e = sub.add_parser(
         "export", help="a checkpoint -> a folder DDPMPipeline.from_pretrained loads"
     )
@@ -68,6 +89,8 @@ def parser() -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> dict:
     if args.command == "export":
         return export_pipeline(args.ckpt, args.out_dir, overwrite=args.overwrite)
+    if _openai(args):
+        return import_openai(args.src, args.out, args.flags, args.codebase)
     schedule = None
     if args.schedule is not None:
         schedule = scheduler_options(
@@ -84,10 +107,66 @@ def run(args: argparse.Namespace) -> dict:
     )
 
 
+def _openai(args: argparse.Namespace) -> bool:
+    """An OpenAI state dict (a .pt / .pth file with --flags) rather than a diffusers folder;
+    the options of the other kind refused by name."""
+    openai = args.flags is not None or Path(args.src).suffix in (".pt", ".pth")
+    if not openai:
+        if args.codebase != "auto":
+            raise ConversionError("--codebase is for an OpenAI .pt with --flags: drop it")
+        return False
+    if args.flags is None:
+        raise ConversionError(
+            f"SRC={args.src}: an OpenAI .pt needs the flags of its README: --flags "
+            '"$MODEL_FLAGS $DIFFUSION_FLAGS" (docs/published_models.md lists them)'
+        )
+    if Path(args.src).is_dir():
+        raise ConversionError(
+            f"SRC={args.src} is a folder: --flags is for an OpenAI .pt state dict; drop it"
+        )
+    given = [
+        flag
+        for flag, value, default in (
+            ("--schedule", args.schedule, None),
+            ("--null-label", args.null_label, "auto"),
+            ("--dropout", args.dropout, None),
+        )
+        if value != default
+    ]
+    if given:
+        raise ConversionError(
+            f"{given[0]} is for a diffusers folder: an OpenAI .pt takes its settings from "
+            "--flags (e.g. --dropout inside them)"
+        )
+    return True
+
+
 def fine_tune_overrides(net: dict) -> str:
     """train.py overrides that rebuild the imported network (resume= compares it)."""
     keys = [k for k in net if k not in ("_target_", "image_size", "in_channels")]
     return " ".join(f"++model.{k}={json.dumps(net[k]).replace(' ', '')}" for k in keys)
+
+
+def openai_report(summary: dict) -> str:
+    """What an OpenAI import prints: what it was read as, and the commands that use it."""
+    net, hp, schedule = summary["net"], summary["hparams"], summary["schedule"]
+    codebase = {"either": "improved- or guided-diffusion's (they read these flags alike)"}
+    name = codebase.get(summary["codebase"], f"{summary['codebase']}-diffusion's")
+    process = f"schedule={schedule['_target_'].rsplit('.', 1)[-1]}" + "".join(
+        f" schedule.{k}={v}" for k, v in schedule.items() if k != "_target_"
+    )
+    process += f" module.objective={hp['objective']}"
+    process += f" module.learn_sigma={json.dumps(hp['learn_sigma'])}"
+    process += f" module.vlb_weight={hp['vlb_weight']:g}"
+    return (
+        f"wrote {summary['out']}: {summary['parameters'] / 1e6:.2f}M parameters, the flags read "
+        f"with {name} defaults, every tensor of the file in place (strict load); read back, "
+        "it draws what the loaded network draws\n"
+        f"  sample:    python sample.py ckpt={summary['out']}\n"
+        f"  bits/dim:  python eval.py source={summary['out']} nll=true fid=false dataset=...\n"
+        f"  fine-tune: python train.py resume={summary['out']} hydra.run.dir=NEW_DIR "
+        f"dataset=... model=adm {fine_tune_overrides(net)} {process}"
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -97,7 +176,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ConversionError, CheckpointError, UntrustedFile, OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    if args.command == "import":
+    if args.command == "import" and "codebase" in summary:
+        print(openai_report(summary))
+    elif args.command == "import":
         print(
             f"wrote {summary['out']}: {summary['parameters'] / 1e6:.2f}M parameters, the same "
             f"function as the source (max relative difference {summary['max_difference']:.1e})\n"

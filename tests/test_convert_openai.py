@@ -1,0 +1,280 @@
+"""OpenAI's improved-diffusion / guided-diffusion state dicts in (`python -m ddpm.convert import
+MODEL.pt OUT.ckpt --flags ...`), offline: the published files cannot be downloaded here, so the
+.pt files are random ADMs at a small width in OpenAI's layout, built from the meaning of the
+flags (not from the converter's mapping), and the flags are the READMEs' own."""
+
+from __future__ import annotations
+
+import json
+import math
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import compose_config
+from PIL import Image
+
+from ddpm.adm import ADM
+from ddpm.cli import eval as evaluation
+from ddpm.cli.sample import sample
+from ddpm.convert.__main__ import main
+from ddpm.convert.openai import ConversionError, read_flags
+from ddpm.module import load_module
+from ddpm.schedule import NoiseSchedule
+
+# the READMEs' MODEL_FLAGS + DIFFUSION_FLAGS
+CIFAR10 = (  # improved-diffusion: cifar10_uncond_50M_500K.pt
+    "--image_size 32 --num_channels 128 --num_res_blocks 3 --learn_sigma True --dropout 0.3 "
+    "--diffusion_steps 4000 --noise_schedule cosine"
+)
+IMAGENET64 = (  # improved-diffusion: imagenet64_uncond_100M_1500K.pt
+    "--image_size 64 --num_channels 128 --num_res_blocks 3 --learn_sigma True "
+    "--diffusion_steps 4000 --noise_schedule cosine"
+)
+GUIDED_256 = (  # guided-diffusion: 256x256_diffusion.pt
+    "--attention_resolutions 32,16,8 --class_cond True --diffusion_steps 1000 --image_size 256 "
+    "--learn_sigma True --noise_schedule linear --num_channels 256 --num_head_channels 64 "
+    "--num_res_blocks 2 --resblock_updown True --use_fp16 True --use_scale_shift_norm True"
+)
+
+# small networks of the two codebases' kinds: the flags, and the ADM they describe written out
+SMALL_CIFAR10 = CIFAR10.replace("128", "32").replace("--num_res_blocks 3", "--num_res_blocks 1")
+SMALL_CIFAR10_ADM = {  # improved-diffusion's create_model for SMALL_CIFAR10, OpenAI's names
+    "image_size": 32, "in_channels": 3, "model_channels": 32, "out_channels": 6,
+    "num_res_blocks": 1, "attention_resolutions": [16, 8], "dropout": 0.3,
+    "channel_mult": [1, 2, 2, 2], "num_heads": 4, "use_scale_shift_norm": True,
+}  # fmt: skip
+SMALL_GUIDED = (
+    "--attention_resolutions 8 --class_cond True --diffusion_steps 1000 --image_size 16 "
+    "--learn_sigma True --noise_schedule linear --num_channels 32 --channel_mult 1,2 "
+    "--num_head_channels 16 --num_res_blocks 1 --resblock_updown True "
+    "--use_new_attention_order True --use_fp16 True --use_scale_shift_norm True"
+)
+SMALL_GUIDED_ADM = {
+    "image_size": 16, "in_channels": 3, "model_channels": 32, "out_channels": 6,
+    "num_res_blocks": 1, "attention_resolutions": [8], "channel_mult": [1, 2],
+    "num_classes": 1000, "null_label": False, "num_head_channels": 16,
+    "use_scale_shift_norm": True, "resblock_updown": True, "use_new_attention_order": True,
+}  # fmt: skip
+
+
+def random_weights(net: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Every weight random and non-zero (OpenAI zero-initialises the output convs; a random
+    function tests every path), scaled by fan-in so that activations stay O(1)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in net.parameters():
+            if p.ndim > 1:
+                p.copy_(torch.randn(p.shape, generator=g) / math.sqrt(p[0].numel()))
+            else:
+                p.copy_(torch.rand(p.shape, generator=g) * 0.4 - 0.2 + (p == 1).float())
+    return net.eval()
+
+
+def openai_file(path: Path, adm: dict, dtype: torch.dtype = torch.float32) -> ADM:
+    """An OpenAI-layout .pt: the state dict of a random ADM (in `dtype`, as a use_fp16 run may
+    save it); returns that network with the weights as saved, in float32."""
+    net = random_weights(ADM(**adm))
+    state = {k: v.to(dtype) for k, v in net.state_dict().items()}
+    torch.save(state, path)
+    net.load_state_dict({k: v.float() for k, v in state.items()})
+    return net
+
+
+def convert(src: Path, out: Path, flags: str, *extra: str) -> None:
+    assert main(["import", str(src), str(out), "--flags", flags, *extra]) == 0
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("openai")
+    openai_file(root / "cifar10.pt", SMALL_CIFAR10_ADM)
+    openai_file(root / "guided.pt", SMALL_GUIDED_ADM, torch.float16)
+    return {"cifar10": root / "cifar10.pt", "guided": root / "guided.pt"}
+
+
+# ---------------------------------------------------------------- the flags
+
+
+def test_the_readmes_flags_read_as_their_codebases_read_them():
+    codebase, _, c = read_flags(CIFAR10)  # 32 px: improved-diffusion's create_model only
+    assert codebase == "improved"
+    assert c.net["channel_mult"] == [1, 2, 2, 2] and c.net["attention_resolutions"] == [16, 8]
+    assert c.net["num_heads"] == 4 and c.net["use_scale_shift_norm"] is True
+    assert c.net["timestep_scale"] == 1000 / 4000  # rescale_timesteps True by default there
+    assert c.schedule == {"_target_": "ddpm.schedule.NoiseSchedule.cosine", "timesteps": 4000,
+                          "s": 0.008, "max_beta": 0.999}  # fmt: skip
+    assert (c.objective, c.variance, c.vlb_weight) == ("eps", "learned", 0.001)
+
+    codebase, values, c = read_flags(GUIDED_256)  # flags only guided-diffusion has
+    assert codebase == "guided" and values["use_fp16"] is True
+    assert c.net["num_classes"] == 1000 and c.net["null_label"] is False
+    assert c.net["channel_mult"] == [1, 1, 2, 2, 4, 4] and c.net["timestep_scale"] == 1.0
+    assert c.net["num_head_channels"] == 64 and c.net["resblock_updown"] is True
+    assert c.vlb_weight == 1 / 1000  # rescale_learned_sigmas False: L_vlb unscaled
+
+    # 64 px and no guided-only flag: both read it, with rescale_timesteps True vs False
+    with pytest.raises(ConversionError, match="--rescale_timesteps.*--codebase improved"):
+        read_flags(IMAGENET64)
+    assert read_flags(IMAGENET64, "improved")[2].net["timestep_scale"] == 0.25
+    with pytest.raises(ConversionError, match="--rescale_learned_sigmas"):  # the next one
+        read_flags(IMAGENET64 + " --rescale_timesteps False")
+    both = " --rescale_timesteps False --rescale_learned_sigmas False"
+    assert read_flags(IMAGENET64 + both)[0] == "either"
+
+
+def test_a_linear_schedule_is_openais_scaled_to_t():
+    """get_named_beta_schedule: linear β from 1e-4 · 1000/T to 0.02 · 1000/T, cosine by
+    betas_for_alpha_bar (max β 0.999), written out here in numpy from the codebase's formulas."""
+    for T in (1000, 4000):
+        schedule = read_flags(f"--image_size 32 --diffusion_steps {T}")[2].schedule
+        kwargs = {k: v for k, v in schedule.items() if k != "_target_"}
+        ours = NoiseSchedule.linear(**kwargs).betas.double().numpy()
+        scale = 1000 / T
+        theirs = np.linspace(scale * 0.0001, scale * 0.02, T, dtype=np.float64)
+        np.testing.assert_allclose(ours, theirs, rtol=1e-6)  # float32 buffers
+    schedule = read_flags("--image_size 32 --diffusion_steps 4000 --noise_schedule cosine")[2]
+    ours = NoiseSchedule.cosine(**{k: v for k, v in schedule.schedule.items() if k != "_target_"})
+
+    def alpha_bar(t: float) -> float:
+        return math.cos((t + 0.008) / 1.008 * math.pi / 2) ** 2
+
+    theirs = [min(1 - alpha_bar((i + 1) / 4000) / alpha_bar(i / 4000), 0.999) for i in range(4000)]
+    np.testing.assert_allclose(ours.betas.double().numpy(), theirs, rtol=1e-6)
+
+
+# ---------------------------------------------------------------- the converted network
+
+
+def outputs(net, x, t, y=None) -> torch.Tensor:
+    with torch.no_grad():
+        return net(x, t, y)
+
+
+def test_an_improved_diffusion_file_converts_to_the_same_function(files, tmp_path: Path):
+    """T = 4000 with rescale_timesteps: our net(x, t) is OpenAI's model(x, t · 1000/4000)."""
+    out = tmp_path / "cifar10.ckpt"
+    convert(files["cifar10"], out, SMALL_CIFAR10)
+    module = load_module(out)
+    theirs = ADM(**SMALL_CIFAR10_ADM).eval()  # timestep_scale 1: OpenAI's UNetModel itself
+    theirs.load_state_dict(torch.load(files["cifar10"], weights_only=True))
+    g = torch.Generator().manual_seed(0)
+    x, t = torch.randn(3, 3, 32, 32, generator=g), torch.tensor([0, 1999, 3999])
+    want = outputs(theirs, x, t.float() * 1000 / 4000)
+    assert torch.allclose(outputs(module.ema.module, x, t), want, atol=1e-5)
+    assert not torch.allclose(outputs(theirs, x, t.float()), want, atol=1e-2)  # it matters
+    hp = module.hparams
+    assert hp.learn_sigma and hp.objective == "eps" and module.schedule.num_timesteps == 4000
+    assert module.sampling["variance"] == "learned"
+    raw = torch.load(out, weights_only=True)
+    assert raw["converted_from"]["codebase"] == "improved"
+
+
+def test_a_guided_diffusion_file_converts_and_sample_py_draws_from_it(files, tmp_path: Path):
+    """fp16 weights, 1000 classes (no null label), head channels, BigGAN up/down, the new
+    attention order: the same function; sample.py draws with the learned variance."""
+    out = tmp_path / "guided.ckpt"
+    convert(files["guided"], out, SMALL_GUIDED)
+    module = load_module(out)
+    theirs = ADM(**SMALL_GUIDED_ADM).eval()
+    theirs.load_state_dict({k: v.float() for k, v in torch.load(files["guided"]).items()})
+    g = torch.Generator().manual_seed(0)
+    x, t, y = torch.randn(2, 3, 16, 16, generator=g), torch.tensor([0, 999]), torch.tensor([7, 999])
+    assert torch.allclose(outputs(module.ema.module, x, t, y), outputs(theirs, x, t, y), atol=1e-5)
+    assert module.num_classes == 1000 and module.hparams.cond_drop_prob == 0
+
+    samples = tmp_path / "samples"
+    overrides = [f"ckpt={out}", "n=2", "steps=3", "labels=[1,999]", "npz=true", f"out={samples}"]
+    sample(compose_config(overrides, name="sample"))
+    images = np.load(samples / "samples.npz")["arr_0"]
+    assert images.shape == (2, 16, 16, 3) and images.dtype == np.uint8
+    assert json.loads((samples / "sample.json").read_text())["sampler.variance"] == "learned"
+
+
+def test_eval_py_measures_the_nll_of_a_converted_file(tmp_path: Path):
+    """eval.py nll=true: the bound with the learned variance over all T = 10 steps."""
+    flags = (
+        "--image_size 16 --num_channels 32 --channel_mult 1,2 --attention_resolutions 8 "
+        "--learn_sigma True --diffusion_steps 10 --noise_schedule cosine"
+    )
+    adm = {"image_size": 16, "in_channels": 3, "model_channels": 32, "out_channels": 6,
+           "num_res_blocks": 2, "attention_resolutions": [8], "channel_mult": [1, 2],
+           "num_heads": 4, "use_scale_shift_norm": True}  # fmt: skip
+    openai_file(tmp_path / "model.pt", adm)
+    convert(tmp_path / "model.pt", tmp_path / "model.ckpt", flags)
+    data = tmp_path / "images"
+    data.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(4):
+        pixels = rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(data / f"{i}.png")
+    result = tmp_path / "nll.json"
+    overrides = [f"source={tmp_path / 'model.ckpt'}", "nll=true", "fid=false", "n=2"]
+    overrides += ["batch_size=2", "dataset=folder", f"dataset.data_dir={data}"]
+    overrides += ["dataset.image_size=16", "dataset.val_fraction=0.5", "dataset.batch_size=2"]
+    overrides += [f"out={result}"]
+    evaluation.evaluate(compose_config(overrides, name="eval"))
+    figures = json.loads(result.read_text())
+    assert 0 < figures["bpd_folder_val"] < 100 and figures["nll_variance"] == "learned"
+
+
+# ---------------------------------------------------------------- refusals
+
+
+def bad_files(root: Path) -> dict[str, Path]:
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "notes.pt").write_text("not a state dict")
+    torch.save({"state_dict": {}, "epoch": 3}, root / "lightning.pt")
+    (root / "pickled.pt").write_bytes(pickle.dumps({"w": Path("x")}, protocol=2))
+    return {p.stem: p for p in root.iterdir()}
+
+
+BAD = {  # what is wrong -> (file, flags, extra options, words of the line)
+    "a training flag": ("cifar10", SMALL_CIFAR10 + " --lr 1e-4", [], ["--lr 1e-4"]),
+    "respacing": (
+        "cifar10", SMALL_CIFAR10 + " --timestep_respacing 250", [],
+        ["--timestep_respacing 250", "sampler=ddpm steps=250"],
+    ),
+    "a sampling flag": ("cifar10", SMALL_CIFAR10 + " --use_ddim True", [], ["sampler=ddim"]),
+    "which codebase": ("cifar10", IMAGENET64, [], ["--rescale_timesteps", "--codebase"]),
+    "not a bool": ("cifar10", SMALL_CIFAR10 + " --learn_sigma maybe", [], ["--learn_sigma"]),
+    "no flags": ("cifar10", None, [], ["--flags"]),
+    "fixed σ for a learned one": (
+        "cifar10", SMALL_CIFAR10.replace("True", "False"), [],
+        ["out.2.weight", "(6, 32, 3, 3)", "(3, 32, 3, 3)", "--learn_sigma"],
+    ),
+    "unconditional flags": (
+        "guided", SMALL_GUIDED.replace("--class_cond True", "--class_cond False"), [],
+        ["label_emb.weight (1000, 128)", "--class_cond"],
+    ),
+    "another width": (
+        "cifar10", SMALL_CIFAR10.replace("32 --num_res", "64 --num_res"), [],
+        ["time_embed.0.weight", "(128, 32)", "(256, 64)"],
+    ),
+    "a diffusers option": (
+        "cifar10", SMALL_CIFAR10, ["--schedule", "linear"], ["--schedule", "diffusers folder"],
+    ),
+    "not torch's": ("notes", SMALL_CIFAR10, [], ["notes.pt", "torch.load"]),
+    "a checkpoint": ("lightning", SMALL_CIFAR10, [], ["'state_dict'", "plain state dict"]),
+    "a pickle": ("pickled", SMALL_CIFAR10, [], ["objects other than tensors"]),
+}  # fmt: skip
+
+
+def refused(capsys, argv: list[str], words: list[str], root: Path) -> None:
+    """`python -m ddpm.convert ARGV` fails with one line holding `words`, writing nothing."""
+    before = sorted(root.rglob("*"))
+    assert main(argv) == 1
+    out, err = capsys.readouterr()
+    assert err.startswith("error: ") and err.count("\n") == 1 and not out, err
+    assert all(word in err for word in words), (err, words)
+    assert sorted(root.rglob("*")) == before, "something was written"
+
+
+@pytest.mark.parametrize("case", list(BAD))
+def test_a_bad_import_is_one_line_and_writes_nothing(files, tmp_path: Path, capsys, case: str):
+    name, flags, extra, words = BAD[case]
+    src = files.get(name) or bad_files(tmp_path / "bad")[name]
+    argv = ["import", str(src), str(tmp_path / "out.ckpt"), *extra]
+    refused(capsys, argv + (["--flags", flags] if flags is not None else []), words, tmp_path)
