@@ -22,7 +22,7 @@ from torchmetrics import MeanMetric
 
 from ddpm.autoencoder import build_autoencoder, downsampling, load_autoencoder
 from ddpm.checkpoint import CheckpointError, load_checkpoint
-from ddpm.likelihood import bpd_estimate, learned_vb_term_bpd
+from ddpm.likelihood import bpd_estimate
 from ddpm.nonfinite import NonFiniteGuard
 from ddpm.objectives import (
     LOSSES,
@@ -31,6 +31,7 @@ from ddpm.objectives import (
     Denoiser,
     Prediction,
     check_min_snr_gamma,
+    check_vlb,
     classifier_free_guidance,
     drop_labels,
     eps_from_output,
@@ -38,7 +39,9 @@ from ddpm.objectives import (
     per_sample_loss,
     split_output,
     training_target,
+    vb_term,
 )
+from ddpm.resample import check_timestep_sampler, make_timestep_sampler, uniform_timesteps
 from ddpm.rng import RNGCapture
 from ddpm.schedule import NoiseSchedule
 from ddpm.trusted import check_node
@@ -115,7 +118,9 @@ class DiffusionModule(L.LightningModule):
         optimizer: a `_partial_` optimizer config, called with the network's parameters.
         lr_scheduler: an optional `_partial_` LR scheduler config, stepped every optimizer step.
         objective: what the network predicts: "eps" (Ho et al.), "x0", or "v" (Salimans & Ho).
-        loss: "mse" or "l1".
+        loss: "mse" or "l1" (the prediction's error), or "vlb": L_vlb alone, T times the
+            bound's term of the drawn t, through the learned mean and variance (iDDPM's L_vlb;
+            needs learn_sigma).
         loss_weighting: "none", or "min_snr" (Hang et al. 2023, weight min(SNR, γ) on x_0 error).
         ema_decay / ema_warmup: see `EMA`.
         cond_drop_prob: for class-conditional nets, how often a label is replaced by the null
@@ -130,6 +135,8 @@ class DiffusionModule(L.LightningModule):
         learn_sigma: the network also outputs v, the reverse variance's interpolation between
             log β̃_t and log β_t, trained by L_hybrid = L_simple + vlb_weight · L_vlb with the
             mean's gradient stopped in L_vlb (Nichol & Dhariwal 2021, Sec. 3.1, λ = 0.001).
+        timestep_sampler: how training draws t: "uniform", or "loss_second_moment"
+            (iDDPM Sec. 3.3: p(t) ∝ √E[L_t²], losses weighted by 1/(T p(t)); `ddpm.resample`).
         nll_variance: the fixed reverse variance ("large": β, "small": β̃) of the bound
             (`val/bpd`, eval.py nll=true) for a model without learned variances.
         autoencoder: latent diffusion (Rombach et al. 2022): the path of an autoencoder
@@ -159,6 +166,7 @@ class DiffusionModule(L.LightningModule):
         compile: bool = False,
         learn_sigma: bool = False,
         vlb_weight: float = 0.001,
+        timestep_sampler: str = "uniform",
         nll_variance: str = "large",
         autoencoder: str | dict | None = None,
     ) -> None:
@@ -168,8 +176,8 @@ class DiffusionModule(L.LightningModule):
         )
         if objective not in OBJECTIVES:
             raise ValueError(f"module.objective must be one of {OBJECTIVES}, got {objective!r}")
-        if loss not in LOSSES:
-            raise ValueError(f"module.loss must be one of {sorted(LOSSES)}, got {loss!r}")
+        if loss not in (*LOSSES, "vlb"):
+            raise ValueError(f"module.loss must be one of {(*LOSSES, 'vlb')}, got {loss!r}")
         if loss_weighting not in WEIGHTINGS:
             raise ValueError(
                 f"module.loss_weighting must be one of {WEIGHTINGS}, got {loss_weighting!r}"
@@ -186,9 +194,9 @@ class DiffusionModule(L.LightningModule):
             raise ValueError(
                 f"module.nll_variance must be 'large' or 'small', got {nll_variance!r}"
             )
-        if vlb_weight < 0:
-            raise ValueError(f"module.vlb_weight must be >= 0, got {vlb_weight}")
         check_min_snr_gamma(min_snr_gamma)
+        check_vlb(loss, learn_sigma, loss_weighting, vlb_weight)
+        check_timestep_sampler(timestep_sampler)
         check_lr((optimizer or {}).get("lr"))
         self.save_hyperparameters()
         # learned variances: the network's output doubles, ε (or x_0, v) then the variance v
@@ -202,6 +210,8 @@ class DiffusionModule(L.LightningModule):
             # a pixel model has none, so its checkpoints are as they were
             self.register_buffer("latent_scale", torch.tensor(1.0))
         self.schedule: NoiseSchedule = hydra.utils.instantiate(schedule)
+        # its loss history (if any) is state: in the state dict, so in every checkpoint
+        self.timestep_sampler = make_timestep_sampler(timestep_sampler, self.schedule.num_timesteps)
         self.ema = EMA(self.net, decay=ema_decay, warmup=ema_warmup)
         self.class_names: list[str] = []  # from the datamodule; saved in every checkpoint
         # how this model's final grid was drawn (sampler, steps, options, guidance), set by the
@@ -312,12 +322,15 @@ class DiffusionModule(L.LightningModule):
         """Per-sample losses (B,) of the training objective at random t and ε (net: self.net),
         and with `return_t` the timesteps they were drawn at: x_t drawn, labels dropped for
         guidance, the error of the prediction from its target, weighted, plus L_hybrid's
-        L_vlb for a learned variance (the math in `ddpm.objectives`)."""
+        L_vlb for a learned variance, or L_vlb alone (the math in `ddpm.objectives`). In
+        training, t comes from `timestep_sampler` (whose losses are reweighted by 1/(T p(t))),
+        else uniform (validation compares across steps)."""
         net = net if net is not None else self.net
-        hp, schedule = self.hparams, self.schedule
-        t = torch.randint(
-            0, schedule.num_timesteps, (x0.shape[0],), device=x0.device, generator=generator
-        )
+        hp, schedule, T = self.hparams, self.schedule, self.schedule.num_timesteps
+        if self.training:
+            t, weights = self.timestep_sampler.sample(x0.shape[0], x0.device, generator)
+        else:
+            t, weights = uniform_timesteps(T, x0.shape[0], x0.device, generator), None
         noise = torch.randn(x0.shape, device=x0.device, generator=generator, dtype=x0.dtype)
         x_t = schedule.q_sample(x0, t, noise)  # eq. 4
         if self.num_classes and y is not None and self.training and hp.cond_drop_prob:
@@ -326,16 +339,19 @@ class DiffusionModule(L.LightningModule):
             x_t = x_t.contiguous(memory_format=torch.channels_last)
         output = self._forward(net, x_t, t, y if self.num_classes else None)
         prediction, v = split_output(output, hp.learn_sigma)
-        target = training_target(hp.objective, schedule, x0, t, noise)
-        losses = per_sample_loss(hp.loss, prediction, target)
+        if hp.loss == "vlb":  # L_vlb = T · E_t[L_t] (improved-diffusion's RESCALED_KL)
+            losses = T * vb_term(hp.objective, schedule, prediction, v, x0, x_t, t)
+        else:
+            target = training_target(hp.objective, schedule, x0, t, noise)
+            losses = per_sample_loss(hp.loss, prediction, target)
         if hp.loss_weighting == "min_snr":
             losses = losses * min_snr_weight(hp.objective, schedule.snr(t), hp.min_snr_gamma)
-        if v is not None:  # L_hybrid: + λ L_vlb, L_vlb = T · E_t[L_t], the mean's gradient stopped
-            eps = eps_from_output(
-                hp.objective, schedule, prediction.detach().float(), x_t.float(), t
-            )
-            vb = learned_vb_term_bpd(schedule, x0, x_t, t, eps, v)
-            losses = losses + hp.vlb_weight * schedule.num_timesteps * vb
+        if v is not None and hp.loss != "vlb":  # L_hybrid: + λ L_vlb, the mean's gradient stopped
+            vb = vb_term(hp.objective, schedule, prediction.detach(), v, x0, x_t, t)
+            losses = losses + hp.vlb_weight * T * vb
+        if weights is not None:  # importance-sampled t: learn p(t) from the unweighted losses
+            self.timestep_sampler.update(t, losses)
+            losses = losses * weights  # E_p[w L_t] = E_uniform[L_t] (ddpm.resample)
         return (losses, t) if return_t else losses
 
     def _forward(self, net: nn.Module, x_t: Tensor, t: Tensor, y: Tensor | None) -> Tensor:

@@ -20,10 +20,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ddpm.likelihood import learned_vb_term_bpd
 from ddpm.schedule import NoiseSchedule
 
 OBJECTIVES = ("eps", "x0", "v")
 LOSSES = {"mse": F.mse_loss, "l1": F.l1_loss}
+# module.loss: the error of the prediction (LOSSES), or the bound itself (L_vlb)
+LOSS_NAMES = (*LOSSES, "vlb")
 WEIGHTINGS = ("none", "min_snr")
 
 
@@ -66,6 +69,43 @@ def per_sample_loss(loss: str, out: Tensor, target: Tensor) -> Tensor:
     float32."""
     per_pixel = LOSSES[loss](out.float(), target.float(), reduction="none")
     return per_pixel.flatten(1).mean(1)
+
+
+def check_vlb(loss: str, learn_sigma: bool, loss_weighting: str, vlb_weight: float) -> None:
+    """L_vlb's options: λ of L_hybrid, and module.loss=vlb, which trains on L_vlb alone (iDDPM's
+    L_vlb rows, improved-diffusion's --use_kl True): the bound of a learned reverse variance,
+    not an error to weigh."""
+    if vlb_weight < 0:
+        raise ValueError(f"module.vlb_weight must be >= 0, got {vlb_weight}")
+    if loss != "vlb":
+        return
+    if not learn_sigma:
+        raise ValueError(
+            "module.loss=vlb trains the bound L_vlb through the learned variance (iDDPM's "
+            "--use_kl True --learn_sigma True): set module.learn_sigma=true"
+        )
+    if loss_weighting != "none":
+        raise ValueError(
+            f"module.loss_weighting={loss_weighting} weighs a prediction's error; module.loss=vlb "
+            "is the bound itself, weighted by nothing: set module.loss_weighting=none"
+        )
+
+
+def vb_term(
+    objective: str,
+    schedule: NoiseSchedule,
+    out: Tensor,
+    v: Tensor,
+    x0: Tensor,
+    x_t: Tensor,
+    t: Tensor,
+) -> Tensor:
+    """L_t (B,) in bits/dim, the bound's term of the drawn t (L_0 at t = 0) under the learned
+    variance v, from the network's prediction `out` per objective; T times it at uniform t
+    estimates L_vlb (Nichol & Dhariwal 2021, Sec. 3.1). Detach `out` to stop the mean's
+    gradient (L_hybrid's L_vlb trains only the variance); L_vlb alone trains both."""
+    eps = eps_from_output(objective, schedule, out.float(), x_t.float(), t)
+    return learned_vb_term_bpd(schedule, x0, x_t, t, eps, v)
 
 
 def check_min_snr_gamma(gamma: Any) -> None:

@@ -33,6 +33,7 @@ MATH = {
     "samplers": {"schedule", "sampler_base"},
     "likelihood": {"schedule"},
     "objectives": {"schedule", "likelihood"},
+    "resample": set(),
 }
 # `python -m ddpm.results` is kept at its name: an entry point, allowed to import cli/
 ENTRY_SHIMS = {"results"}

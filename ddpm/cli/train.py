@@ -25,6 +25,8 @@ from ddpm.cli.errors import InputError
 from ddpm.device import choose_precision
 from ddpm.files import check_output_dir
 from ddpm.module import check_min_snr_gamma
+from ddpm.objectives import check_vlb
+from ddpm.resample import check_timestep_sampler
 from ddpm.run.checkpoints import (
     AtomicCheckpointIO,
     first_unused,
@@ -251,6 +253,11 @@ def check_module(module: DictConfig) -> None:
     decay, which torch's optimizers refuse only when training starts, without the key."""
     if "min_snr_gamma" in module:
         check_min_snr_gamma(module.min_snr_gamma)
+    if "timestep_sampler" in module:
+        check_timestep_sampler(module.timestep_sampler)
+    if "loss" in module and "learn_sigma" in module:  # a diffusion module (not the autoencoder)
+        weighting, weight = module.get("loss_weighting", "none"), module.get("vlb_weight", 0.0)
+        check_vlb(module.loss, module.learn_sigma, weighting, weight)
     net = module.get("net") or {}
     if net.get("_target_") == "ddpm.unet.UNet":
         unet.check_config(net)
