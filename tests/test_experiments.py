@@ -231,6 +231,12 @@ REDUCED = [
     "callbacks.sample_grid.steps=2",
     "callbacks.sample_grid.final_steps=2",
 ]
+# the ADM presets' network at reduced size: GroupNorm's 32 groups need 32 channels
+ADM_REDUCED = [
+    "model.model_channels=32",
+    "model.channel_mult=[1,2]",
+    "model.attention_resolutions=[16]",
+]
 
 
 @pytest.mark.slow
@@ -245,10 +251,49 @@ def test_every_preset_runs_one_step(preset, fake_cifar, fake_stl10, tmp_path):  
         extra.append("dataset.val_fraction=0.2")
     if base.dataset.name == "ffhq":  # the fake FFHQ images are 64 px
         extra.append("dataset.image_size=64")
-    overrides = [f"experiment={preset}", *REDUCED, *extra, f"paths.data_dir={tmp_path}"]
+    reduced = REDUCED
+    if base.model._target_ == "ddpm.adm.ADM":
+        reduced = [*ADM_REDUCED, *(o for o in REDUCED if not o.startswith("model.ch="))]
+    overrides = [f"experiment={preset}", *reduced, *extra, f"paths.data_dir={tmp_path}"]
     metrics = training.train(train_config(tmp_path / "run", overrides))
     assert math.isfinite(metrics["train/loss"]) and math.isfinite(metrics["val/bpd"])
     assert (tmp_path / "run" / "samples" / "final.png").is_file()
+
+
+def test_iddpm_presets_are_improved_diffusions_cifar10_flags():
+    """Every flag of improved-diffusion's README for its two CIFAR-10 checkpoints, and the
+    defaults of its scripts they leave, as the composed presets set them (the headers say
+    which key is which flag)."""
+    hybrid, vlb = (
+        compose_config([f"experiment={p}", "hydra.runtime.output_dir=/tmp/x"])
+        for p in ("iddpm_cifar10_cosine", "iddpm_cifar10_vlb")
+    )
+    T = 4000
+    for cfg in (hybrid, vlb):
+        net, module = cfg.module.net, cfg.module
+        assert net._target_ == "ddpm.adm.ADM" and (net.image_size, net.in_channels) == (32, 3)
+        assert (net.model_channels, list(net.channel_mult), net.num_res_blocks) == (
+            128,
+            [1, 2, 2, 2],
+            3,
+        )
+        assert (list(net.attention_resolutions), net.num_heads, net.num_heads_upsample) == (
+            [16, 8],
+            4,
+            -1,
+        )
+        assert net.dropout == 0.3 and net.use_scale_shift_norm and not net.use_new_attention_order
+        assert net.num_classes is None and net.timestep_scale == 1000 / T  # rescale_timesteps
+        assert module.schedule._target_.endswith(".cosine") and module.schedule.timesteps == T
+        assert module.learn_sigma and module.objective == "eps"
+        assert module.vlb_weight == 1 / 1000  # rescale_learned_sigmas: L_t · T/1000 = λ T L_t
+        assert module.optimizer._target_ == "torch.optim.AdamW"
+        assert module.optimizer.lr == 1e-4 and module.optimizer.weight_decay == 0
+        assert module.lr_scheduler is None and module.ema_decay == 0.9999 and not module.ema_warmup
+        assert cfg.dataset.batch_size == 128 and not cfg.dataset.hflip
+        assert cfg.trainer.gradient_clip_val is None and cfg.trainer.max_steps == 500_000
+    assert (hybrid.module.loss, hybrid.module.timestep_sampler) == ("mse", "uniform")
+    assert (vlb.module.loss, vlb.module.timestep_sampler) == ("vlb", "loss_second_moment")
 
 
 # the large-image presets at reduced size: 32 px images, a narrow KL-f4 autoencoder (8 px
