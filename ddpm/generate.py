@@ -5,13 +5,21 @@ class-conditional model draws it with one label rule (`image_labels`), so images
 `first..first+n` are the same whatever batches, processes or entry point drew them: the grids of
 training, `sample.py`, `eval.py` and the FID callback (one shard per DDP rank) all come from
 `generate`. The model of the loop is EDM's seed-batched `generate.py`.
+
+Every network call of the loop is counted (`Evaluations`): each adds its batch's image count,
+so classifier-free guidance (one doubled batch per step) counts 2 per image and step, a
+sampler that calls the network twice per step twice: `nfe_per_image` is what the samplers did,
+not a formula. With compile=true (or auto, when the job's calls make it pay) the network runs
+compiled (`ddpm.compile`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
 import torch
@@ -19,11 +27,13 @@ from torch import Tensor, nn
 from torch.optim.swa_utils import AveragedModel
 from tqdm import tqdm
 
+from ddpm.compile import calls_of, check_setting, compiled_forward, worth_compiling
 from ddpm.objectives import Denoiser
 from ddpm.samplers import Callback, get_sampler, image_generators, randn, sampler_label
 from ddpm.schedule import NoiseSchedule
 
 Labels = str | Sequence[int] | None
+log = logging.getLogger(__name__)
 
 
 @runtime_checkable
@@ -95,6 +105,39 @@ def first_frame(module: DiffusionModel, n: int, seed: int = 0, first: int = 0) -
     return module.decode(initial_noise(module, n, seed, first)).float().cpu()
 
 
+@dataclass
+class Evaluations:
+    """Network evaluations of a `generate` run, counted as they happen: `evaluations` sums the
+    image count of every network call (a guided call on a doubled batch of B counts 2B),
+    `calls` the calls, `images` the images drawn."""
+
+    evaluations: int = 0
+    calls: int = 0
+    images: int = 0
+    compiled: bool = False  # whether the network ran compiled (ddpm.compile)
+
+    @property
+    def per_image(self) -> float | None:
+        """nfe_per_image: network evaluations per image drawn (None before any image)."""
+        return self.evaluations / self.images if self.images else None
+
+
+class Counted:
+    """The network as the denoiser calls it, `(x, t[, y]) -> output`, counting every call into
+    an `Evaluations`; other attributes (null_label, in_channels ...) are the network's."""
+
+    def __init__(self, forward: Callable[..., Tensor], net: nn.Module, tally: Evaluations):
+        self.forward, self.net, self.tally = forward, net, tally
+
+    def __call__(self, x: Tensor, t: Tensor, y: Tensor | None = None) -> Tensor:
+        self.tally.evaluations += x.shape[0]
+        self.tally.calls += 1
+        return self.forward(x, t) if y is None else self.forward(x, t, y)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.net, name)
+
+
 def generate(
     module: DiffusionModel,
     n: int,
@@ -110,6 +153,9 @@ def generate(
     context: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
     progress: bool = True,
     desc: str | None = None,
+    compile: str | bool = "false",  # the option's name: compile=auto|true|false
+    freezing: bool = True,
+    evaluations: Evaluations | None = None,
 ) -> Iterator[tuple[int, Tensor]]:
     """Images first..first+n-1 of `seed`, in batches of `batch_size`: yields (index of the
     batch's first image, images (B, C, H, W) in [-1, 1] float32 on the module's device).
@@ -118,8 +164,9 @@ def generate(
     options}); the EMA weights unless `use_ema` is false. `labels` by `image_labels`' rule;
     guidance w > 0 (`module.guided_denoiser`) needs labels. `callback(i, t, x_t, x0)` sees every
     sampler step of the first batch (animations). Each batch is drawn inside `context()` (e.g.
-    the autocast of the run's precision), and the caller's work on it outside. A progress bar
-    counts images, advancing at every sampler step.
+    the autocast of the run's precision), the caller's work on it outside; a progress bar counts
+    images. `compile` auto | true | false: the network compiled (`ddpm.compile`; `freezing`
+    false for weights that change later); calls counted into `evaluations` (`.per_image`).
     """
     if n < 0:
         raise ValueError(f"the number of images must be >= 0, got {n}")
@@ -128,6 +175,9 @@ def generate(
     name, steps = options.pop("sampler"), options.pop("steps", None)
     total_steps = steps or module.schedule.num_timesteps
     net = module.ema.module if use_ema else module.net
+    tally = evaluations if evaluations is not None else Evaluations()
+    job = _Job(module, net, sampler, seed, first, labels, guidance, context)
+    forward = _forward(job, n, batch_size, check_setting(compile), freezing, tally)
     bar = tqdm(
         total=n,
         unit="img",
@@ -139,8 +189,7 @@ def generate(
     with bar:
         for k in range(first, first + n, batch_size):
             count = min(batch_size, first + n - k)
-            labels_k = image_labels(labels, k, count, module.num_classes)
-            y = None if labels_k is None else torch.as_tensor(labels_k, device=module.device)
+            y = job.labels_of(k, count)
 
             def step(i: int, t: Tensor, x: Tensor, x0: Tensor, k: int = k, count: int = count):
                 bar.update(count / total_steps)
@@ -153,11 +202,10 @@ def generate(
                 with torch.no_grad(), context():
                     # per-image generators, advanced past x_T: the sampler's noise continues them
                     gens = image_generators(seed, k, count)
-                    shape = (count, net.in_channels, net.image_size, net.image_size)
                     x_0 = get_sampler(name)(
-                        module.guided_denoiser(net, y, guidance),
+                        module.guided_denoiser(Counted(forward, net, tally), y, guidance),
                         module.schedule,
-                        randn(shape, gens, module.device),
+                        randn(job.shape(count), gens, module.device),
                         steps,
                         generator=gens,
                         callback=step,
@@ -166,9 +214,97 @@ def generate(
                     x_0 = module.decode(x_0)
             finally:
                 net.train(was_training)
+            tally.images += count
             bar.n = k + count - first  # exact, whatever the fractional steps summed to
             bar.set_postfix(img_per_s=f"{bar.n / (time.perf_counter() - start):.2f}")
             yield k, x_0.float().clamp(-1, 1)
+
+
+@dataclass
+class _Job:
+    """What `generate` draws with: enough to run one batch of it again (`_forward`'s probe)."""
+
+    module: DiffusionModel
+    net: nn.Module
+    sampler: Mapping[str, Any]
+    seed: int
+    first: int
+    labels: Labels
+    guidance: float
+    context: Callable[[], contextlib.AbstractContextManager]
+
+    def labels_of(self, k: int, count: int) -> Tensor | None:
+        labels_k = image_labels(self.labels, k, count, self.module.num_classes)
+        return None if labels_k is None else torch.as_tensor(labels_k, device=self.module.device)
+
+    def shape(self, count: int) -> tuple[int, int, int, int]:
+        return (count, self.net.in_channels, self.net.image_size, self.net.image_size)
+
+
+def _forward(
+    job: _Job, n: int, batch_size: int, setting: str, freezing: bool, tally: Evaluations
+) -> Callable[..., Tensor]:
+    """The network call of the job: eager, or compiled for compile=true, or for compile=auto
+    when `ddpm.compile.worth_compiling` says the job's calls pay for the compile time."""
+    if setting == "false" or n == 0:
+        return job.net
+    if setting == "auto":
+        calls_per_batch, seconds = _probe(job, min(batch_size, n))
+        calls = calls_of(n, batch_size, calls_per_batch)
+        worth, why = worth_compiling(job.net, job.module.device, calls, seconds, freezing)
+        log.info("compile=auto: %s, since %s", "compiling" if worth else "eager", why)
+        if not worth:
+            return job.net
+    tally.compiled = True
+    return compiled_forward(job.net, job.module.device, freezing=freezing)
+
+
+@torch.no_grad()
+def _probe(job: _Job, count: int) -> tuple[int, float]:
+    """compile=auto's two figures for a batch of `count` images: the network calls the sampler
+    makes (counted on a network that returns zeros, the sampler's arithmetic only), and the
+    seconds of one eager call (timed after a warm-up call)."""
+    module, net = job.module, job.net
+    y = job.labels_of(job.first, count)
+    x = randn(job.shape(count), image_generators(job.seed, job.first, count), module.device)
+    t = torch.full((count,), module.schedule.num_timesteps - 1, device=module.device)
+    outputs: list[Tensor] = []
+
+    def timed(x: Tensor, t: Tensor, y: Tensor | None = None) -> Tensor:
+        outputs.append(net(x, t) if y is None else net(x, t, y))
+        return outputs[-1]
+
+    was_training = net.training
+    net.eval()
+    try:
+        with job.context():
+            denoiser = module.guided_denoiser(Counted(timed, net, Evaluations()), y, job.guidance)
+            denoiser(x, t)  # warm-up: oneDNN primitives, allocations
+            start = time.perf_counter()
+            denoiser(x, t)
+            seconds = time.perf_counter() - start
+    finally:
+        net.train(was_training)
+    channels = outputs[-1].shape[1]
+
+    def zeros(x: Tensor, t: Tensor, y: Tensor | None = None) -> Tensor:
+        return x.new_zeros((x.shape[0], channels, *x.shape[2:]))
+
+    tally = Evaluations()
+    options = dict(job.sampler)
+    name, steps = options.pop("sampler"), options.pop("steps", None)
+    gens = image_generators(job.seed, job.first, 1)
+    get_sampler(name)(
+        module.guided_denoiser(
+            Counted(zeros, net, tally), None if y is None else y[:1], job.guidance
+        ),
+        module.schedule,
+        randn(job.shape(1), gens, module.device),
+        steps,
+        generator=gens,
+        **options,
+    )
+    return tally.calls, seconds
 
 
 def generate_all(module: DiffusionModel, n: int, **kwargs: Any) -> Tensor:

@@ -282,17 +282,17 @@ def test_step_count_table(trained_run: Path, tmp_path: Path):
     names = ["fid70_train_ddim2", "fid70_train_ddim3", "fid70_train_dpmpp_2m2"]
     assert all(result[n] > 0 for n in names)
     table = (tmp_path / "ckpt.table.md").read_text().splitlines()
-    assert table[0] == "| sampler | steps | FID (70 samples vs train) | KID ×10³ |"
+    assert table[0] == "| sampler | steps | NFE / image | FID (70 samples vs train) | KID ×10³ |"
     assert [row.split("|")[1:3] for row in table[2:]] == [
         [" ddim ", " 2 "],
         [" ddim ", " 3 "],
         [" dpmpp_2m ", " 2 "],
     ]
-    kid = float(table[2].split("|")[4].split("±")[0])
+    kid = float(table[2].split("|")[5].split("±")[0])
     assert kid == pytest.approx(1e3 * result["kid70_train_ddim2"], abs=0.01)
     csv = (tmp_path / "ckpt.table.csv").read_text().splitlines()
-    assert csv[0] == "sampler,steps,fid,kid,kid_std" and len(csv) == 4
-    assert float(csv[1].split(",")[2]) == pytest.approx(result["fid70_train_ddim2"], rel=1e-5)
+    assert csv[0] == "sampler,steps,nfe_per_image,fid,kid,kid_std" and len(csv) == 4
+    assert float(csv[1].split(",")[3]) == pytest.approx(result["fid70_train_ddim2"], rel=1e-5)
 
 
 def test_table_csv_is_what_the_string_join_wrote(tmp_path: Path):
@@ -302,14 +302,15 @@ def test_table_csv_is_what_the_string_join_wrote(tmp_path: Path):
         "kid70_train_ddim2": 0.0123,
         "kid70_train_ddim2_std": 0.001,
     }
-    rows = [("ddim", 2, values), ("dpmpp_2m", 10, {k: v * 2 for k, v in values.items()})]
+    rows = [("ddim", 2, values, 2), ("dpmpp_2m", 10, {k: v * 2 for k, v in values.items()}, 10)]
     write_table(rows, tmp_path / "t", 70, "train")
-    former = ["sampler,steps,fid,kid,kid_std"]
-    for name, steps, v in rows:
+    former = ["sampler,steps,nfe_per_image,fid,kid,kid_std"]
+    for name, steps, v, nfe in rows:
         cells = [v["fid70_train_ddim2"], v["kid70_train_ddim2"], v["kid70_train_ddim2_std"]]
-        former.append(f"{name},{steps}," + ",".join(f"{c:.6f}" for c in cells))
+        former.append(f"{name},{steps},{nfe}," + ",".join(f"{c:.6f}" for c in cells))
     assert (tmp_path / "t.table.csv").read_text() == "\n".join(former) + "\n"
-    assert (tmp_path / "t.table.md").read_text().splitlines()[2].startswith("| ddim | 2 | 4.12 |")
+    row = (tmp_path / "t.table.md").read_text().splitlines()[2]
+    assert row.startswith("| ddim | 2 | 2 | 4.12 |")
 
 
 @pytest.mark.parametrize("mode", ["P", "LA", "RGBA", "I;16", "JPEG"])

@@ -15,10 +15,12 @@ from pathlib import Path
 
 import hydra
 import torch
+from matplotlib.figure import Figure
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
 from ddpm.cli.sources import held_out_images, image_files, npz_array, source_batches
+from ddpm.compile import check_setting
 from ddpm.data.folder import (
     open_image,
 )
@@ -29,6 +31,7 @@ from ddpm.files import (
     check_free_space,
     check_output_dir,
 )
+from ddpm.generate import Evaluations
 from ddpm.likelihood import bpd_exact
 from ddpm.metrics.fid import InceptionMetrics, check_count, measure
 from ddpm.metrics.inception import has_classifier, inception_weights
@@ -145,6 +148,7 @@ def check_inputs(cfg: DictConfig, device: torch.device) -> DiffusionModule | Non
         raise ValueError("fid=false and nll=false leave nothing to measure; set one to true")
     check_seed(cfg.seed)
     check_guidance(cfg.guidance)
+    check_setting(cfg.get("compile", "false"))
     least, why = (2, "FID needs at least 2 images per set") if cfg.fid else (1, "n must be >= 1")
     if not isinstance(cfg.n, int) or cfg.n < least:
         raise ValueError(
@@ -285,7 +289,16 @@ def inception_metrics(
     rows = []
     for entry_name, entry_steps in entries:
         channels = int(reference.shape[1])
-        batches, sampler = source_batches(cfg, module, channels, entry_name, entry_steps)
+        tally = Evaluations()  # a checkpoint source's network evaluations, counted
+        batches, sampler = source_batches(
+            cfg,
+            module,
+            channels,
+            entry_name,
+            entry_steps,
+            compile=cfg.get("compile", "false"),
+            evaluations=tally,
+        )
 
         def checked(batches: Iterator[torch.Tensor], bar: tqdm) -> Iterator[torch.Tensor]:
             for batch in batches:
@@ -301,7 +314,11 @@ def inception_metrics(
         with tqdm(total=cfg.n, unit="img", desc=f"metrics {sampler or ''}") as bar:
             values = measure(metrics, checked(batches, bar), cfg.n, cfg.reference_split, sampler)
         result.update(values)
-        rows.append((entry_name, entry_steps, values))
+        if tally.images:  # sampled here: what each image cost in network evaluations
+            key = f"nfe_per_image_{sampler}" if cfg.table else "nfe_per_image"
+            result[key] = tally.per_image
+            log.info("%s: %g network evaluations per image", sampler, tally.per_image)
+        rows.append((entry_name, entry_steps, values, tally.per_image))
     if cfg.table:
         out = output_path(cfg)
         try:
@@ -342,25 +359,45 @@ def by_kind(values: dict[str, float]) -> dict[str, float]:
 
 
 def write_table(rows: list, stem: Path, n: int, split: str) -> None:
-    """FID (and KID, IS when measured) per (sampler, steps) as Markdown and CSV, like Table 1
-    of the DDIM paper. Both written atomically: a full disk names the file."""
-    table = [(name, steps, by_kind(values)) for name, steps, values in rows]
+    """FID (and KID, IS when measured) and network evaluations per image per (sampler, steps)
+    as Markdown (also printed) and CSV, like Table 1 of the DDIM paper, and FID against NFE per
+    sampler as <stem>.fid_vs_nfe.png. Each written atomically: a full disk names the file."""
+    table = [(name, steps, by_kind(values), nfe) for name, steps, values, nfe in rows]
     kinds = [k for k in ("fid", "kid", "is") if k in table[0][2]]
     heads = {"fid": f"FID ({n} samples vs {split})", "kid": "KID ×10³", "is": "IS"}
-    lines = ["| sampler | steps | " + " | ".join(heads[k] for k in kinds) + " |"]
-    lines.append("|---|---|" + "---|" * len(kinds))
+    lines = ["| sampler | steps | NFE / image | " + " | ".join(heads[k] for k in kinds) + " |"]
+    lines.append("|---|---|---|" + "---|" * len(kinds))
     columns = kinds + [f"{k}_std" for k in kinds[1:]]
     text = io.StringIO()
     rows_csv = csv.writer(text, lineterminator="\n")
-    rows_csv.writerow(["sampler", "steps", *columns])
-    for name, steps, v in table:
-        cells = [f"{v['fid']:.2f}"]
+    rows_csv.writerow(["sampler", "steps", "nfe_per_image", *columns])
+    for name, steps, v, nfe in table:
+        cells = [f"{nfe:g}", f"{v['fid']:.2f}"]
         if "kid" in v:
             cells.append(f"{1e3 * v['kid']:.2f} ± {1e3 * v['kid_std']:.2f}")
         if "is" in v:
             cells.append(f"{v['is']:.2f} ± {v['is_std']:.2f}")
         lines.append(f"| {name} | {steps} | " + " | ".join(cells) + " |")
-        rows_csv.writerow([name, steps, *(f"{v[c]:.6f}" for c in columns)])
+        rows_csv.writerow([name, steps, f"{nfe:g}", *(f"{v[c]:.6f}" for c in columns)])
     atomic_write(Path(f"{stem}.table.csv"), lambda f: f.write(text.getvalue().encode()))
     markdown = "\n".join(lines) + "\n"
     atomic_write(Path(f"{stem}.table.md"), lambda f: f.write(markdown.encode()))
+    print(markdown)
+    figure = fid_vs_nfe([(name, nfe, v["fid"]) for name, _, v, nfe in table], n, split)
+    atomic_write(Path(f"{stem}.fid_vs_nfe.png"), lambda f: figure.savefig(f, format="png"))
+
+
+def fid_vs_nfe(points: list[tuple[str, float, float]], n: int, split: str) -> Figure:
+    """FID against network evaluations per image, one line per sampler (its table entries in
+    order of NFE), NFE on a log axis. FID only: the digits' readability (bench/readability.py)
+    needs its classifier from bench/, which the package does not import."""
+    figure = Figure(figsize=(6, 4), dpi=100)  # no pyplot: no backend state, Agg when saved
+    ax = figure.subplots()
+    for name in dict.fromkeys(name for name, _, _ in points):  # in the table's order
+        line = sorted((nfe, fid) for other, nfe, fid in points if other == name)
+        ax.plot(*zip(*line, strict=True), marker="o", label=name)
+    ax.set(xscale="log", xlabel="network evaluations per image (NFE)")
+    ax.set(ylabel=f"FID ({n} samples vs {split})", title="FID against NFE")
+    ax.legend()
+    figure.tight_layout()
+    return figure

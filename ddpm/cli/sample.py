@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,13 +20,22 @@ from ddpm.cli.sample_folder import (
     check_earlier,
     check_recorded_settings,
     finished_images,
+    measured_record,
     own_files,
     settings_record,
 )
+from ddpm.compile import check_setting
 from ddpm.data.folder import load_image
 from ddpm.device import autocast, pick_device
 from ddpm.files import FULL, DiskFull, atomic_write, check_output_dir
-from ddpm.generate import denoised, first_frame, generate, generate_all, image_labels
+from ddpm.generate import (
+    Evaluations,
+    denoised,
+    first_frame,
+    generate,
+    generate_all,
+    image_labels,
+)
 from ddpm.images import (
     Recorder,
     letter_labels,
@@ -174,6 +184,7 @@ def check_options(cfg: DictConfig) -> None:
             "or drop text= to draw n images"
         )
     hold_ms(cfg)  # a wrong value fails before any work
+    check_setting(cfg.get("compile", "false"))
     check_seed(cfg.seed)
     check_guidance(cfg.guidance)
     grid_max = cfg.grid_max
@@ -211,6 +222,7 @@ class Plan:
     noise_t: list[int] | None  # the timesteps of noise_levels.png; None: no figure
     real: torch.Tensor | None  # its real image (1, C, H, W) uint8; None: the first sample
     hold_ms: int  # how long animation.gif shows its final frame
+    tally: Evaluations  # the network evaluations of the drawing, counted as they happen
 
 
 def sample(cfg: DictConfig) -> Path:
@@ -289,6 +301,7 @@ def plan_sampling(cfg: DictConfig) -> Plan:
         noise_t=noise_t,
         real=real,
         hold_ms=hold_ms(cfg),
+        tally=Evaluations(),
     )
 
 
@@ -312,9 +325,13 @@ def write_samples(plan: Plan) -> Path:
     for path in plan.stale:
         path.unlink()
     atomic_write(out / SETTINGS, lambda f: f.write(json.dumps(plan.record, indent=1).encode()))
+    start = time.perf_counter()
     if cfg.text:
-        return write_text(plan)
+        write_text(plan)
+        record_measures(plan, time.perf_counter() - start)
+        return out
     everything = write_images(plan)
+    record_measures(plan, time.perf_counter() - start)
     save_grid(everything[: cfg.grid_max].float() / 127.5 - 1, out / "grid.png", plan.nrow)
     if cfg.npz:
         array = everything.permute(0, 2, 3, 1).numpy()
@@ -329,6 +346,21 @@ def write_samples(plan: Plan) -> Path:
         atomic_write(out / "noise_levels.png", lambda f: figure.save(f, format="PNG"))
     log.info("wrote %d images to %s", cfg.n, out)
     return out
+
+
+def record_measures(plan: Plan, seconds: float) -> None:
+    """sample.json with the drawing's nfe_per_image, compiled and img/s, and the same printed."""
+    record = measured_record(plan.record, plan.tally, seconds)
+    atomic_write(plan.out / SETTINGS, lambda f: f.write(json.dumps(record, indent=1).encode()))
+    if plan.tally.images:
+        log.info(
+            "%d images in %.1f s (%.2f img/s, %s): %g network evaluations per image",
+            plan.tally.images,
+            seconds,
+            record["img_per_s"] or 0.0,
+            "compiled" if plan.tally.compiled else "eager",
+            plan.tally.per_image,
+        )
 
 
 def write_images(plan: Plan) -> torch.Tensor:
@@ -357,6 +389,8 @@ def write_images(plan: Plan) -> torch.Tensor:
         use_ema=cfg.use_ema,
         callback=recorder,  # the first batch is animated
         context=lambda: plan.precision,
+        compile=cfg.get("compile", "false"),
+        evaluations=plan.tally,
     )
     for first, images in batches:
         images = to_uint8(images.cpu())
@@ -387,6 +421,8 @@ def write_text(plan: Plan) -> Path:
         callback=recorder,
         context=lambda: plan.precision,
         desc="letters",
+        compile=cfg.get("compile", "false"),
+        evaluations=plan.tally,
     )
     out.mkdir(parents=True, exist_ok=True)
 

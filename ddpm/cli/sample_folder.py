@@ -21,6 +21,8 @@ log = logging.getLogger(__name__)
 IMAGE_NAME = re.compile(r"\d{6}\.png")  # images/<k>.png: image k of the run
 SETTINGS = "sample.json"
 
+# recorded after the drawing, for reading: not settings a resumed run must repeat
+MEASURED = ("nfe_per_image", "compiled", "sampling_seconds", "img_per_s")
 OUTPUTS = ("grid.png", "samples.npz", "animation.gif", "noise_levels.png", "text.png", SETTINGS)
 
 
@@ -79,6 +81,22 @@ def settings_record(
     }
 
 
+def measured_record(record: dict, tally, seconds: float) -> dict:
+    """sample.json after the drawing: the settings and what this run measured of them:
+    `nfe_per_image` (network evaluations per image, counted: `ddpm.generate.Evaluations`),
+    whether the network ran compiled, and the drawing's seconds and images per second (compile
+    time included). A resumed run that had nothing left to draw records none."""
+    if not tally.images:
+        return record
+    return {
+        **record,
+        "nfe_per_image": tally.per_image,
+        "compiled": tally.compiled,
+        "sampling_seconds": round(seconds, 3),
+        "img_per_s": round(tally.images / seconds, 3) if seconds > 0 else None,
+    }
+
+
 def check_recorded_settings(out: Path, record: dict) -> None:
     """Refuse to resume images drawn with other settings than this run's (out/sample.json)."""
     path = out / SETTINGS
@@ -102,7 +120,8 @@ def check_recorded_settings(out: Path, record: dict) -> None:
             return old[: len(new)] == new[: len(old)]  # image k's label, for every common k
         return old == new
 
-    keys = [k for k in {**saved, **record} if k not in ("ckpt", "n") and not same(k)]
+    ignored = ("ckpt", "n", *MEASURED)
+    keys = [k for k in {**saved, **record} if k not in ignored and not same(k)]
     if keys:
 
         def short(value: object) -> str:

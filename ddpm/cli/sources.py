@@ -9,6 +9,7 @@ import math
 import zipfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import hydra
 import numpy as np
@@ -193,13 +194,14 @@ def source_batches(
     channels: int,
     name: str | None = None,
     steps: int | None = None,
+    **generating: Any,
 ) -> tuple[Iterator[torch.Tensor], str | None]:
     """uint8 (B, C, H, W) batches of the first n images of the source, and the sampler's label.
 
     Image files are read with the reference's `channels`. A checkpoint source is sampled with
     `module`, the one eval.py loaded from it; `name` and `steps` override the sampler config
     (the options of cfg.sampler apply when it is the same sampler; another one runs with its
-    defaults).
+    defaults); `generating` goes to `generate` (compile=, evaluations=).
     """
     source = Path(cfg.source)
     if source.suffix == ".npz":
@@ -228,6 +230,7 @@ def source_batches(
             guidance=cfg.guidance if module.num_classes else 0.0,
             batch_size=cfg.batch_size,
             progress=False,  # the metrics' bar counts these images
+            **generating,
         )
         label = sampler_label(sampler, module.schedule.num_timesteps)
         return (to_uint8(images) for _, images in batches), label

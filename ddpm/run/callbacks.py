@@ -14,7 +14,8 @@ from lightning.pytorch.utilities import rank_zero_only
 from matplotlib.figure import Figure
 from torchvision.utils import make_grid
 
-from ddpm.generate import first_frame, generate, generate_all, shard
+from ddpm.compile import check_setting
+from ddpm.generate import Evaluations, first_frame, generate, generate_all, shard
 from ddpm.images import Recorder, save_animation, save_grid, to_pil
 from ddpm.metrics.fid import InceptionMetrics, check_count, measure
 from ddpm.metrics.inception import inception_weights
@@ -196,9 +197,11 @@ class LossCurve(L.Callback):
 class FID(L.Callback):
     """FID (and optionally KID and Inception Score) of `n` EMA samples at every
     `every_n_validations`-th validation, logged as e.g. `val/fid10k_train_ddim50`,
-    `val/kid10k_train_ddim50`, `val/is10k_ddim50` (so ModelCheckpoint can monitor them), with
+    `val/kid10k_train_ddim50`, `val/is10k_ddim50` (so ModelCheckpoint can monitor them), and
+    the network evaluations per image the samples cost as `val/nfe_per_image_ddim50`, with
     generation sharded over DDP ranks (`ddpm.generate.shard`; the values equal a single
-    process's).
+    process's). `compile` auto | true | false: the EMA network compiled for the sampling
+    (`ddpm.compile`, without freezing: its weights change between validations).
 
     The reference statistics come from the datamodule's `reference_split` (papers: CIFAR-10's
     50k training images), cached on disk by `ddpm.reference.cached_reference`.
@@ -220,8 +223,10 @@ class FID(L.Callback):
         every_n_validations: int = 1,
         kid: bool = False,
         inception_score: bool = False,
+        compile: str | bool = "auto",  # the option's name
     ) -> None:
         check_count(n, features)
+        self.compile = check_setting(compile, "callbacks.fid.compile")
         self.sampler = sampler_settings(sampler, steps, default="ddim")
         self.n, self.guidance, self.features, self.weights = n, guidance, features, weights
         self.reference_split, self.reference_n = reference_split, reference_n
@@ -273,6 +278,7 @@ class FID(L.Callback):
         if self.metrics is None:
             self._build(trainer, module)
         first, count = shard(self.n, trainer.global_rank, trainer.world_size)
+        tally = Evaluations()
         batches = generate(
             module,
             count,
@@ -283,6 +289,9 @@ class FID(L.Callback):
             batch_size=self.batch_size,
             progress=_progress(trainer),
             desc=f"FID samples (rank {trainer.global_rank})",
+            compile=self.compile,
+            freezing=False,  # the EMA weights change between validations
+            evaluations=tally,
         )
         label = sampler_label(self.sampler, module.schedule.num_timesteps)
         values = measure(
@@ -290,6 +299,8 @@ class FID(L.Callback):
         )
         for name, value in values.items():  # already the same on every rank
             module.log(f"{stage}/{name}", value, rank_zero_only=False)
+        if tally.images:  # every rank draws with the same sampler: the same figure
+            module.log(f"{stage}/nfe_per_image_{label}", tally.per_image, rank_zero_only=False)
 
 
 def _progress(trainer: L.Trainer) -> bool:
