@@ -101,9 +101,13 @@ def test_guided_diffusion_layout_equals_diffusers(new_order: bool):
 
 
 def test_openai_layout_without_null_row_and_plain_embedding_equals_diffusers():
-    """null_label=False (an OpenAI checkpoint's K rows), the DDPM-style added embedding."""
+    """null_label=False (an OpenAI checkpoint's K rows), the DDPM-style added embedding, conv
+    resampling (16 px, 3 levels)."""
     config = {
         **GUIDED,
+        "image_size": 16,
+        "channel_mult": [1, 2, 2],
+        "attention_resolutions": [8],
         "null_label": False,
         "use_scale_shift_norm": False,
         "resblock_updown": False,
@@ -112,7 +116,7 @@ def test_openai_layout_without_null_row_and_plain_embedding_equals_diffusers():
     assert diff < 1e-4, diff
     assert net.label_emb.weight.shape == (10, 4 * 32)
     with pytest.raises(ValueError, match="no null label"):
-        net(torch.zeros(1, 3, 32, 32), torch.zeros(1, dtype=torch.long))
+        net(torch.zeros(1, 3, 16, 16), torch.zeros(1, dtype=torch.long))
 
 
 def test_state_dict_has_openai_keys_and_shapes():
@@ -180,9 +184,9 @@ def test_num_heads_upsample_and_each_order_against_written_out_attention():
 def test_activation_checkpointing_recomputes_and_gives_the_same_gradients():
     config = {
         **GUIDED,
-        "model_channels": 32,
+        "image_size": 16,
         "channel_mult": [1, 2],
-        "attention_resolutions": [16],
+        "attention_resolutions": [8],
         "dropout": 0.0,
     }
     torch.manual_seed(0)
@@ -195,7 +199,7 @@ def test_activation_checkpointing_recomputes_and_gives_the_same_gradients():
     for net in (plain, ckpt):
         block = next(m for m in net.modules() if isinstance(m, ResBlock))
         block.in_layers.register_forward_hook(lambda *_: calls.append(1))
-    x, t, y = torch.randn(2, 3, 32, 32), torch.tensor([5, 700]), torch.tensor([1, 10])
+    x, t, y = torch.randn(2, 3, 16, 16), torch.tensor([5, 700]), torch.tensor([1, 10])
     grads = []
     for net in (plain, ckpt):
         calls.clear()
