@@ -14,9 +14,11 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from conftest import FAST, train_config
 from omegaconf import OmegaConf
 from resample_ddp_script import BATCH, STEPS, rank_main
 
+from ddpm.cli import train as training
 from ddpm.cli.train import check_module
 from ddpm.module import DiffusionModule
 from ddpm.resample import (
@@ -302,3 +304,36 @@ def test_train_steps_with_loss_second_moment_and_vlb_and_a_resume():
     fresh.load_state_dict(uniform.state_dict())
     assert int(fresh.timestep_sampler.seen.sum()) == 0
     uniform.load_state_dict(state)
+
+
+# train.py at debug=fast with T = 2, batches of 16: the warm-up (2 · 10 losses) ends after
+# two steps, and the steps after draw from the learned p(t)
+RESUMABLE = [
+    *FAST,
+    "module.timestep_sampler=loss_second_moment",
+    "schedule.timesteps=2",
+    "dataset.batch_size=16",
+    "callbacks.sample_grid.steps=2",
+    "callbacks.sample_grid.final_steps=2",
+]
+
+
+@pytest.mark.slow
+def test_a_resumed_run_draws_what_the_uninterrupted_one_draws(tmp_path: Path):
+    """Lightning's own save and restore (train.py, resume=auto): a run stopped at step 4 and
+    resumed to 6 ends with the history, the network and the EMA of a run that went to 6."""
+    whole, parts = tmp_path / "whole", tmp_path / "parts"
+    training.train(train_config(whole, [*RESUMABLE, "trainer.max_steps=6"]))
+    training.train(train_config(parts, [*RESUMABLE, "trainer.max_steps=4"]))
+    training.train(train_config(parts, [*RESUMABLE, "trainer.max_steps=6"]))
+    a, b = (torch.load(d / "checkpoints" / "last.ckpt", weights_only=True) for d in (whole, parts))
+    assert a["global_step"] == b["global_step"] == 6
+    history, seen = (
+        a["state_dict"]["timestep_sampler.history"],
+        a["state_dict"]["timestep_sampler.seen"],
+    )
+    assert int(seen.sum()) == 6 * 16 and bool((seen >= HISTORY).all())  # warmed up
+    assert a["state_dict"].keys() == b["state_dict"].keys()
+    for name, value in a["state_dict"].items():
+        torch.testing.assert_close(b["state_dict"][name], value, msg=name)
+    assert history.abs().sum() > 0
