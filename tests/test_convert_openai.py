@@ -125,6 +125,30 @@ def test_the_readmes_flags_read_as_their_codebases_read_them():
     assert read_flags(IMAGENET64 + both)[0] == "either"
 
 
+# the READMEs' flags and the model sizes their papers give (ADM: Dhariwal & Nichol 2021's
+# 64 / 128 / 256 px and LSUN models; the CIFAR-10 network of issue 26, 52.5M)
+PUBLISHED_SIZES = {
+    CIFAR10: 52.5e6,
+    GUIDED_256: 554e6,
+    GUIDED_256.replace("--class_cond True", "--class_cond False --dropout 0.1"): 552e6,  # LSUN
+    GUIDED_256.replace("256", "64").replace("linear", "cosine").replace("2 --res", "3 --res")
+    .replace("--num_channels 64", "--num_channels 192") + " --use_new_attention_order True"
+    + " --dropout 0.1": 296e6,
+    GUIDED_256.replace("256", "128").replace("--num_head_channels 64", "--num_heads 4")
+    .replace("--num_channels 128", "--num_channels 256"): 422e6,
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("flags", list(PUBLISHED_SIZES), ids=["32", "256", "lsun", "64", "128"])
+def test_the_published_flags_describe_networks_of_the_published_sizes(flags: str):
+    """The networks of the READMEs' flags, built on the meta device (no memory, no time)."""
+    c = read_flags(flags)[2]
+    with torch.device("meta"):
+        net = ADM(**{k: v for k, v in c.net.items() if k != "_target_"}, out_channels=6)
+    size = PUBLISHED_SIZES[flags]  # to the papers' precision, 0.1M of 52.5M and 1M of 554M
+    assert abs(sum(p.numel() for p in net.parameters()) - size) < 0.002 * size
+
+
 def test_a_linear_schedule_is_openais_scaled_to_t():
     """get_named_beta_schedule: linear β from 1e-4 · 1000/T to 0.02 · 1000/T, cosine by
     betas_for_alpha_bar (max β 0.999), written out here in numpy from the codebase's formulas."""
@@ -253,6 +277,8 @@ BAD = {  # what is wrong -> (file, flags, extra options, words of the line)
         "cifar10", SMALL_CIFAR10.replace("32 --num_res", "64 --num_res"), [],
         ["time_embed.0.weight", "(128, 32)", "(256, 64)"],
     ),
+    "a 512 px model": ("cifar10", GUIDED_256.replace("256", "512"), [], ["channel_mult [0.5"]),
+    "heads": ("cifar10", SMALL_CIFAR10 + " --num_heads 3", [], ["--num_heads=3 does not divide"]),
     "a diffusers option": (
         "cifar10", SMALL_CIFAR10, ["--schedule", "linear"], ["--schedule", "diffusers folder"],
     ),

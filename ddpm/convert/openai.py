@@ -44,12 +44,14 @@ from __future__ import annotations
 
 import argparse
 import pickle
+import re
 import shlex
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+from hydra.errors import InstantiationException
 from torch import Tensor, nn
 
 from ddpm.convert import build
@@ -220,6 +222,12 @@ def _channel_mult(values: dict[str, Any], codebase: str) -> list[float]:
             f"--flags: --image_size {size}{flag}: {NAMES[codebase]}'s create_model has a "
             f"channel_mult for {sorted(table)} only (unsupported image size)"
         )
+    if any(m != int(m) for m in table[size]):
+        raise ConversionError(
+            f"--flags: --image_size {size}: {NAMES[codebase]}'s channel_mult {table[size]} "
+            "starts at half the width (int(0.5 · num_channels)), which ddpm.adm.ADM does not "
+            "build (whole multiples only): this model cannot be converted"
+        )
     return list(table[size])
 
 
@@ -310,11 +318,12 @@ def read_flags(text: str, codebase: str = "auto") -> tuple[str, dict[str, Any], 
         except ConversionError as e:
             errors[name] = str(e)
     if not read:
-        if errors["improved"] == errors["guided"]:
-            raise ConversionError(errors["improved"])
-        raise ConversionError(
-            f"{NAMES['improved']}: {errors['improved']}; {NAMES['guided']}: {errors['guided']}"
-        )
+        # a flag the other codebase lacks says which one was meant: its reason alone
+        known = [n for n in CODEBASES if "unrecognized arguments" not in errors[n]]
+        if len(known) == 1 or errors["improved"] == errors["guided"]:
+            raise ConversionError(errors[(known or ["improved"])[0]])
+        reasons = "; ".join(f"{NAMES[n]}: {errors[n].removeprefix('--flags: ')}" for n in known)
+        raise ConversionError(f"--flags: {reasons}")
     if len(read) == 1:
         name = next(iter(read))
         return name, *read[name]
@@ -435,7 +444,12 @@ def import_openai(
         conversion.net, conversion.schedule, conversion.objective, conversion.variance
     )
     hparams["vlb_weight"] = conversion.vlb_weight
-    module = build.build_module(hparams, lambda net: fit(net, state, str(src)))
+    try:
+        module = build.build_module(hparams, lambda net: fit(net, state, str(src)))
+    except InstantiationException as e:  # ADM's own check of the config, by name
+        last = str(e).strip().splitlines()[-1].replace("model.model_channels", "--num_channels")
+        last = re.sub(r"model\.(\w+)", r"--\1", last)  # ADM's keys are the flags' names
+        raise ConversionError(f"--flags: the network they describe is refused: {last}") from None
     state.clear()  # the module holds the weights now: one copy in memory, not two
     want = _probe(module)
     classes = module.num_classes
