@@ -30,6 +30,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ddpm.edm import sample_edm
 from ddpm.sampler_base import Callback, Denoiser, Generator, predict, randn
 from ddpm.schedule import NoiseSchedule
 
@@ -365,6 +366,7 @@ SAMPLERS: dict[str, Callable[..., Tensor]] = {
     "ddim": sample_ddim,
     "dpmpp_2m": sample_dpmpp_2m,
     "dpmpp_3m": sample_dpmpp_3m,
+    "edm": sample_edm,
 }
 
 
