@@ -6,30 +6,43 @@
 Data N(μ, s²I) (2,000 pixels, μ spread over [-0.6, 0.6], s = 0.6) has the exact denoiser
 ε*(x_t, t) = σ (x_t - α μ) / (α² s² + σ²), and the ODE from x_T keeps
 z = (x_t - α μ) / √(α² s² + σ²) fixed, so its end at σ = 0 is μ + s z. The table is the max
-error over the pixels of one x_T, float64, no clipping: DDIM (η = 0), DPM-Solver++(2M) on
-uniform and on logSNR-even steps (this project's default), and, when diffusers is installed
-(`pip install -e .[bench]`), diffusers' DPMSolverMultistepScheduler (dpmsolver++, order 2,
-its default timestep spacing) on the same betas.
+error over the pixels of one x_T, float64 (ᾱ too), no clipping: DDIM (η = 0), DPM-Solver++(2M)
+and (3M) on several spacings, EDM (Heun on Karras σ, 2·steps - 1 network calls: its NFE row
+says so) snapped to training t as the sampler runs and on the continuous σ grid it approximates,
+and, when diffusers is installed (`pip install -e .[bench]`), diffusers'
+DPMSolverMultistepScheduler (dpmsolver++, order 2 and 3, its default timestep spacing) on the
+same betas. `floor` is what no sampler that ends with x̂_0 at t = 0 can beat: the distance
+from x̂_0 of the exact state at t = 0 (σ_0 > 0) to the ODE's end at σ = 0.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import platform
 
 import torch
 
-from ddpm.samplers import sample_ddim, sample_dpmpp_2m
+from ddpm.edm import heun, karras_sigmas, vp_sigmas
+from ddpm.samplers import sample_ddim, sample_dpmpp_2m, sample_dpmpp_3m, sample_edm
 from ddpm.schedule import NoiseSchedule
 
-STEPS = (10, 20, 50, 100, 200)
+STEPS = (10, 15, 20, 30, 50, 100, 200)
+CHECKED = (10, 15, 20, 30, 50, 100)  # issue 26's step counts
+BEST = "dpmpp_3m angle"  # the sampler the check line is about
 MU = torch.linspace(-0.6, 0.6, 2000, dtype=torch.float64)
 S = 0.6
 
 
+def a_bar64(schedule: NoiseSchedule) -> torch.Tensor:
+    """ᾱ in float64: the schedule's float64 copy where it has one (what `respace` builds the
+    samplers' chains from), so the exact denoiser and the chains agree to the last bit."""
+    return getattr(schedule, "alphas_cumprod64", schedule.alphas_cumprod).double().cpu()
+
+
 def exact_eps(schedule: NoiseSchedule):
-    a_bar = schedule.alphas_cumprod.double()
+    a_bar = a_bar64(schedule)
 
     def eps(x: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, None]:
         """The samplers' denoiser: (ε, no learned variance)."""
@@ -39,14 +52,29 @@ def exact_eps(schedule: NoiseSchedule):
     return eps
 
 
-def diffusers_dpmpp(schedule: NoiseSchedule, x_T: torch.Tensor, steps: int) -> torch.Tensor:
+def exact_x0(x: torch.Tensor, sigma: float) -> torch.Tensor:
+    """D(x_σ; σ) of the same data at any σ: x_t = x_σ / √(1 + σ²), ᾱ = 1 / (1 + σ²)."""
+    a = 1 / (1 + sigma**2)
+    return MU + a**0.5 * S**2 * (a**0.5 * x - a**0.5 * MU) / (a * S**2 + 1 - a)
+
+
+def edm_continuous(schedule: NoiseSchedule, x_T: torch.Tensor, steps: int) -> torch.Tensor:
+    """`sample_edm`'s grid (σ_max 80) unsnapped, the denoiser at every σ: what snapping costs."""
+    train = vp_sigmas(schedule)
+    sigmas = [train[-1], *karras_sigmas(train[0], 80.0, steps - 1)]
+    return heun(exact_x0, sigmas, x_T * (1 + train[-1] ** 2) ** 0.5, euler_first=True)
+
+
+def diffusers_dpmpp(
+    schedule: NoiseSchedule, x_T: torch.Tensor, steps: int, order: int = 2
+) -> torch.Tensor:
     from diffusers import DPMSolverMultistepScheduler
 
     scheduler = DPMSolverMultistepScheduler(
         num_train_timesteps=schedule.num_timesteps,
         trained_betas=schedule.betas.double().numpy(),
         algorithm_type="dpmsolver++",
-        solver_order=2,
+        solver_order=order,
         prediction_type="epsilon",
     )
     scheduler.set_timesteps(steps)
@@ -56,30 +84,76 @@ def diffusers_dpmpp(schedule: NoiseSchedule, x_T: torch.Tensor, steps: int) -> t
     return x
 
 
-def errors(name: str) -> dict[str, list[float]]:
-    schedule = getattr(NoiseSchedule, name)(1000)
-    a_T = schedule.alphas_cumprod.double()[-1]
-    x_T = torch.randn(1, MU.numel(), generator=torch.Generator().manual_seed(0)).double()
-    end = MU + S * (x_T - a_T.sqrt() * MU) / (a_T * S**2 + 1 - a_T).sqrt()
+def runs(schedule: NoiseSchedule, x_T: torch.Tensor) -> dict:
+    """label -> (steps -> the sample from x_T)."""
     eps = exact_eps(schedule)
-    runs = {
+    table = {
         "ddim": lambda n: sample_ddim(eps, schedule, x_T, n, clip_x0=False),
         "dpmpp_2m uniform t": lambda n: sample_dpmpp_2m(
             eps, schedule, x_T, n, clip_x0=False, spacing="uniform"
         ),
-        "dpmpp_2m logsnr (default)": lambda n: sample_dpmpp_2m(
+        "dpmpp_2m logsnr (2m's default)": lambda n: sample_dpmpp_2m(
             eps, schedule, x_T, n, clip_x0=False
+        ),
+        "dpmpp_3m logsnr": lambda n: sample_dpmpp_3m(
+            eps, schedule, x_T, n, clip_x0=False, spacing="logsnr"
+        ),
+        BEST: lambda n: sample_dpmpp_3m(eps, schedule, x_T, n, clip_x0=False),
+        "edm (2n-1 NFE)": lambda n: sample_edm(eps, schedule, x_T, n),
+        "edm, continuous σ": lambda n: edm_continuous(schedule, x_T, n),
+        "edm sigma_max=null (2n-1 NFE)": lambda n: sample_edm(
+            eps, schedule, x_T, n, sigma_max=None
         ),
     }
     try:
         import diffusers  # noqa: F401
 
-        runs["diffusers DPM++(2M)"] = lambda n: diffusers_dpmpp(schedule, x_T, n)
+        table["diffusers DPM++(2M)"] = lambda n: diffusers_dpmpp(schedule, x_T, n)
+        table["diffusers DPM++(3M)"] = lambda n: diffusers_dpmpp(schedule, x_T, n, 3)
     except ImportError:
         pass
-    return {
-        label: [(run(n) - end).abs().max().item() for n in STEPS] for label, run in runs.items()
+    return table
+
+
+def errors(name: str) -> dict[str, list[float]]:
+    schedule = getattr(NoiseSchedule, name)(1000)
+    a_bar = a_bar64(schedule)
+    a_T, a_0 = a_bar[-1], a_bar[0]
+    x_T = torch.randn(1, MU.numel(), generator=torch.Generator().manual_seed(0)).double()
+    z = (x_T - a_T.sqrt() * MU) / (a_T * S**2 + 1 - a_T).sqrt()
+    end = MU + S * z
+    x_at_0 = a_0.sqrt() * MU + (a_0 * S**2 + 1 - a_0).sqrt() * z  # the exact state at t = 0
+    floor = (exact_x0(x_at_0 / a_0.sqrt(), math.sqrt((1 - a_0) / a_0)) - end).abs().max().item()
+    table = {
+        label: [(run(n) - end).abs().max().item() for n in STEPS]
+        for label, run in runs(schedule, x_T).items()
     }
+    table["floor: x̂_0 of the exact state at t = 0"] = [floor] * len(STEPS)
+    return table
+
+
+def check(table: dict[str, list[float]]) -> list[str]:
+    """Where `BEST` misses issue 26's bar at CHECKED: below DDIM, ≤ diffusers' DPM++(2M),
+    falling with the step count."""
+    at = [STEPS.index(n) for n in CHECKED]
+    best = [table[BEST][i] for i in at]
+    misses = [
+        f"{n}: not below ddim"
+        for n, i in zip(CHECKED, at, strict=True)
+        if table[BEST][i] >= table["ddim"][i]
+    ]
+    if "diffusers DPM++(2M)" in table:
+        misses += [
+            f"{n}: {table[BEST][i]:.2g} > diffusers {table['diffusers DPM++(2M)'][i]:.2g}"
+            for n, i in zip(CHECKED, at, strict=True)
+            if table[BEST][i] > table["diffusers DPM++(2M)"][i]
+        ]
+    misses += [
+        f"{n}: does not fall from {m}"
+        for m, n, a, b in zip(CHECKED, CHECKED[1:], best, best[1:], strict=False)
+        if b >= a
+    ]
+    return misses
 
 
 def main() -> None:
@@ -95,6 +169,9 @@ def main() -> None:
         print("|---|" + "---|" * len(STEPS))
         for label, values in table.items():
             print(f"| {label} | " + " | ".join(f"{v:.2g}" for v in values) + " |")
+        misses = check(table)
+        result[f"{name} misses"] = misses
+        print(f"{BEST} at {CHECKED}: " + ("; ".join(misses) if misses else "meets the bar"))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=1)
