@@ -1,13 +1,9 @@
 """ADM: the UNet of improved-diffusion and guided-diffusion, as a network of this project.
 
-Nichol & Dhariwal 2021, "Improved Denoising Diffusion Probabilistic Models" (arXiv 2102.09672),
-and Dhariwal & Nichol 2021, "Diffusion Models Beat GANs on Image Synthesis" (arXiv 2105.05233,
-Sec. 3: more heads or fixed head channels, attention at 32/16/8 px, BigGAN residual up/down,
-adaptive group normalization). Written here from the papers and by reading OpenAI's public
-`unet.py` / `nn.py`; checked in tests/test_adm.py against diffusers' UNet2DModel, an independent
-implementation of the same function.
-
-Like ddpm.unet it knows nothing about diffusion: net(x, t, y) -> (B, out_channels, H, W).
+Nichol & Dhariwal 2021 (iDDPM, arXiv 2102.09672) and Dhariwal & Nichol 2021 (ADM, arXiv
+2105.05233, Sec. 3: heads, BigGAN residual up/down, adaptive group normalization), written from
+the papers and by reading OpenAI's public unet.py / nn.py; tests/test_adm.py checks it against
+diffusers' UNet2DModel. It knows nothing about diffusion: net(x, t, y) -> (B, out_channels, H, W).
 Its module tree is OpenAI's `UNetModel`'s, so their state dicts (time_embed.0/.2, label_emb,
 input_blocks.N.M.{in_layers, emb_layers, out_layers, skip_connection, norm, qkv, proj_out, op},
 middle_block.*, output_blocks.*, out.0/.2) load with strict=True when the config matches.
@@ -49,9 +45,8 @@ def timestep_embedding(t: Tensor, dim: int, max_period: float = 10000.0) -> Tens
 
 
 class GroupNorm32(nn.GroupNorm):
-    """GroupNorm whose statistics are computed in float32 whatever the activations' dtype (as
-    OpenAI's GroupNorm32): under a bf16/fp16 autocast the mean and variance over a group of
-    C/32 · H · W values would otherwise lose most of their digits. Returns the input's dtype."""
+    """GroupNorm in float32 whatever the activations' dtype (OpenAI's GroupNorm32): a group's
+    mean and variance under bf16/fp16 autocast would lose their digits. Returns x's dtype."""
 
     def __init__(self, channels: int) -> None:
         super().__init__(GROUPS, channels, eps=1e-5)
@@ -62,8 +57,8 @@ class GroupNorm32(nn.GroupNorm):
 
 
 def _zero(module: nn.Module) -> nn.Module:
-    """OpenAI's zero_module: the last conv of each residual branch starts at zero, so that
-    every block starts as the identity (and the network's output as 0)."""
+    """OpenAI's zero_module: the last conv of each residual branch (and the output) starts
+    at zero, so that every block starts as the identity."""
     for p in module.parameters():
         nn.init.zeros_(p)
     return module
@@ -214,13 +209,19 @@ def _is_int(value: Any, least: int) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= least
 
 
+def _positive(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and value > 0
+
+
+def widths(model_channels: int, channel_mult: Sequence[float]) -> list[int]:
+    """Each level's channels: int(mult · c), as OpenAI's code (fractions allowed)."""
+    return [int(m * model_channels) for m in channel_mult]
+
+
 def _check_heads(
-    widths: Sequence[int],
-    up_widths: Sequence[int],
-    num_heads: Any,
-    head_channels: Any,
+    widths: Sequence[int], up_widths: Sequence[int], num_heads: Any, head_channels: Any,
     heads_up: Any,
-) -> None:
+) -> None:  # fmt: skip
     """Heads that do not divide a width would fail in a reshape deep inside."""
     if not _is_int(num_heads, 1):
         raise ValueError(f"model.num_heads must be an integer >= 1, got {num_heads!r}")
@@ -273,9 +274,10 @@ def check_config(
     """ADM's values, one line naming the model.<key> and the fix each, before anything is
     built (the constructor calls it; train.py calls it on the composed model config)."""
     mult = channel_mult
-    if not isinstance(mult, Sequence) or not mult or not all(_is_int(m, 1) for m in mult):
+    if not isinstance(mult, Sequence) or not mult or not all(_positive(m) for m in mult):
         raise ValueError(
-            f"model.channel_mult must be a non-empty list of integers >= 1, got {mult!r}"
+            f"model.channel_mult must be a non-empty list of numbers > 0 (e.g. [1, 2, 2, 2]; "
+            f"guided-diffusion's 512 px model starts at 0.5), got {mult!r}"
         )
     factor = 2 ** (len(mult) - 1)
     if not _is_int(image_size, 1) or image_size % factor:
@@ -285,9 +287,11 @@ def check_config(
             f"downsampling factor for channel_mult={list(mult)}; use fewer levels (e.g. "
             f"model.channel_mult={fits}) or another dataset.image_size"
         )
-    if not _is_int(model_channels, 1) or any((model_channels * m) % GROUPS for m in channel_mult):
+    if not _is_int(model_channels, 1) or any(
+        w < 1 or w % GROUPS for w in widths(model_channels, mult)
+    ):
         raise ValueError(
-            f"model.model_channels={model_channels!r} times channel_mult {list(channel_mult)} "
+            f"model.model_channels={model_channels!r} times channel_mult {list(mult)} "
             f"must be multiples of {GROUPS} (GroupNorm's {GROUPS} groups); e.g. 32, 64, 128"
         )
     for key, value, optional in (
@@ -314,13 +318,10 @@ def check_config(
             f"model.attention_resolutions={attention_resolutions!r} must list feature-map "
             f"sizes of the network's levels ({', '.join(map(str, levels))} px), e.g. [16, 8]"
         )
-    attended = [
-        model_channels * m
-        for m, r in zip(channel_mult, levels, strict=True)
-        if r in attention_resolutions
-    ]
-    widths = [*attended, model_channels * channel_mult[-1]]  # the middle block always attends
-    _check_heads(widths, attended, num_heads, num_head_channels, num_heads_upsample)
+    level_widths = widths(model_channels, mult)
+    attended = [w for w, r in zip(level_widths, levels, strict=True) if r in attention_resolutions]
+    used = [*attended, level_widths[-1]]  # the middle block always attends
+    _check_heads(used, attended, num_heads, num_head_channels, num_heads_upsample)
 
 
 class ADM(nn.Module):
@@ -330,7 +331,7 @@ class ADM(nn.Module):
         image_size: height = width of the inputs, divisible by 2^(len(channel_mult) - 1).
         in_channels: input channels; out_channels: None -> in_channels (2 · in_channels for
             learned σ: the DiffusionModule passes it with module.learn_sigma).
-        model_channels: c, the base width; level k has c · channel_mult[k] channels.
+        model_channels: c, the base width; level k has int(c · channel_mult[k]) channels.
         num_res_blocks: ResBlocks per level down (one more up).
         attention_resolutions: feature-map sizes in PIXELS that get attention (e.g. [16, 8]);
             OpenAI's flag "16,8" is the same list (their code turns it into image_size // r).
@@ -359,7 +360,7 @@ class ADM(nn.Module):
         num_res_blocks: int = 2,
         attention_resolutions: Sequence[int] = (16, 8),
         dropout: float = 0.0,
-        channel_mult: Sequence[int] = (1, 2, 4, 8),
+        channel_mult: Sequence[float] = (1, 2, 4, 8),
         num_classes: int | None = None,
         null_label: bool = True,
         num_heads: int = 1,
@@ -392,20 +393,20 @@ class ADM(nn.Module):
             emb, dropout, use_scale_shift_norm, use_checkpoint, use_new_attention_order,
             num_head_channels, resblock_updown,
         )  # fmt: skip
-        widths = [model_channels * m for m in channel_mult]
+        level_widths = widths(model_channels, channel_mult)
         sizes = [image_size // 2**k for k in range(len(channel_mult))]
         attends = [r in attention_resolutions for r in sizes]
-        skips = self._down(make, in_channels, widths, attends, num_res_blocks, num_heads)
-        ch = widths[-1]
+        skips = self._down(make, in_channels, level_widths, attends, num_res_blocks, num_heads)
+        ch = level_widths[-1]
         self.middle_block = TimestepEmbedSequential(
             make.res(ch, ch), make.attn(ch, num_heads), make.res(ch, ch)
         )
         heads_up = num_heads if num_heads_upsample == -1 else num_heads_upsample
-        self._up(make, widths, attends, num_res_blocks, heads_up, skips)
+        self._up(make, level_widths, attends, num_res_blocks, heads_up, skips)
         self.out = nn.Sequential(
-            GroupNorm32(widths[0]),
+            GroupNorm32(level_widths[0]),
             nn.SiLU(),
-            _zero(nn.Conv2d(widths[0], self.out_channels, 3, padding=1)),
+            _zero(nn.Conv2d(level_widths[0], self.out_channels, 3, padding=1)),
         )
 
     def _down(

@@ -138,6 +138,12 @@ def test_state_dict_has_openai_keys_and_shapes():
     keys = set(plain.state_dict())
     assert "input_blocks.2.0.op.weight" in keys and "output_blocks.1.2.conv.weight" in keys
     assert "label_emb.weight" not in keys
+    # guided-diffusion's 512 px model starts at half the width: int(0.5 · c) channels
+    half = ADM(16, 3, 64, None, 1, [8], channel_mult=[0.5, 1]).state_dict()
+    assert half["time_embed.0.weight"].shape == (256, 64)
+    assert half["input_blocks.0.0.weight"].shape == (32, 3, 3, 3)
+    assert half["output_blocks.3.0.in_layers.0.weight"].shape == (64,)  # 32 + the first skip
+    assert half["out.2.weight"].shape == (3, 32, 3, 3)
     # emb_layers double for AdaGN's scale and shift
     assert ADM(16, 3, 32, None, 1, [], channel_mult=[1], use_scale_shift_norm=True).state_dict()[
         "input_blocks.1.0.emb_layers.1.weight"
