@@ -18,6 +18,7 @@ from conftest import FAST, compose_config, train_config
 from PIL import Image
 
 from ddpm.adm import ADM, AttentionBlock, ResBlock
+from ddpm.checkpoint import CheckpointError
 from ddpm.cli import train as training
 from ddpm.cli.sample import sample
 from ddpm.generate import generate_all
@@ -288,13 +289,20 @@ def test_model_adm_module_trains_a_step_and_samples_guided():
 @pytest.mark.slow
 def test_train_py_model_adm_then_sample_py(tmp_path: Path):
     """train.py model=adm (class-conditional digits, learned σ, label dropout, checkpointing,
-    the quickstart's bf16 autocast where the CPU has it); sample.py on its checkpoint with
-    guidance (the null row) and the learned variances."""
+    the quickstart's bf16 autocast where the CPU has it), resumed; sample.py on its checkpoint
+    with guidance (the null row) and the learned variances."""
     metrics = training.train(train_config(tmp_path / "run", [*FAST, *TINY_ADM]))
     assert math.isfinite(metrics["train/loss"]) and math.isfinite(metrics["val/bpd"])
     ckpt = tmp_path / "run" / "checkpoints" / "last.ckpt"
     module = load_module(ckpt)  # weights_only=True: ddpm.adm.ADM is a trusted network
     assert isinstance(module.net, ADM) and module.net.out_channels == 2
+    # resumed without activation checkpointing (the same network); another width is refused
+    run = [*FAST, *TINY_ADM, "model.use_checkpoint=false", "trainer.max_steps=4"]
+    training.train(train_config(tmp_path / "run", run))
+    assert torch.load(ckpt, weights_only=True)["global_step"] == 4
+    wider = train_config(tmp_path / "run", [*run, "model.model_channels=64"])
+    with pytest.raises(CheckpointError, match="model_channels 32 .this run's 64"):
+        training.train(wider)
     out = tmp_path / "samples"
     args = [f"ckpt={ckpt}", "n=3", "steps=2", "guidance=2", f"out={out}"]
     sample(compose_config(args, name="sample"))

@@ -180,7 +180,11 @@ class ApplyOptimizerSettings(L.Callback):
 def _architecture(net: dict) -> dict:
     """A UNet config as the network it builds: attention by the sizes it reaches, whichever
     key chose them (attn_resolutions [7] and attn_levels [-1] are one network at 28 px, and a
-    size that is no level's builds nothing). Other configs as they are."""
+    size that is no level's builds nothing); an ADM config without use_checkpoint. Other
+    configs as they are."""
+    if isinstance(net, dict) and net.get("_target_") == "ddpm.adm.ADM":
+        # activation checkpointing trades memory for compute: the same network either way
+        return {k: v for k, v in net.items() if k != "use_checkpoint"}
     if not isinstance(net, dict) or net.get("_target_") != "ddpm.unet.UNet":
         return net
     try:
