@@ -11,8 +11,10 @@ Notation (Ho et al. 2020, "Denoising Diffusion Probabilistic Models"):
     posterior_mean_coef1 / coef2      the weights of x_0 and x_t in μ̃_t               (eq. 7)
 
 Timesteps are 0-based: index t in 0..T-1 is the paper's step t+1. All tables are computed in
-float64 and stored as float32 buffers, so they follow the module to its device and dtype.
-`respace(ts)` gives the float64 chain a sampler runs on a subsequence of the timesteps.
+float64 and stored as float32 buffers (the network path), so they follow the module to its device
+and dtype. β and ᾱ are also kept in float64 (`betas64`, `alphas_cumprod64`, on the CPU, whatever
+the module's device or dtype): `respace(ts)` builds the float64 chain a sampler runs from them,
+and `ddpm.likelihood.float64` the bound's tables, so no float32 rounding enters either.
 """
 
 from __future__ import annotations
@@ -96,6 +98,13 @@ class NoiseSchedule(nn.Module):
             # persistent=False: the tables are derived from the config, so checkpoints stay
             # small and a checkpoint never disagrees with the schedule it was trained with.
             self.register_buffer(key, value.to(dtype), persistent=False)
+        # Plain attributes, not buffers: `.to(device)`, `.half()` and Lightning's precision
+        # plugins (bf16-true: `module.to(torch.bfloat16)`) move and cast buffers only, so these
+        # stay float64, on the CPU where their readers (respace, likelihood.float64) want them,
+        # and out of state_dict (checkpoints unchanged) and of DDP's buffer broadcast. Copied
+        # by deepcopy and pickle as any attribute.
+        self.betas64: Tensor = betas.detach().to("cpu", copy=True)
+        self.alphas_cumprod64: Tensor = alphas_cumprod.detach().to("cpu", copy=True)
 
     # ---------------------------------------------------------------- constructors
     @classmethod
@@ -120,8 +129,9 @@ class NoiseSchedule(nn.Module):
             raise ValueError(f"cosine schedule offset s must be >= 0, got {s}")
         steps = torch.arange(timesteps + 1, dtype=torch.float64) / timesteps
         f = torch.cos((steps + s) / (1 + s) * math.pi / 2) ** 2
-        alphas_cumprod = f / f[0]
-        betas = 1 - alphas_cumprod[1:] / alphas_cumprod[:-1]
+        # β_t = 1 - ᾱ_t / ᾱ_{t-1} = 1 - f(t) / f(t-1): f(0) cancels, and dividing by it first
+        # would round β_1 ≈ 1e-5 (T = 4000) by 1e-11 relative (improved-diffusion: 4e-13)
+        betas = 1 - f[1:] / f[:-1]
         return cls(betas.clamp(max=max_beta), name="cosine")
 
     @classmethod
@@ -151,9 +161,10 @@ class NoiseSchedule(nn.Module):
         training step ts[i], with β_i = 1 - ᾱ_ts[i] / ᾱ_ts[i-1] so that the respaced ᾱ equal the
         training ones there (Nichol & Dhariwal 2021, Sec. 4; with every t it is this chain).
 
-        Built from the stored ᾱ in float64 and kept in float64: samplers read its tables as
-        Python floats, so a 1000-step chain's coefficients carry no float32 rounding."""
-        a_bar = self.alphas_cumprod.double().cpu()[ts.cpu()]
+        Built from the float64 ᾱ (`alphas_cumprod64`, not the float32 buffer) and kept in
+        float64: samplers read its tables as Python floats, so a 1000-step chain's coefficients
+        carry no float32 rounding."""
+        a_bar = self.alphas_cumprod64[ts.cpu()]
         a_bar_prev = torch.cat([a_bar.new_ones(1), a_bar[:-1]])
         betas = 1 - a_bar / a_bar_prev
         return NoiseSchedule(betas, f"{self.name}[{len(ts)}]", torch.float64, alphas_cumprod=a_bar)

@@ -1,8 +1,13 @@
+import copy
 import math
+import pickle
 
+import numpy as np
 import pytest
 import torch
+from lightning.pytorch.plugins.precision import HalfPrecision
 
+from ddpm.samplers import sample_ddpm
 from ddpm.schedule import NoiseSchedule
 
 
@@ -112,28 +117,98 @@ def test_bad_betas_are_refused(build):
 
 def test_respace_is_the_chain_on_a_subsequence():
     """Respaced: ᾱ equal the training ones at ts, β_i = 1 - ᾱ_ts[i] / ᾱ_ts[i-1], and the eq. 7
-    tables follow (float64); over every t it is the schedule itself."""
+    tables follow, bit for bit the float64 formulas on the float64 ᾱ (not the float32 buffer,
+    issue 26: 3.6e-4 relative off at linear T = 1000); over every t it is the schedule itself."""
+    schedule = NoiseSchedule.linear(1000)
+    # the constructor's formula in float64, written out
+    a_bar_all = torch.cumprod(1 - torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64), 0)
+    for ts in (torch.tensor([0, 10, 400, 999]), torch.arange(1000)):
+        chain = schedule.respace(ts)
+        a_bar = a_bar_all[ts]
+        assert chain.alphas_cumprod.dtype == torch.float64 and chain.num_timesteps == len(ts)
+        # the samplers' coefficients, written out: the respaced tables equal them exactly
+        a_prev = torch.cat([torch.ones(1, dtype=torch.float64), a_bar[:-1]])
+        betas = 1 - a_bar / a_prev
+        former = {
+            "alphas_cumprod": a_bar,
+            "alphas_cumprod_prev": a_prev,
+            "betas": betas,
+            "posterior_variance": betas * (1 - a_prev) / (1 - a_bar),
+            "posterior_mean_coef1": betas * a_prev.sqrt() / (1 - a_bar),
+            "posterior_mean_coef2": (1 - a_prev) * (1 - betas).sqrt() / (1 - a_bar),
+            "sqrt_recip_alphas_cumprod": (1 / a_bar).sqrt(),
+            "sqrt_recipm1_alphas_cumprod": (1 / a_bar - 1).sqrt(),
+        }
+        for name, value in former.items():
+            assert torch.equal(getattr(chain, name), value), name
+    # every t: the training chain, β to the rounding of 1 - ᾱ_t / ᾱ_{t-1}
+    torch.testing.assert_close(chain.betas, schedule.betas64, rtol=1e-12, atol=0)
+
+
+def improved_diffusion_betas(name: str, T: int, ts: list[int]) -> np.ndarray:
+    """The respaced β of improved-diffusion (`get_named_beta_schedule`, `betas_for_alpha_bar`,
+    `SpacedDiffusion`), written out again in NumPy float64 from Nichol & Dhariwal 2021."""
+    if name == "linear":
+        betas = np.linspace(1e-4 * 1000 / T, 0.02 * 1000 / T, T, dtype=np.float64)
+    else:
+        f = lambda t: math.cos((t + 0.008) / 1.008 * math.pi / 2) ** 2  # noqa: E731
+        betas = np.array([min(1 - f((i + 1) / T) / f(i / T), 0.999) for i in range(T)])
+    last, out, keep = 1.0, [], set(ts)
+    for i, a_bar in enumerate(np.cumprod(1.0 - betas)):
+        if i in keep:
+            out.append(1 - a_bar / last)
+            last = a_bar
+    return np.array(out)
+
+
+@pytest.mark.parametrize(("name", "T"), [("cosine", 4000), ("linear", 1000)])
+def test_respaced_betas_equal_the_float64_formula(name, T):
+    """Issue 26: from the float32 ᾱ they were 3.6e-3 off (cosine T = 4000), 3.6e-4 (linear)."""
+    schedule = getattr(NoiseSchedule, name)(T)
+    for ts in (list(range(T)), sorted({round(i * (T - 1) / 99) for i in range(100)})):
+        got = schedule.respace(torch.tensor(ts)).betas.numpy()
+        want = improved_diffusion_betas(name, T, ts)
+        assert np.abs(got / want - 1).max() < 1e-12
+
+
+def test_a_1000_step_ddpm_chain_draws_what_float64_tables_draw():
+    """The model's schedule (float32 buffers) and one built in float64 give the very same
+    1000-step DDPM sample (a float64 x_T and denoiser): the chain is float64 from the start.
+    (Built from the float32 ᾱ, the sample ended 3e-4 away.)"""
+    schedule = NoiseSchedule.linear(1000)
+    in_float64 = NoiseSchedule(schedule.betas64, "linear", torch.float64)
+
+    def denoiser(x, t):  # exact for N(0.3, 0.5²) data
+        a = in_float64.alphas_cumprod[t].reshape(-1, 1)
+        return (1 - a).sqrt() * (x - a.sqrt() * 0.3) / (a * 0.25 + 1 - a), None
+
+    x_T = torch.randn(2, 16, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    runs = [
+        sample_ddpm(denoiser, s, x_T, 1000, generator=torch.Generator().manual_seed(1))
+        for s in (schedule, in_float64)
+    ]
+    assert torch.equal(runs[0], runs[1])
+
+
+def test_float64_tables_survive_moves_casts_copies_and_checkpoints():
+    """β and ᾱ in float64 stay float64 and on the CPU through `.to(device)` (meta here),
+    `.half()` and Lightning's bf16-true plugin (`module.to(torch.bfloat16)`), deepcopy and
+    pickle; state_dict holds nothing (checkpoints unchanged); respace reads them."""
     schedule = NoiseSchedule.cosine(1000)
-    ts = torch.tensor([0, 10, 400, 999])
+    betas, a_bar = schedule.betas64.clone(), schedule.alphas_cumprod64.clone()
+    ts = torch.arange(0, 1000, 10)
     chain = schedule.respace(ts)
-    a_bar = schedule.alphas_cumprod.double()[ts]
-    assert chain.alphas_cumprod.dtype == torch.float64 and chain.num_timesteps == 4
-    # the samplers' former coefficients, written out: the respaced tables equal them exactly
-    a_prev = torch.cat([torch.ones(1, dtype=torch.float64), a_bar[:-1]])
-    betas = 1 - a_bar / a_prev
-    former = {
-        "alphas_cumprod": a_bar,
-        "alphas_cumprod_prev": a_prev,
-        "betas": betas,
-        "posterior_variance": betas * (1 - a_prev) / (1 - a_bar),
-        "posterior_mean_coef1": a_prev.sqrt() * betas / (1 - a_bar),
-        "posterior_mean_coef2": (1 - betas).sqrt() * (1 - a_prev) / (1 - a_bar),
-        "sqrt_recip_alphas_cumprod": (1 / a_bar).sqrt(),
-        "sqrt_recipm1_alphas_cumprod": (1 / a_bar - 1).sqrt(),
+    assert schedule.state_dict() == {}
+    copies = {
+        "bf16-true": HalfPrecision("bf16-true").convert_module(copy.deepcopy(schedule)),
+        "half": copy.deepcopy(schedule).half(),
+        "meta": copy.deepcopy(schedule).to("meta"),
+        "pickle": pickle.loads(pickle.dumps(schedule)),
     }
-    for name, value in former.items():
-        assert torch.equal(getattr(chain, name), value), name
-    # every t: the training chain (its β re-derived from the stored float32 ᾱ)
-    whole = schedule.respace(torch.arange(1000))
-    for name in ("alphas_cumprod", "alphas_cumprod_prev"):
-        torch.testing.assert_close(getattr(whole, name).float(), getattr(schedule, name))
+    assert copies["bf16-true"].betas.dtype == torch.bfloat16  # the buffers did follow
+    assert copies["meta"].alphas_cumprod.device.type == "meta"
+    for name, moved in copies.items():
+        assert moved.state_dict() == {}, name
+        assert torch.equal(moved.betas64, betas) and torch.equal(moved.alphas_cumprod64, a_bar)
+        assert moved.betas64.dtype == torch.float64 and moved.betas64.device.type == "cpu"
+        assert torch.equal(moved.respace(ts).posterior_mean_coef1, chain.posterior_mean_coef1)
