@@ -7,8 +7,13 @@ process variance it is measured with (fixed β or β̃, or learned as in Nichol 
     L_0     = -log p_θ(x_0 | x_1), a Gaussian discretised to the 256 pixel levels (eq. 13)
 
 Each term is averaged over the dimensions and divided by log 2, so the sum is bits/dim, the
-unit of DDPM's Table 2 and iDDPM's Table 2. Timesteps are 0-based as in `ddpm.schedule`: index t
-holds the term of the paper's step t+1, so index 0 is L_0.
+unit of DDPM's Table 2 and iDDPM's Table 2. `bpd_exact` sums all T terms; `bpd_estimate`
+(val/bpd) draws one t_i per image i from p(t) ∝ 1/t on 1..T-1:
+
+    L̂_i = L_0(x_i) + L_T(x_i) + L_{t_i}(x_i) / p(t_i),    E[L̂_i] = L(x_i) for every image i
+
+Timesteps are 0-based as in `ddpm.schedule`: index t holds the term of the paper's step t+1, so
+index 0 is L_0 (and t_i above indexes the terms L_1..L_{T-1} between it and L_T).
 
 Hand-written: no library (diffusers, torchmetrics) computes a diffusion model's bound. The
 Gaussian CDF is the tanh approximation Ho et al.'s and improved-diffusion's code use, so that
@@ -137,8 +142,11 @@ def learned_vb_term_bpd(
 def float64(schedule: NoiseSchedule, device: torch.device | str) -> NoiseSchedule:
     """The schedule's tables in float64 on `device` (a new module: the model's own stays as
     it is). The bound sums up to thousands of terms, some ~1e-6 bits: float32 tables would
-    put their rounding into the figure."""
-    return NoiseSchedule(schedule.betas.double().cpu(), schedule.name, torch.float64).to(device)
+    put their rounding into the figure. Built from the schedule's float64 β and ᾱ, not its
+    float32 buffers, so a respaced chain's exact ᾱ carries over too."""
+    return NoiseSchedule(
+        schedule.betas64, schedule.name, torch.float64, alphas_cumprod=schedule.alphas_cumprod64
+    ).to(device)
 
 
 def _term(
@@ -151,8 +159,8 @@ def _term(
     generator: torch.Generator | None,
 ) -> Tensor:
     """L_t per image (B,) with the model called once, on x_t in the data's dtype; the noise
-    is drawn on the CPU from `generator` (the same draws on any device)."""
-    noise = torch.randn(x0.shape, generator=generator, device="cpu").to(x0)
+    is drawn from `generator` on its device (a CPU generator: the same draws on any device)."""
+    noise = torch.randn(x0.shape, generator=generator, device=_device(generator)).to(x0)
     x_t = precise.q_sample(x0.double(), t, noise.double())
     x0 = x0.double()
     eps, v = denoiser(x_t.to(noise.dtype), t)
@@ -187,6 +195,28 @@ def bpd_exact(
     return {"bpd": terms.sum(1) + prior, "prior": prior, "decoder": terms[:, 0], "terms": terms}
 
 
+def importance_timesteps(
+    batch: int, T: int, generator: torch.Generator | None = None, stratified: bool = True
+) -> tuple[Tensor, Tensor]:
+    """One t per image from p(t) ∝ 1/t on 1..T-1 (the terms fall roughly that fast with t) by
+    its inverse CDF: (t (batch,) int64, p(t) (batch,) float64), on the CPU. Every image's t has
+    the marginal p(t) whatever its place in the batch, so L_t / p(t) is unbiased for each
+    image's own Σ_t L_t. `stratified`: the uniforms are (π_i + U_i) / B with π a random
+    permutation of the B strata, so the batch covers p(t) evenly (a lower variance of the batch
+    mean: bench/bpd_estimator.py) while image i's stratum is uniform over all B; else
+    independent U_i. Drawn from `generator` on its device: reproducible from its seed."""
+    device = _device(generator)
+    u = torch.rand(batch, generator=generator, device=device, dtype=torch.float64)
+    if stratified:
+        perm = torch.randperm(batch, generator=generator, device=device)
+        u = (perm.to(torch.float64) + u) / batch
+    weights = 1.0 / torch.arange(1, T, dtype=torch.float64)
+    p = weights / weights.sum()
+    cdf = torch.cumsum(p, 0)
+    index = torch.searchsorted(cdf, u.cpu().clamp(max=1 - 1e-12)).clamp(max=T - 2)
+    return index + 1, p[index]
+
+
 @torch.no_grad()
 def bpd_estimate(
     denoiser: Denoiser,
@@ -196,11 +226,12 @@ def bpd_estimate(
     *,
     generator: torch.Generator | None = None,
     clip_x0: bool = True,
+    stratified: bool = True,
 ) -> Tensor:
-    """An unbiased estimate of the bound per image (B,) from two network calls per image:
-    L_0 and L_T exactly, and Σ_{t=1}^{T-1} L_t by one t per image, importance-sampled from
-    p(t) ∝ 1/t (the terms fall roughly that fast with t) and stratified over the batch
-    (image i draws its t from the i-th of B equal-probability slices), weighted by 1/p(t).
+    """An estimate of the bound per image (B,) from two network calls per image, unbiased for
+    each image's own bound (`bpd_exact`): L_0 and L_T exactly, and Σ_{t=1}^{T-1} L_t by one
+    t per image drawn from p(t) ∝ 1/t and weighted by 1/p(t) (`importance_timesteps`; with
+    `stratified` the batch's draws are spread over B strata, randomly assigned to images).
     Cheap enough for every validation; `bpd_exact` is the figure to report."""
     B, T = x0.shape[0], schedule.num_timesteps
     precise = float64(schedule, x0.device)
@@ -209,15 +240,12 @@ def bpd_estimate(
     decoder = _term(denoiser, precise, x0, zeros, variance, clip_x0, generator)
     if T == 1:
         return decoder + prior
-    # the inverse CDF of p(t) ∝ 1/t on 1..T-1, read at stratified uniforms
-    weights = 1.0 / torch.arange(1, T, dtype=torch.float64)
-    cdf = torch.cumsum(weights, 0) / weights.sum()
-    u = (
-        torch.arange(B, dtype=torch.float64)
-        + torch.rand(B, generator=generator, dtype=torch.float64)
-    ) / B
-    index = torch.searchsorted(cdf, u.clamp(max=1 - 1e-12))
-    t = (index + 1).to(x0.device)
-    p_t = (weights / weights.sum())[index].to(x0.device)
+    t, p_t = importance_timesteps(B, T, generator, stratified)
+    t, p_t = t.to(x0.device), p_t.to(x0.device)
     middle = _term(denoiser, precise, x0, t, variance, clip_x0, generator) / p_t
     return decoder + middle + prior
+
+
+def _device(generator: torch.Generator | None) -> torch.device:
+    """Where `generator` draws (validation seeds one on the batch's device); the CPU if None."""
+    return torch.device("cpu") if generator is None else generator.device
