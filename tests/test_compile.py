@@ -4,16 +4,23 @@ back to eager with one warning, and the compiled forward (inductor, freezing) dr
 pixels within bf16 rounding without leaving the global inductor config changed (slow tier:
 compiling takes tens of seconds here)."""
 
+import json
 import logging
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
+from conftest import ROOT
 from test_nfe import NET, OPT, SCHEDULE
 
+from bench.gpu_bench import TINY
 from ddpm import generate as generating
 from ddpm.compile import CompiledForward, check_setting, worth_compiling
 from ddpm.generate import Evaluations, generate_all
 from ddpm.module import DiffusionModule
+from ddpm.unet import UNet
 
 CPU = torch.device("cpu")
 
@@ -119,3 +126,49 @@ def test_compiled_forward_draws_the_eager_pixels_within_bf16_rounding(module):
     assert tally.compiled and not torch._inductor.config.freezing
     assert (compiled - eager).abs().max() < 0.05  # bf16 keeps 8 bits: ~0.4 % per operation
     assert (compiled - eager).abs().mean() < 5e-3
+
+
+BLOCKER = '''import sys
+class _Missing:  # the GPU machine has none of these: importing one fails the benchmark
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in {MISSING}:
+            raise ImportError(f"{name} is not installed on the GPU machine")
+sys.meta_path.insert(0, _Missing())
+'''
+MISSING = {"hydra", "omegaconf", "antlr4", "diffusers", "torch_fidelity", "wandb", "mlxtend"}
+
+
+def gpu_sh(tmp_path, *args: str) -> dict:
+    """bench/gpu.sh as the GPU machine runs it, without the packages that machine lacks."""
+    site = tmp_path / "site"
+    site.mkdir(exist_ok=True)
+    (site / "sitecustomize.py").write_text(BLOCKER.replace("{MISSING}", repr(MISSING)))
+    env = {**os.environ, "PYTHON": sys.executable, "PYTHONPATH": str(site)}
+    env["OMP_NUM_THREADS"] = "1"
+    out = tmp_path / "out"
+    subprocess.run(["bash", str(ROOT / "bench" / "gpu.sh"), *args, str(out)], env=env,
+                   check=True, capture_output=True, text=True)  # fmt: skip
+    return json.loads((out / "gpu_bench.json").read_text())
+
+
+def test_gpu_sh_runs_on_a_cpu_without_hydra_and_reads_a_student(tmp_path):
+    """The CPU check of the GPU benchmark (tiny sizes, a subset of its sections): figures in
+    the JSON, a student checkpoint read without Hydra; a failed section would say its error."""
+    torch.manual_seed(0)
+    net = UNet(**TINY, num_classes=3)
+    hparams = {
+        "net": {"_target_": "ddpm.unet.UNet", **TINY, "num_classes": 3},
+        "schedule": {"_target_": "ddpm.schedule.NoiseSchedule.cosine", "timesteps": 100},
+        "objective": "v",
+    }
+    state = {f"ema.module.{k}": v for k, v in net.state_dict().items()}
+    ckpt = tmp_path / "student.ckpt"
+    torch.save({"hyper_parameters": hparams, "state_dict": state, "sampling": {"steps": 2}}, ckpt)
+    only = ["--only", "train_eager", "sample_quickstart", "student"]
+    result = gpu_sh(tmp_path, *only, "--device", "cpu", "--tiny", "--student", str(ckpt))
+    assert result["tiny"] and set(only[1:]) <= set(result)
+    assert "error" not in json.dumps(result), result
+    train = result["train_eager"]
+    assert train["img_per_s"] > 0 and train["flops_per_image"] > 0 and train["mfu"] is None
+    assert result["student"]["steps"] == 2 and result["student"]["eager_img_per_s"] > 0
+    assert result["sample_quickstart"]["compiled_img_per_s"] > 0
