@@ -35,6 +35,7 @@ MATH = {
     "likelihood": {"schedule"},
     "objectives": {"schedule", "likelihood"},
     "resample": set(),
+    "distill": {"schedule", "sampler_base", "samplers"},
 }
 # `python -m ddpm.results` is kept at its name: an entry point, allowed to import cli/
 ENTRY_SHIMS = {"results"}

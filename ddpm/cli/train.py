@@ -40,6 +40,7 @@ from ddpm.run.resume import (
     write_metrics,
 )
 from ddpm.run.runlock import first_process, run_lock
+from ddpm.run.stages import check_distillation, run_stages
 from ddpm.run.stopping import Interrupt
 from ddpm.run.tracking import dirname, record_run
 from ddpm.samplers import check_guidance, check_seed
@@ -95,6 +96,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     """Fit the configured module on the configured data; returns the final logged metrics (of
     a run that had already finished: its saved ones, nothing trained or written)."""
     check_settings(cfg)
+    if cfg.get("teacher"):  # progressive distillation: one run per stage, below this one's
+        return distill(cfg)
     trust_own_targets(cfg)
     L.seed_everything(cfg.seed, workers=True)
     out = Path(cfg.paths.output_dir)
@@ -105,6 +108,17 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     # the run finished.
     with run_lock(out):
         return fit(cfg, out)
+
+
+def distill(cfg: DictConfig) -> dict[str, Any]:
+    """`teacher=PATH`: its stages (`ddpm.run.stages`), each trained by `train` in its own
+    directory under this run's, which stays locked while they run; the last stage's metrics."""
+    plan = check_distillation(cfg)  # the teacher and the distill options, before any work
+    out = Path(cfg.paths.output_dir)
+    check_output_dir(out, "hydra.run.dir", fix="DIR (or paths.log_dir=DIR)")
+    out.mkdir(parents=True, exist_ok=True)
+    with run_lock(out):
+        return run_stages(cfg, out, plan, train)
 
 
 def trust_own_targets(cfg: DictConfig) -> None:
