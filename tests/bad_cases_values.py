@@ -69,6 +69,21 @@ CASES: list[tuple[str, str, list[str], str]] = [
         r"^module.min_snr_gamma must be a number > 0 .*got -5",
     ),
     (
+        "L_vlb without learned variances",
+        "train",
+        ["module.loss=vlb"],
+        r"^module.loss=vlb trains the bound L_vlb through the learned variance \(iDDPM's "
+        r"--use_kl True --learn_sigma True\): set module.learn_sigma=true$",
+    ),
+    (
+        "an unknown timestep sampler",
+        "train",
+        ["module.timestep_sampler=loss-second-moment"],
+        r"^module.timestep_sampler must be one of \('uniform', 'loss_second_moment'\) "
+        r"\(uniform: Ho et al.; loss_second_moment: iDDPM's importance sampling of t\), got "
+        r"'loss-second-moment'$",
+    ),
+    (
         "negative weight decay",
         "train",
         ["module.optimizer.weight_decay=-0.1"],
