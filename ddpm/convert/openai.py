@@ -280,6 +280,8 @@ def convert_flags(values: dict[str, Any], codebase: str) -> Conversion:
         "dropout": float(values["dropout"]),
         "channel_mult": _channel_mult(values, codebase),
         "num_classes": NUM_CLASSES if values["class_cond"] else None,
+        # label_emb has exactly the 1000 rows: no null label (unconditional: model=adm's true)
+        "null_label": not values["class_cond"],
         "num_heads": values["num_heads"],
         "num_head_channels": values.get("num_head_channels", -1),
         "num_heads_upsample": values["num_heads_upsample"],
@@ -290,8 +292,6 @@ def convert_flags(values: dict[str, Any], codebase: str) -> Conversion:
         # _scale_timesteps: t · 1000/T before the embedding when rescale_timesteps
         "timestep_scale": 1000 / T if values["rescale_timesteps"] else 1.0,
     }
-    if values["class_cond"]:  # label_emb has exactly the 1000 rows: no null label
-        net["null_label"] = False
     learned = values["learn_sigma"]
     variance = "learned" if learned else ("small" if values.get("sigma_small") else "large")
     # L_hybrid = mse + vb (· T/1000 when rescale_learned_sigmas); here mse + λ · T · vb
@@ -479,7 +479,9 @@ def import_openai(
         "parameters": params,
         "round_trip_difference": difference,
         "net": conversion.net,
-        "hparams": {k: hparams[k] for k in ("objective", "learn_sigma", "vlb_weight")},
+        "hparams": {
+            k: hparams[k] for k in ("objective", "learn_sigma", "vlb_weight", "cond_drop_prob")
+        },
         "schedule": conversion.schedule,
     }
 
