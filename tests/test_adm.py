@@ -1,8 +1,9 @@
 """ddpm.adm.ADM (issue 26 part 1): the same function as an independent implementation,
 diffusers' UNet2DModel (scale-shift resnets, resnet up/down blocks, head widths, labels), on
-random weights mapped by rule (tests/adm_reference.py); OpenAI's state-dict layout; the
-features diffusers cannot express checked on their own; and model=adm through train.py and
-sample.py."""
+random weights mapped by rule (tests/adm_reference.py); the same as OpenAI's own UNetModel
+where guided-diffusion-sdk is installed (its state dict loaded strictly); OpenAI's state-dict
+layout; the features diffusers cannot express checked on their own; and model=adm through
+train.py and sample.py."""
 
 from __future__ import annotations
 
@@ -149,6 +150,47 @@ def test_state_dict_has_openai_keys_and_shapes():
     assert ADM(16, 3, 32, None, 1, [], channel_mult=[1], use_scale_shift_norm=True).state_dict()[
         "input_blocks.1.0.emb_layers.1.weight"
     ].shape == (64, 128)
+
+
+def openai_difference(config: dict, n: int) -> float:
+    """max |ADM - OpenAI's own UNetModel| (guided-diffusion's unet.py, as the PyPI package
+    guided-diffusion-sdk 1.0.0 ships it) with its random weights loaded strictly: no mapping,
+    the same state dict. torch's init everywhere (OpenAI zero-inits residual branches)."""
+    unet = pytest.importorskip(
+        "guided_diffusion.unet", reason="pip install --no-deps guided-diffusion-sdk==1.0.0"
+    )
+    size, scale = config["image_size"], config.get("timestep_scale", 1.0)
+    theirs = {k: v for k, v in config.items() if k not in ("timestep_scale", "null_label")}
+    theirs["attention_resolutions"] = [size // r for r in config["attention_resolutions"]]
+    torch.manual_seed(0)
+    ref = unet.UNetModel(**theirs).eval()
+    for m in ref.modules():
+        if hasattr(m, "reset_parameters"):
+            m.reset_parameters()
+    net = ADM(**{**config, "null_label": False}).eval()
+    net.load_state_dict(ref.state_dict(), strict=True)
+    x = torch.randn(n, config["in_channels"], size, size)
+    t = torch.randint(0, 4000, (n,))
+    y = torch.arange(n) % config["num_classes"] if config.get("num_classes") else None
+    with torch.no_grad():
+        ours, theirs = net(x, t, y), ref(x, t.float() * scale, y)
+        moved = ref(x, (t.float() + 1) * scale, y)  # a working network: t + 1 moves it
+    assert (moved - theirs).abs().max() > 1e-3
+    return (ours - theirs).abs().max().item()
+
+
+@pytest.mark.slow
+def test_improved_diffusion_cifar10_equals_openai_code():
+    assert openai_difference(CIFAR10, n=2) < 1e-5
+
+
+def test_guided_diffusion_layout_equals_openai_code():
+    """OpenAI's code as the reference for what diffusers has no equivalent of: their K label
+    rows, num_heads_upsample, a channel_mult starting at 0.5 (the 512 px model's), with BigGAN
+    up/down, AdaGN and the new QKV order (the legacy one: the CIFAR-10 test above)."""
+    config = {**GUIDED, "num_head_channels": -1}
+    config |= {"num_heads": 2, "num_heads_upsample": 1, "channel_mult": [0.5, 1, 2, 2]}
+    assert openai_difference({**config, "model_channels": 64}, n=2) < 1e-5
 
 
 def _attention(x: torch.Tensor, block: AttentionBlock) -> torch.Tensor:
