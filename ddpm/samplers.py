@@ -7,7 +7,9 @@ and v (B, C, H, W) for a model with learned variances (it interpolates log β̃ 
 DDPM's variance uses it) or None (a `ddpm.objectives.Prediction`).
 `callback(i, t, x_t, x0_pred)` is called after every step (i counts steps from 0), for animations.
 `generator` is a torch.Generator, or one per image (see `image_generators`) so that image k of a
-seed is the same whatever batch it was drawn in.
+seed is the same whatever batch it was drawn in. DDPM, DDIM and DPM-Solver++ (2M, 3M) are
+here, EDM's Heun sampler in `ddpm.edm` (its own notation: σ = √((1 - ᾱ)/ᾱ)); `SAMPLERS` names
+them all, and the pieces they share (types, per-image noise) are in `ddpm.sampler_base`.
 
 Notation (as in `ddpm.schedule`; a sampler of `steps` < T steps runs on the respaced chain
 `schedule.respace(ts)`, whose entry i is training timestep ts[i]):
