@@ -50,7 +50,8 @@ def vp_sigmas(schedule: NoiseSchedule) -> np.ndarray:
 
 def snap(sigmas: Sequence[float], train_sigmas: np.ndarray) -> list[int]:
     """The distinct training timesteps whose σ are nearest (in log σ) to a decreasing grid,
-    from T - 1 down to 0: repeats near σ_min are moved one step up, as `timesteps` does."""
+    from T - 1 down to 0: where several round onto one step (near σ_min, or at steps close
+    to T) they are spread onto its neighbours, as `timesteps` does."""
     T = len(train_sigmas)
     t = np.interp(np.log(sigmas), np.log(train_sigmas), np.arange(T)).round().astype(int)
     t[0] = T - 1
