@@ -469,10 +469,11 @@ def import_openai(
         "dtypes": dtypes,
     }
     names = [str(k) for k in range(classes or 0)]
-    ckpt = build.checkpoint(module, names, sampling, converted_from)
     params = sum(p.numel() for p in module.ema.module.parameters())
-    del module
-    difference = _write_checked(ckpt, out, want)
+    tmp = out.with_name(f".{out.name}.check")
+    build.save(build.checkpoint(module, names, sampling, converted_from), tmp)
+    del module  # before the file is read back: one copy of the model in memory at a time
+    difference = _move_if_same(tmp, out, want)
     return {
         "out": str(out),
         "codebase": codebase,
@@ -486,11 +487,10 @@ def import_openai(
     }
 
 
-def _write_checked(ckpt: dict[str, Any], out: Path, want: Tensor) -> float:
-    """Write `ckpt` beside `out`, read it back as sample.py does (`load_module`: weights_only,
-    trusted targets) and move it to `out` only if it draws what the converted network drew."""
-    tmp = out.with_name(f".{out.name}.check")
-    build.save(ckpt, tmp)
+def _move_if_same(tmp: Path, out: Path, want: Tensor) -> float:
+    """Read the written checkpoint `tmp` back as sample.py does (`load_module`: weights_only,
+    trusted targets) and move it to `out` only if it draws `want`, what the converted network
+    drew (`_probe`); else remove it. Returns the max difference (0)."""
     try:
         got = _probe(load_module(tmp))
         difference = float((got - want).abs().max())
