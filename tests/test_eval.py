@@ -281,6 +281,8 @@ def test_step_count_table(trained_run: Path, tmp_path: Path):
     result = json.loads(out.read_text())
     names = ["fid70_train_ddim2", "fid70_train_ddim3", "fid70_train_dpmpp_2m2"]
     assert all(result[n] > 0 for n in names)
+    assert [result[f"nfe_per_image_{s}"] for s in ("ddim2", "ddim3", "dpmpp_2m2")] == [2, 3, 2]
+    assert (tmp_path / "ckpt.fid_vs_nfe.png").is_file()
     table = (tmp_path / "ckpt.table.md").read_text().splitlines()
     assert table[0] == "| sampler | steps | NFE / image | FID (70 samples vs train) | KID ×10³ |"
     assert [row.split("|")[1:3] for row in table[2:]] == [
