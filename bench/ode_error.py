@@ -2,6 +2,7 @@
 
     python -m bench.ode_error                 # linear and cosine, T = 1000, 10..200 steps
     python -m bench.ode_error --json FILE
+    python -m bench.ode_error --s 0.3          # data of another spread
 
 Data N(μ, s²I) (2,000 pixels, μ spread over [-0.6, 0.6], s = 0.6) has the exact denoiser
 ε*(x_t, t) = σ (x_t - α μ) / (α² s² + σ²), and the ODE from x_T keeps
@@ -231,10 +232,14 @@ def check(table: dict[str, list[float]]) -> list[str]:
 
 
 def main() -> None:
+    global S  # the data's spread, read by the exact denoisers at every call
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", help="also write the numbers here")
+    parser.add_argument("--s", type=float, default=S, help="the data's std (default 0.6)")
     args = parser.parse_args()
+    S = args.s
     result = {
+        "s": S,
         "steps": list(STEPS),
         "stall_steps": list(STALL_STEPS),
         "machine": platform.processor() or platform.machine(),
