@@ -50,9 +50,9 @@ S = 0.6
 
 
 def a_bar64(schedule: NoiseSchedule) -> torch.Tensor:
-    """ᾱ in float64: the schedule's float64 copy where it has one (what `respace` builds the
+    """ᾱ in float64: the schedule's float64 copy (what `respace` builds the
     samplers' chains from), so the exact denoiser and the chains agree to the last bit."""
-    return getattr(schedule, "alphas_cumprod64", schedule.alphas_cumprod).double().cpu()
+    return schedule.alphas_cumprod64
 
 
 def exact_eps(schedule: NoiseSchedule, mu: torch.Tensor | None = None):

@@ -43,8 +43,7 @@ def karras_sigmas(sigma_min: float, sigma_max: float, steps: int, rho: float = 7
 
 def vp_sigmas(schedule: NoiseSchedule) -> np.ndarray:
     """σ_t = √((1 - ᾱ_t) / ᾱ_t) of every training timestep (T,), float64, increasing in t."""
-    # the float64 ᾱ that `respace` builds the other samplers' chains from, where there is one
-    a_bar = getattr(schedule, "alphas_cumprod64", schedule.alphas_cumprod).double().cpu().numpy()
+    a_bar = schedule.alphas_cumprod64.numpy()  # float64, what `respace` builds chains from
     return np.sqrt((1 - a_bar) / a_bar)
 
 

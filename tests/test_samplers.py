@@ -449,8 +449,8 @@ def test_respaced_ddpm_variances_bracket_the_data_variance():
 
 # ------------------------------------------------ DPM-Solver++(3M) and EDM (issue 26, part 5)
 def _a_bar_chain(schedule: NoiseSchedule) -> Tensor:
-    """ᾱ as `respace` builds the samplers' chains: the float64 copy where the schedule has one."""
-    return getattr(schedule, "alphas_cumprod64", schedule.alphas_cumprod).double()
+    """ᾱ as `respace` builds the samplers' chains: the schedule's float64 copy."""
+    return schedule.alphas_cumprod64
 
 
 def _slope_and_curvature(points: list[tuple[float, Tensor]], lam_t: float, h: float):
