@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from functools import partial
 from typing import Any
 
 import torch
@@ -64,12 +65,8 @@ def _zero(module: nn.Module) -> nn.Module:
     return module
 
 
-def _halve(x: Tensor) -> Tensor:
-    return F.avg_pool2d(x, kernel_size=2, stride=2)
-
-
-def _double(x: Tensor) -> Tensor:
-    return F.interpolate(x, scale_factor=2.0, mode="nearest")
+_halve = partial(F.avg_pool2d, kernel_size=2, stride=2)  # BigGAN's down: 2x2 average pool
+_double = partial(F.interpolate, scale_factor=2.0, mode="nearest")
 
 
 class _Checkpointed(nn.Module):
