@@ -124,6 +124,11 @@ def test_the_readmes_flags_read_as_their_codebases_read_them():
     both = " --rescale_timesteps False --rescale_learned_sigmas False"
     assert read_flags(IMAGENET64 + both)[0] == "either"
 
+    # fixed variances (improved-diffusion's --sigma_small), the x_0 objective, L_vlb training
+    c = read_flags("--image_size 32 --sigma_small True --predict_xstart True --use_kl True")[2]
+    assert (c.objective, c.variance) == ("x0", "small")
+    assert read_flags("--image_size 32")[2].variance == "large"
+
 
 # the READMEs' flags and the model sizes their papers give (ADM: Dhariwal & Nichol 2021's
 # 64 / 128 / 256 px and LSUN models; the CIFAR-10 network of issue 26, 52.5M)
