@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import compose_config, run_script
+from omegaconf import OmegaConf
 from PIL import Image
 
 from ddpm.cli import eval as evaluation
@@ -267,6 +268,10 @@ def test_train_py_logs_fid_at_validation(tmp_path: Path):
     kid = [float(r["val/kid70_train_ddpm2"]) for r in rows if r.get("val/kid70_train_ddpm2")]
     assert len(kid) == 1 and kid[0] > 0.01
     assert len([r for r in rows if r.get("val/loss")]) == 2
+    # the network evaluations per image, logged beside: 2 steps, doubled by guidance
+    guided = OmegaConf.load(run / "config.yaml").callbacks.fid.guidance > 0
+    nfe = [float(r["val/nfe_per_image_ddpm2"]) for r in rows if r.get("val/nfe_per_image_ddpm2")]
+    assert nfe == [2 * (2 if guided else 1)]
 
 
 @pytest.mark.slow
