@@ -7,9 +7,11 @@ must then compute; the flags are the READMEs' own."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import pickle
+import shlex
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +27,7 @@ from ddpm.adm import ADM
 from ddpm.cli import eval as evaluation
 from ddpm.cli.sample import sample
 from ddpm.convert.__main__ import main
-from ddpm.convert.openai import ConversionError, read_flags
+from ddpm.convert.openai import ConversionError, parse_flags, read_flags
 from ddpm.module import load_module
 from ddpm.schedule import NoiseSchedule
 
@@ -250,6 +252,48 @@ def test_a_guided_diffusion_file_converts_and_sample_py_draws_from_it(files, tmp
     images = np.load(samples / "samples.npz")["arr_0"]
     assert images.shape == (2, 16, 16, 3) and images.dtype == np.uint8
     assert json.loads((samples / "sample.json").read_text())["sampler.variance"] == "learned"
+
+
+# a guided-diffusion layout at a small width with what the other tests leave out: heads by
+# number and fewer up the network, the legacy attention order, rescaled timesteps at T = 4000
+SMALL_GUIDED_RESCALED = (
+    "--image_size 16 --num_channels 32 --channel_mult 1,2 --num_res_blocks 1 "
+    "--attention_resolutions 8 --num_heads 2 --num_heads_upsample 1 --class_cond True "
+    "--learn_sigma True --resblock_updown True --diffusion_steps 4000 --noise_schedule cosine "
+    "--rescale_timesteps True --dropout 0.1"
+)
+
+
+def test_openais_own_script_util_reads_the_flags_and_builds_the_same_model(tmp_path: Path):
+    """guided-diffusion's own code (guided-diffusion-sdk, which make install adds): its argparse
+    gives the values parse_flags gives, its create_model_and_diffusion a UNetModel whose state
+    dict converts to a network equal to its timestep-wrapped model, and its betas ours."""
+    su = pytest.importorskip("guided_diffusion.script_util")
+    for flags in (GUIDED_256, SMALL_GUIDED, SMALL_GUIDED_RESCALED):
+        parser = argparse.ArgumentParser()
+        su.add_dict_to_argparser(parser, su.model_and_diffusion_defaults())
+        assert parse_flags(flags, "guided") == vars(parser.parse_args(shlex.split(flags)))
+
+    args = parse_flags(SMALL_GUIDED_RESCALED, "guided")
+    model, diffusion = su.create_model_and_diffusion(**args)
+    torch.save(random_weights(model).state_dict(), tmp_path / "model.pt")
+    convert(tmp_path / "model.pt", tmp_path / "model.ckpt", SMALL_GUIDED_RESCALED)
+    module = load_module(tmp_path / "model.ckpt")
+    g = torch.Generator().manual_seed(0)
+    x, t, y = (
+        torch.randn(2, 3, 16, 16, generator=g),
+        torch.tensor([0, 3999]),
+        torch.tensor([3, 999]),
+    )
+    with torch.no_grad():  # _WrappedModel: t -> t · 1000/T before the UNetModel (rescale)
+        want = diffusion._wrap_model(model)(x, t, y=y)
+    assert difference(outputs(module.ema.module, x, t, y), want) < 1e-5
+    np.testing.assert_allclose(module.schedule.betas64.numpy(), diffusion.betas, rtol=1e-10)
+    assert (diffusion.model_var_type.name, diffusion.model_mean_type.name) == (
+        "LEARNED_RANGE",
+        "EPSILON",
+    )
+    assert module.hparams.learn_sigma and module.hparams.objective == "eps"
 
 
 def test_eval_py_measures_the_nll_of_a_converted_file(tmp_path: Path):
