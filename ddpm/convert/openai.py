@@ -34,10 +34,11 @@ either when both read them alike, and refuses (naming the setting) when they dif
     --timestep_respacing, --use_ddim ...   refused: sampling options, given to sample.py instead
 
 The state dict is read with torch.load(weights_only=True) and loaded strictly: the first key
-that is missing, extra or of another shape is named with both shapes. No OpenAI code runs here
-(it is not installed, and no file can be downloaded): the network is `ddpm.adm.ADM`, whose
-state dict has OpenAI's keys and shapes, and the written checkpoint is read back with
-`load_module` and run against the network the weights were loaded into.
+that is missing, extra or of another shape is named with both shapes. No OpenAI code runs in a
+conversion: the network is `ddpm.adm.ADM`, whose state dict has OpenAI's keys and shapes, and
+the written checkpoint is read back with `load_module` and run against the network the weights
+were loaded into. (tests/test_convert_openai.py checks the result against guided-diffusion's
+own code: its argparse, its create_model_and_diffusion, its timestep-wrapped model.)
 """
 
 from __future__ import annotations
