@@ -8,6 +8,7 @@ from __future__ import annotations
 import io
 import math
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -337,3 +338,53 @@ def test_a_resumed_run_draws_what_the_uninterrupted_one_draws(tmp_path: Path):
     for name, value in a["state_dict"].items():
         torch.testing.assert_close(b["state_dict"][name], value, msg=name)
     assert history.abs().sum() > 0
+
+
+# OpenAI's own code, as the reference: guided-diffusion (improved-diffusion's resample.py and
+# training_losses, unchanged), installed by `make install` without its dependencies
+OPENAI = "pip install --no-deps guided-diffusion-sdk==1.0.0 (make install does)"
+
+
+def test_the_rule_equals_openais_own_resampler(monkeypatch):
+    """guided-diffusion's LossSecondMomentResampler and ours, fed the same batches of losses
+    (one t many times in some): the same p(t) after every batch, uniform in the warm-up."""
+    resample = pytest.importorskip("guided_diffusion.resample", reason=OPENAI)
+    # its __init__ names np.int, which numpy removed in 1.24 (the int it meant)
+    monkeypatch.setattr(np, "int", int, raising=False)
+    theirs = resample.LossSecondMomentResampler(SimpleNamespace(num_timesteps=T))
+    ours = LossSecondMomentSampler(T)
+    g = torch.Generator().manual_seed(6)
+    for batch in (7, 30, 2, 50, 9, 64):
+        t = torch.randint(0, T, (batch,), generator=g)
+        losses = torch.rand(batch, generator=g, dtype=torch.float64) * (t + 1)
+        theirs.update_with_all_losses(t.tolist(), losses.tolist())
+        ours.record(t, losses)
+        p = theirs.weights() / theirs.weights().sum()
+        np.testing.assert_allclose(ours.probabilities().numpy(), p, rtol=1e-12)
+    assert theirs._warmed_up() and bool(ours.warmed_up())
+
+
+@pytest.mark.parametrize("loss", ["vlb", "mse"])
+def test_losses_equal_openais_training_losses(loss: str):
+    """module.loss=vlb is guided-diffusion's RESCALED_KL loss (--use_kl True) and L_hybrid its
+    RESCALED_MSE (learned range σ, rescale_learned_sigmas), sample by sample, at the same x_0,
+    t and ε, on the same network and cosine β."""
+    gd = pytest.importorskip("guided_diffusion.gaussian_diffusion", reason=OPENAI)
+    module = make(learn_sigma=True, loss=loss).eval()
+    betas = gd.get_named_beta_schedule("cosine", T)
+    np.testing.assert_allclose(module.schedule.betas.numpy(), betas, rtol=1e-6)
+    diffusion = gd.GaussianDiffusion(
+        betas=betas,
+        model_mean_type=gd.ModelMeanType.EPSILON,
+        model_var_type=gd.ModelVarType.LEARNED_RANGE,
+        loss_type=gd.LossType.RESCALED_KL if loss == "vlb" else gd.LossType.RESCALED_MSE,
+    )
+    x = images(16)
+    with torch.no_grad():
+        ours = module.loss_fn(x, None, generator=torch.Generator().manual_seed(0))
+        g = torch.Generator().manual_seed(0)  # the t and ε loss_fn drew, in its order
+        t = torch.randint(0, T, (len(x),), generator=g)
+        noise = torch.randn(x.shape, generator=g)
+        theirs = diffusion.training_losses(lambda x_t, s: module.net(x_t, s), x, t, noise=noise)
+    assert (t == 0).any() and (t > 0).any()  # the decoder's NLL and KL terms both
+    torch.testing.assert_close(ours, theirs["loss"], rtol=1e-4, atol=1e-5)
