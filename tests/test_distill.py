@@ -121,8 +121,9 @@ def distill_config(run: Path, teacher: Path, *overrides: str):
             "print_config=false",
             "distill.teacher_steps=2",
             "distill.steps=1",
-            "trainer.max_steps=30",
+            "trainer.max_steps=15",
             "trainer.limit_val_batches=0",
+            "callbacks.model_checkpoint.every_n_train_steps=100",
             "module.optimizer.lr=3e-3",
             "module.lr_scheduler.total_iters=1",
             "module.ema_decay=0.5",
@@ -132,7 +133,7 @@ def distill_config(run: Path, teacher: Path, *overrides: str):
 
 
 def test_one_stage_of_a_tiny_teacher(tmp_path: Path):
-    """2 -> 1 step, 30 steps of batch 8: the student's one step lands nearer the guided
+    """2 -> 1 step, 15 steps of batch 8: the student's one step lands nearer the guided
     teacher's two DDIM steps than before (where the student was the teacher, unguided);
     its checkpoint loads with load_module and sample.py draws with its one step by default;
     a rerun of the same command trains nothing."""
