@@ -3,12 +3,14 @@
     python -m bench.ode_error                 # linear and cosine, T = 1000, 10..200 steps
     python -m bench.ode_error --json FILE
     python -m bench.ode_error --s 0.3          # data of another spread
+    python -m bench.ode_error --seed 1         # another x_T
 
 Data N(μ, s²I) (2,000 pixels, μ spread over [-0.6, 0.6], s = 0.6) has the exact denoiser
 ε*(x_t, t) = σ (x_t - α μ) / (α² s² + σ²), and the ODE from x_T keeps
 z = (x_t - α μ) / √(α² s² + σ²) fixed, so its end at σ = 0 is μ + s z. The table is the max
 error over the pixels of one x_T, float64 (ᾱ too), no clipping: DDIM (η = 0), DPM-Solver++(2M)
-and (3M) on several spacings, EDM (Heun on Karras σ: 2·steps - 2 network calls from
+and (3M) on several spacings (3M's default: `broad` steps and x̂_0 extrapolated to σ = 0), EDM
+(Heun on Karras σ: 2·steps - 2 network calls from
 σ_max = 80, 2·steps - 1 from the schedule's) snapped to training t as the sampler runs and on
 the continuous σ grid it approximates, and, when diffusers is installed
 (`pip install -e .[bench]`), diffusers' DPMSolverMultistepScheduler (dpmsolver++, order 2 and
@@ -44,9 +46,10 @@ from ddpm.schedule import NoiseSchedule
 STEPS = (10, 15, 20, 30, 50, 100, 200)
 CHECKED = (10, 15, 20, 30, 50, 100)  # issue 26's step counts
 STALL_STEPS = (10, 12, 15, 20, 30)
-BEST = "dpmpp_3m angle"  # the sampler the check line is about
+BEST = "dpmpp_3m (broad, extrapolated: its default)"  # the sampler the check line is about
 MU = torch.linspace(-0.6, 0.6, 2000, dtype=torch.float64)
 S = 0.6
+SEED = 0  # x_T's
 
 
 def a_bar64(schedule: NoiseSchedule) -> torch.Tensor:
@@ -116,7 +119,13 @@ def runs(schedule: NoiseSchedule, x_T: torch.Tensor) -> dict:
             eps, schedule, x_T, n, clip_x0=False
         ),
         "dpmpp_3m logsnr": lambda n: sample_dpmpp_3m(
-            eps, schedule, x_T, n, clip_x0=False, spacing="logsnr"
+            eps, schedule, x_T, n, clip_x0=False, spacing="logsnr", final="x0"
+        ),
+        "dpmpp_3m angle (round one's default)": lambda n: sample_dpmpp_3m(
+            eps, schedule, x_T, n, clip_x0=False, spacing="angle", final="x0"
+        ),
+        "dpmpp_3m broad, x̂_0 at t = 0": lambda n: sample_dpmpp_3m(
+            eps, schedule, x_T, n, clip_x0=False, final="x0"
         ),
         BEST: lambda n: sample_dpmpp_3m(eps, schedule, x_T, n, clip_x0=False),
         "edm (2n-2 calls)": lambda n: sample_edm(eps, schedule, x_T, n),
@@ -139,7 +148,7 @@ def errors(name: str) -> dict[str, list[float]]:
     schedule = getattr(NoiseSchedule, name)(1000)
     a_bar = a_bar64(schedule)
     a_T, a_0 = a_bar[-1], a_bar[0]
-    x_T = torch.randn(1, MU.numel(), generator=torch.Generator().manual_seed(0)).double()
+    x_T = torch.randn(1, MU.numel(), generator=torch.Generator().manual_seed(SEED)).double()
     z = (x_T - a_T.sqrt() * MU) / (a_T * S**2 + 1 - a_T).sqrt()
     end = MU + S * z
     x_at_0 = a_0.sqrt() * MU + (a_0 * S**2 + 1 - a_0).sqrt() * z  # the exact state at t = 0
@@ -165,7 +174,7 @@ def stall(name: str) -> dict[str, list[float]]:
     schedule = getattr(NoiseSchedule, name)(1000)
     a_bar = a_bar64(schedule)
     lam = (0.5 * torch.log(a_bar / (1 - a_bar))).tolist()
-    x_T = torch.randn(1, MU.numel(), generator=torch.Generator().manual_seed(0)).double()
+    x_T = torch.randn(1, MU.numel(), generator=torch.Generator().manual_seed(SEED)).double()
     a_T, a_0 = a_bar[-1], a_bar[0]
     z = (x_T - a_T.sqrt() * MU) / (a_T * S**2 + 1 - a_T).sqrt()
     end = MU + S * z
@@ -232,14 +241,16 @@ def check(table: dict[str, list[float]]) -> list[str]:
 
 
 def main() -> None:
-    global S  # the data's spread, read by the exact denoisers at every call
+    global S, SEED  # the data's spread, read by the exact denoisers at every call; x_T's seed
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", help="also write the numbers here")
     parser.add_argument("--s", type=float, default=S, help="the data's std (default 0.6)")
+    parser.add_argument("--seed", type=int, default=SEED, help="x_T's seed (default 0)")
     args = parser.parse_args()
-    S = args.s
+    S, SEED = args.s, args.seed
     result = {
         "s": S,
+        "seed": SEED,
         "steps": list(STEPS),
         "stall_steps": list(STALL_STEPS),
         "machine": platform.processor() or platform.machine(),
