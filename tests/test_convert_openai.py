@@ -233,6 +233,10 @@ def test_an_improved_diffusion_file_converts_to_the_same_function(files, tmp_pat
     assert module.sampling["variance"] == "learned"
     raw = torch.load(out, weights_only=True)
     assert raw["converted_from"]["codebase"] == "improved"
+    # the vlb checkpoint's --use_kl True: L_vlb alone is what a fine-tuning here trains
+    assert hp.loss == "mse"
+    convert(files["cifar10"], tmp_path / "vlb.ckpt", SMALL_CIFAR10 + " --use_kl True")
+    assert load_module(tmp_path / "vlb.ckpt").hparams.loss == "vlb"
 
 
 def test_a_guided_diffusion_file_converts_and_sample_py_draws_from_it(files, tmp_path: Path):

@@ -25,9 +25,9 @@ either when both read them alike, and refuses (naming the setting) when they dif
     --predict_xstart True                  module.objective x0 (else eps)
     --rescale_timesteps True               net timestep_scale 1000 / T (t · 1000/T embedded)
     --rescale_learned_sigmas               module.vlb_weight: 0.001 (λ of L_hybrid) / 1/T
-    --use_kl True                          recorded: L_vlb alone was the training loss (the
-                                           network and its sampling are the same; a fine-tuning
-                                           here trains L_hybrid)
+    --use_kl True                          module.loss vlb with learned σ (L_vlb alone, as
+                                           trained: what a fine-tuning here trains); recorded
+                                           only with fixed σ (module.loss=vlb needs learned σ)
     --use_checkpoint                       net use_checkpoint (memory only)
     --use_fp16                             recorded: weights are read as float32; sample.py's
                                            precision= chooses the inference precision
@@ -412,6 +412,8 @@ def import_openai(
         conversion.net, conversion.schedule, conversion.objective, conversion.variance
     )
     hparams["vlb_weight"] = conversion.vlb_weight
+    if values["use_kl"] and conversion.variance == "learned":
+        hparams["loss"] = "vlb"  # RESCALED_KL: a fine-tuning trains the loss it was trained on
     try:
         module = build.build_module(hparams, lambda net: fit(net, state, str(src)))
     except InstantiationException as e:  # ADM's own check of the config, by name
@@ -449,7 +451,7 @@ def import_openai(
         "round_trip_difference": difference,
         "net": conversion.net,
         "hparams": {
-            k: hparams[k] for k in ("objective", "learn_sigma", "vlb_weight", "cond_drop_prob")
+            k: hparams.get(k) for k in ("objective", "learn_sigma", "loss", "vlb_weight", "cond_drop_prob")
         },
         "schedule": conversion.schedule,
     }
