@@ -451,7 +451,8 @@ def import_openai(
         "round_trip_difference": difference,
         "net": conversion.net,
         "hparams": {
-            k: hparams.get(k) for k in ("objective", "learn_sigma", "loss", "vlb_weight", "cond_drop_prob")
+            k: hparams.get(k)
+            for k in ("objective", "learn_sigma", "loss", "vlb_weight", "cond_drop_prob")
         },
         "schedule": conversion.schedule,
     }
