@@ -68,6 +68,12 @@ TRAIN_CASES: list[tuple[str, str, list[str], str]] = [
         r"last.ckpt was trained with module.objective='v' \(this run: 'eps'\)",
     ),
     (
+        "resume with another loss",
+        "train",
+        ["resume={ckpt}", "module.loss=l1"],
+        r"last.ckpt was trained with module.loss='mse' \(this run: 'l1'\)",
+    ),
+    (
         "resume with another schedule type",
         "train",
         ["resume={ckpt}", "schedule=linear"],  # the quickstart's is cosine

@@ -158,6 +158,7 @@ def openai_report(summary: dict) -> str:
     process += f" module.objective={hp['objective']}"
     process += f" module.learn_sigma={json.dumps(hp['learn_sigma'])}"
     process += f" module.vlb_weight={hp['vlb_weight']:g}"
+    process += f" module.loss={hp['loss']}" if hp.get("loss") else ""
     process += " module.cond_drop_prob=0" if not hp["cond_drop_prob"] else ""
     return (
         f"wrote {summary['out']}: {summary['parameters'] / 1e6:.2f}M parameters, the flags read "

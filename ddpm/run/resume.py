@@ -71,6 +71,7 @@ def check_same_process(
     optimizer: Any = NOT_COMPARED,
     lr_scheduler: Any = NOT_COMPARED,
     dataset: Any = NOT_COMPARED,
+    training: dict[str, Any] | None = None,
 ) -> list[str]:
     """A resume with another noise schedule (T, type, βs) or objective would go on training
     the weights for another task, and one with another dataset on other data; another
@@ -87,6 +88,10 @@ def check_same_process(
         changes += _changes("schedule", saved.get("schedule", NOT_COMPARED), schedule)
     if objective is not None and "objective" in saved and saved["objective"] != objective:
         changes.append(("module.objective", repr(saved["objective"]), repr(objective)))
+    # the loss (mse | l1 | vlb) and the draw of t: another training objective, like `objective`
+    for key, new in (training or {}).items():
+        if key in saved and saved[key] != new:
+            changes.append((f"module.{key}", repr(saved[key]), repr(new)))
     changes += _changes("module.optimizer", saved.get("optimizer", NOT_COMPARED), optimizer)
     old = saved.get("lr_scheduler", NOT_COMPARED)
     changes += _changes("module.lr_scheduler", old, lr_scheduler)
@@ -250,6 +255,9 @@ def check_resume(cfg: DictConfig, out: Path) -> tuple[Path | None, bool, dict | 
         optimizer=module.get("optimizer", NOT_COMPARED),
         lr_scheduler=module.get("lr_scheduler", NOT_COMPARED),
         dataset=dataset_identity(cfg.dataset),
+        training={k: module[k] for k in ("loss", "timestep_sampler") if k in module}
+        if diffusion
+        else None,
     )
     apply = any(key.startswith(("module.optimizer", "module.lr_scheduler")) for key in changed)
     # after the checks: a changed setting is named even when there is nothing left to train
