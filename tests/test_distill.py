@@ -173,6 +173,10 @@ def test_one_stage_of_a_tiny_teacher(tmp_path: Path):
     mtime = last.stat().st_mtime_ns
     train(distill_config(run, teacher_path))  # the same command again: the stage is done
     assert last.stat().st_mtime_ns == mtime
+    other = tiny_teacher(tmp_path / "other.ckpt")  # another teacher for the same run: refused
+    with pytest.raises(ValueError, match="is not the file this run's stages were distilled"):
+        train(distill_config(run, other))
+    assert last.stat().st_mtime_ns == mtime
 
 
 @pytest.mark.parametrize(

@@ -158,6 +158,13 @@ def run_stages(
     preemption, max_time) ends the loop with the command that continues it."""
     record_path = out / "distill.json"
     done = _read(record_path)  # the stages that finished, as earlier runs recorded them
+    earlier = json.loads(record_path.read_text()).get("teacher_sha256") if done else None
+    if earlier not in (None, plan.record["teacher_sha256"]):
+        raise ValueError(
+            f"teacher={plan.teacher} is not the file this run's stages were distilled from "
+            f"(sha256 {earlier[:12]}..., {record_path}): give that teacher, or a new run "
+            "directory"
+        )
     teacher, metrics = plan.teacher, {}
     total = len(plan.steps)
     for k, steps in enumerate(plan.steps, 1):
