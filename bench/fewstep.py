@@ -122,7 +122,7 @@ def rows(args) -> tuple[list[dict], dict]:
         row = measure_row(student, sampler, 0.0, args, metrics)
         out.append({"model": f"student {k}", **row, "distill_s": stage["seconds"]})
         print(out[-1], flush=True)
-        nfe = row["nfe_per_image"]
+        nfe = round(row["nfe_per_image"])
         if nfe not in args.compare:
             continue
         for name, options in (("ddim", {"spacing": "trailing"}), ("dpmpp_2m", {})):
