@@ -114,6 +114,11 @@ def test_every_config_composes_and_builds(override: str):
     extra = {
         # the CIFAR-10 network downsamples 3 times: the 28 px digits are padded to 32
         "model=ddpm_cifar10": ["dataset.image_size=32"],
+        "model=adm": ["dataset.image_size=32"],  # improved-diffusion's CIFAR-10 network, alike
+        # guided-diffusion's 64 px network at 1/6 of its width (296M parameters at full width)
+        "model=adm_imagenet64": [
+            "dataset.image_size=64", "model.model_channels=32", "model.num_head_channels=32"
+        ],
         "dataset=folder": ["dataset.data_dir=/tmp/any-folder"],  # a required value
     }.get(override, [])
     cfg = compose_config([override, *extra, "hydra.runtime.output_dir=/tmp/ddpm-compose"])
