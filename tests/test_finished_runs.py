@@ -91,6 +91,19 @@ def test_continuing_to_more_steps_merges_the_metrics(run: Path):
     assert torch.load(ckpts / "last.ckpt", weights_only=True)["global_step"] == 6
 
 
+def test_a_run_that_max_time_ended_continues_when_run_again(run: Path):
+    """trainer.max_time is each launch's: the checkpoint of a launch that used up its time (as
+    Lightning's Timer records it) continues when rerun, as the STOPPED EARLY warning says
+    (Lightning's Timer restored the used time and stopped the rerun at its first step)."""
+    last = run / "checkpoints" / "last.ckpt"
+    ckpt = torch.load(last, weights_only=True)
+    used = {"time_elapsed": {"train": 1e6, "sanity_check": 0.0, "validate": 0.0, "test": 0.0}}
+    ckpt["callbacks"] |= {"Timer": used, "LaunchTimer": used}
+    torch.save(ckpt, last)
+    train_in(run, "trainer.max_steps=6", "trainer.max_time=00:00:10:00")
+    assert metrics(run)["step"] == 6
+
+
 @pytest.mark.slow  # two train.py processes; the same code path as the in-process reruns
 def test_a_rerun_finished_sweep_keeps_its_table(tmp_path: Path):
     """`-m` twice into the same sweep directory: the second reruns finished jobs, which keep

@@ -41,7 +41,7 @@ from ddpm.run.resume import (
 )
 from ddpm.run.runlock import first_process, run_lock
 from ddpm.run.stages import check_distillation, run_stages
-from ddpm.run.stopping import Interrupt
+from ddpm.run.stopping import Interrupt, LaunchTimer
 from ddpm.run.tracking import dirname, record_run
 from ddpm.samplers import check_guidance, check_seed
 from ddpm.trusted import allow_targets
@@ -154,6 +154,8 @@ def fit(cfg: DictConfig, out: Path) -> dict[str, Any]:
     nodes = (cfg.get("callbacks") or {}).values()
     callbacks = [build(c) for c in nodes if c is not None and "_target_" in c]
     callbacks.append(Interrupt())  # Ctrl-C saves a checkpoint, whatever the callbacks config
+    if cfg.trainer.get("max_time"):  # per launch: Lightning's would stop a continued run at once
+        callbacks.append(LaunchTimer(cfg.trainer.max_time, interval="step"))
     callbacks.append(RecordDataset(dataset_identity(cfg.dataset)))
     if apply_changes:
         callbacks.append(ApplyOptimizerSettings())
@@ -165,6 +167,7 @@ def fit(cfg: DictConfig, out: Path) -> dict[str, Any]:
         callbacks=callbacks,
         logger=loggers or False,
         plugins=[*plugins, AtomicCheckpointIO()],
+        max_time=None,  # LaunchTimer above
     )
 
     record_run(cfg, trainer, loggers, out)  # run.json; config and scale to every logger

@@ -14,8 +14,20 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+from lightning.pytorch.callbacks import Timer
 
 log = logging.getLogger(__name__)
+
+
+class LaunchTimer(Timer):
+    """`trainer.max_time` for each launch of train.py. Lightning's own Timer restores the time
+    earlier launches used from the checkpoint, so a run that max_time ended stopped again at
+    its first step when run again: the very command the STOPPED EARLY warning gives to continue
+    it trained nothing. Here every launch has the whole budget (its purpose: a last resort
+    against one launch running too long), and the run continues as documented."""
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """The elapsed time of earlier launches is not this launch's: nothing to restore."""
 
 
 class Preempted(SystemExit):
