@@ -144,7 +144,7 @@ def test_one_stage_of_a_tiny_teacher(tmp_path: Path):
     student, teacher = load_module(last), load_module(teacher_path)
     assert student.sampling == {
         "sampler": "ddim",
-        "eta": 0.0,
+        "eta": 1.0,  # distill.eta: the students' stochastic DDIM by default
         "spacing": "trailing",
         "clip_x0": True,
         "steps": 1,
@@ -169,6 +169,7 @@ def test_one_stage_of_a_tiny_teacher(tmp_path: Path):
     cfg = compose_config([f"ckpt={last}"], name="sample")
     sampler, guidance = sampling(cfg, student)
     assert sampler["steps"] == 1 and sampler["spacing"] == "trailing" and guidance == 0.0
+    assert sampler["eta"] == 1.0
 
     mtime = last.stat().st_mtime_ns
     train(distill_config(run, teacher_path))  # the same command again: the stage is done

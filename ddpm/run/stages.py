@@ -135,7 +135,10 @@ def stage_config(cfg: DictConfig, plan: Plan, k: int, teacher: Path, out: Path) 
         "clip_x0": clip_x0,
         "record": {**plan.record, "stage": k, "steps": steps},
     }
-    sampler = {"name": "ddim", "eta": 0.0, "spacing": "trailing", "clip_x0": clip_x0}
+    # η of the student's own sampler (training is the same either way: it learns deterministic
+    # DDIM steps); stochastic steps read better at 4 (Meng et al. sample distilled models so too)
+    eta = float(options.get("eta", 1.0))
+    sampler = {"name": "ddim", "eta": eta, "spacing": "trailing", "clip_x0": clip_x0}
     with open_dict(stage):
         stage.teacher = None
         stage.print_config = bool(cfg.get("print_config")) and k == 1
