@@ -1,6 +1,6 @@
 # Self-installing targets: each creates .venv when missing and installs the project into it.
 #   make train            the quickstart (python train.py), then the readability score of its grid
-#   make test             the fast tests (<= 4 min on 2 cores); `make test-all` adds the slow ones
+#   make test             the fast tests (<= 4 min on 2 cores, one worker per core); `make test-all` adds the slow ones
 #   make lint             ruff
 #   make bench            training / sampling speed beside lucidrains and diffusers (bench/speed.py)
 PYTHON ?= python3
@@ -29,11 +29,15 @@ train: $(STAMP)
 	$(PY) train.py name=quickstart $(ARGS)
 	$(PY) -m bench.readability --labels cycle "$$(ls -td runs/quickstart/*/ | head -n 1)samples/final.png"
 
+# one pytest-xdist worker per core (at most 8), one torch thread each (tests/conftest.py): a
+# test is mostly one thread of small tensors, so two workers use both cores where one used one
+XDIST := -n auto --maxprocesses=8
+
 test: $(STAMP)
-	$(PY) -m pytest -m "not slow" --durations=15 $(ARGS)
+	$(PY) -m pytest -m "not slow" $(XDIST) --durations=15 $(ARGS)
 
 test-all: $(STAMP)
-	$(PY) -m pytest --durations=15 $(ARGS)
+	$(PY) -m pytest $(XDIST) --durations=15 $(ARGS)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

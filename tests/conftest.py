@@ -26,7 +26,14 @@ os.environ.setdefault("WANDB_MODE", "offline")
 # temporary one of its own (subprocesses inherit it), never into the real home's.
 os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="ddpm-test-cache-")
 atexit.register(shutil.rmtree, os.environ["XDG_CACHE_HOME"], ignore_errors=True)
-torch.set_num_threads(min(2, torch.get_num_threads()))
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # `make test` runs the suite in one pytest-xdist worker per core: one thread each (and in
+    # the train.py / sample.py processes the tests start), or two workers of two threads would
+    # oversubscribe the 2 cores (ENVIRONMENT.md: steps 10-20x slower)
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
+else:
+    torch.set_num_threads(min(2, torch.get_num_threads()))
 
 
 def compose_config(overrides: list[str] | None = None, name: str = "config") -> DictConfig:
