@@ -112,6 +112,20 @@ def nothing_written_into_the_repository():
     assert not new, f"tests wrote into the repository: {new[:10]}"
 
 
+def tiny_conditional_module():
+    """A DiffusionModule of a class-conditional UNet of 8x8 images (3 classes, T = 20), random
+    weights seeded, in eval mode: what the sampling-cost tests (NFE, compile) draw from."""
+    from ddpm.module import DiffusionModule
+
+    net = {"_target_": "ddpm.unet.UNet", "image_size": 8, "in_channels": 1, "ch": 8}
+    net |= {"ch_mult": [1], "num_res_blocks": 1, "attn_resolutions": [], "dropout": 0.0}
+    net |= {"num_classes": 3}
+    schedule = {"_target_": "ddpm.schedule.NoiseSchedule.linear", "timesteps": 20, "beta_end": 0.1}
+    optimizer = {"_target_": "torch.optim.Adam", "_partial_": True, "lr": 1e-3}
+    torch.manual_seed(0)
+    return DiffusionModule(net=net, schedule=schedule, optimizer=optimizer).eval()
+
+
 # Overrides that shrink the debug run further for tests: no progress bars, CSV logs only.
 FAST = ["debug=fast", "+trainer.enable_progress_bar=false"]
 

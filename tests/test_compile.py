@@ -12,7 +12,7 @@ import sys
 
 import pytest
 import torch
-from conftest import ROOT
+from conftest import ROOT, tiny_conditional_module
 
 from bench.gpu_bench import TINY
 from ddpm import generate as generating
@@ -22,25 +22,11 @@ from ddpm.module import DiffusionModule
 from ddpm.unet import UNet
 
 CPU = torch.device("cpu")
-NET = {  # a class-conditional UNet of 8x8 images, as tests/test_nfe.py's
-    "_target_": "ddpm.unet.UNet",
-    "image_size": 8,
-    "in_channels": 1,
-    "ch": 8,
-    "ch_mult": [1],
-    "num_res_blocks": 1,
-    "attn_resolutions": [],
-    "dropout": 0.0,
-    "num_classes": 3,
-}
-SCHEDULE = {"_target_": "ddpm.schedule.NoiseSchedule.linear", "timesteps": 20, "beta_end": 0.1}
-OPT = {"_target_": "torch.optim.Adam", "_partial_": True, "lr": 1e-3}
 
 
 @pytest.fixture(scope="module")
 def module() -> DiffusionModule:
-    torch.manual_seed(0)
-    return DiffusionModule(net=NET, schedule=SCHEDULE, optimizer=OPT).eval()
+    return tiny_conditional_module()
 
 
 def draw(module, compile, n=3, **kwargs):

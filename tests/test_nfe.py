@@ -8,8 +8,7 @@ import json
 import logging
 
 import pytest
-import torch
-from conftest import compose_config
+from conftest import compose_config, tiny_conditional_module
 from PIL import Image
 
 from ddpm.cli import sample as sampling
@@ -18,26 +17,12 @@ from ddpm.generate import Evaluations, generate_all
 from ddpm.module import DiffusionModule
 from ddpm.samplers import SAMPLERS
 
-NET = {
-    "_target_": "ddpm.unet.UNet",
-    "image_size": 8,
-    "in_channels": 1,
-    "ch": 8,
-    "ch_mult": [1],
-    "num_res_blocks": 1,
-    "attn_resolutions": [],
-    "dropout": 0.0,
-    "num_classes": 3,
-}
-SCHEDULE = {"_target_": "ddpm.schedule.NoiseSchedule.linear", "timesteps": 20, "beta_end": 0.1}
-OPT = {"_target_": "torch.optim.Adam", "_partial_": True, "lr": 1e-3}
 ONE_CALL_PER_STEP = {"ddpm", "ddim", "dpmpp_2m"}
 
 
 @pytest.fixture(scope="module")
 def module() -> DiffusionModule:
-    torch.manual_seed(0)
-    return DiffusionModule(net=NET, schedule=SCHEDULE, optimizer=OPT).eval()
+    return tiny_conditional_module()
 
 
 @pytest.mark.parametrize("guidance", [0.0, 2.0])
