@@ -17,6 +17,7 @@ costs the frozen graph (a recompile, unless padded to the compiled batch: `ddpm.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import platform
 import statistics
@@ -78,11 +79,12 @@ def main() -> None:
         cl = name.endswith("_cl")
         fmt = torch.channels_last if cl else torch.contiguous_format
         inp = x.contiguous(memory_format=fmt)
+        # each variant its own copy: `.to(memory_format=)` converts a module in place, so a
+        # shared network would time "eager" with the last variant's channels_last weights
+        model = copy.deepcopy(net).to(memory_format=fmt)
         if name.startswith("eager"):
-            model = net.to(memory_format=fmt)
             fn = model
         else:
-            model = net.to(memory_format=fmt)
             fn = compiled_forward(model, device, freezing=name.startswith("frozen"), pad=False)
         with torch.no_grad(), precision:
             compile_s[name] = timed(fn, inp, t, y)  # eager: warm-up

@@ -179,3 +179,52 @@ def test_a_pretrained_diffusers_vae_folder_wraps_into_an_autoencoder_checkpoint(
         from ddpm.autoencoder import wrap_pretrained
 
         wrap_pretrained(tmp_path, tmp_path / "other.ckpt")
+
+
+def test_a_latent_teacher_distills_one_stage(latent_run: Path, autoencoder: Path, tmp_path: Path):
+    """Progressive distillation of a latent DDPM (2 -> 1 step, 30 steps of batch 8): the
+    student carries the teacher's autoencoder and latent scale, its one step lands nearer the
+    guided teacher's two DDIM steps than the teacher's own one step did, and it decodes to
+    images."""
+    from ddpm.generate import generate_all
+
+    teacher_path = latent_run / "checkpoints" / "last.ckpt"
+    run = tmp_path / "distill"
+    cfg = train_config(
+        run,
+        [
+            *FAST,
+            "experiment=latent_mnist5k",
+            *TINY_LATENT,
+            f"autoencoder={autoencoder / 'checkpoints' / 'last.ckpt'}",
+            f"dataset.cache_dir={latent_run.parent / 'cache'}",
+            "logger=none",
+            f"teacher={teacher_path}",
+            "distill.teacher_steps=2",
+            "distill.steps=1",
+            "trainer.max_steps=30",
+            "trainer.limit_val_batches=0",
+            "module.optimizer.lr=3e-3",
+            "module.ema_decay=0.5",
+        ],
+    )
+    train(cfg)
+    student = load_module(run / "stage_1_1steps" / "checkpoints" / "last.ckpt")
+    teacher = load_module(teacher_path)
+    assert student.autoencoder is not None
+    assert torch.equal(student.latent_scale, teacher.latent_scale)
+    for key, value in teacher.autoencoder.state_dict().items():
+        assert torch.equal(student.autoencoder.state_dict()[key], value), key
+    settings = {"sampler": "ddim", "spacing": "trailing"}
+    w = teacher.sampling.get("guidance", 0.0)
+    target = generate_all(
+        teacher, 20, sampler={**settings, "steps": 2}, guidance=w, progress=False
+    )
+    assert target.shape[1:] == (1, 16, 16)  # decoded digits, not 2x8x8 latents
+
+    def error(module):
+        one = generate_all(module, 20, sampler={**settings, "steps": 1}, progress=False)
+        return (one - target).square().mean().item()
+
+    before, after = error(teacher), error(student)
+    assert after < 0.5 * before, (before, after)
