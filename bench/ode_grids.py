@@ -1,0 +1,118 @@
+"""Step grids without fitted constants against issue 26's bar, on bench/ode_error.py's exact ODE.
+
+    python -m bench.ode_grids            # needs diffusers (pip install -e .[bench])
+
+`dpmpp_3m`'s default grid (`broad`) has two constants chosen on this bench, and its error is not
+monotone in the step count (docs/samplers.md). This runs grids with no constant of their own,
+with the authors' DPM-Solver++(3M) and with a multistep in the angle (below), over the bench's
+data spreads s = 0.3 / 0.6 / 1.0, x_T seeds 0 / 1 and both schedules (12 tables of 10 / 15 / 20 /
+30 / 50 / 100 steps), and counts the cells above DDIM or above diffusers' DPM++(2M) ("misses")
+and the step counts whose error is not below the previous one's ("rises").
+
+The multistep in φ: with φ = arctan(σ/α) (VP: σ = sin φ, α = cos φ) the probability-flow ODE in
+the data prediction is d(x/σ)/dφ = -x̂_0(φ)/sin²φ, so a step is x_s = σ_s (x_t/σ_t +
+∫_{φ_s}^{φ_t} x̂_0(φ)/sin²φ dφ) with x̂_0 interpolated through the last k predictions in φ
+(Lagrange; the weights by 32-point Gauss-Legendre, exact to rounding for these polynomials).
+x̂_0 of data with a density is analytic in φ on the whole of [0, π/2] (in λ it is not at either
+end), so no step needs a lower order at the end; the first ones do (one prediction, then two).
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import numpy as np
+import torch
+
+import bench.ode_error as ode
+from ddpm.samplers import _to_sigma_zero, _x0_and_eps, sample_ddim, sample_dpmpp_3m, timesteps
+from ddpm.schedule import NoiseSchedule
+
+COUNTS = (10, 15, 20, 30, 50, 100)
+NODES, WEIGHTS = np.polynomial.legendre.leggauss(32)
+
+
+def phi_weights(phis: list[float], low: float, high: float) -> list[float]:
+    """∫_low^high L_j(φ)/sin²φ dφ for the Lagrange basis L_j on the nodes `phis`."""
+    x = 0.5 * (high - low) * NODES + 0.5 * (high + low)
+    w = 0.5 * (high - low) * WEIGHTS / np.sin(x) ** 2
+    out = []
+    for j, pj in enumerate(phis):
+        basis = np.ones_like(x)
+        for m, pm in enumerate(phis):
+            if m != j:
+                basis *= (x - pm) / (pj - pm)
+        out.append(float((w * basis).sum()))
+    return out
+
+
+def phi_multistep(eps, schedule: NoiseSchedule, x_T, steps: int, spacing: str, order: int = 3):
+    """The multistep in φ of order `order` on `spacing`'s grid, x̂_0 extrapolated to σ = 0 at
+    the end as dpmpp_3m's `final="extrapolated"` does."""
+    ts = timesteps(schedule.num_timesteps, steps, spacing, schedule.alphas_cumprod)
+    a_bars = schedule.alphas_cumprod64[ts].tolist()
+    x, history = x_T, []
+    for idx in reversed(range(len(ts))):
+        t = torch.full((x.shape[0],), int(ts[idx]), dtype=torch.long)
+        a_bar = a_bars[idx]
+        x0, _ = _x0_and_eps(eps, x, t, a_bar, False)
+        phi = math.atan2(math.sqrt(1 - a_bar), math.sqrt(a_bar))
+        history = [*history[-(order - 1) :], (phi, x0)]
+        if idx == 0:
+            return _to_sigma_zero(x0, history[-2][1], a_bar, a_bars[1], False)
+        a_next = a_bars[idx - 1]
+        phi_next = math.atan2(math.sqrt(1 - a_next), math.sqrt(a_next))
+        w = phi_weights([p for p, _ in history], phi_next, phi)
+        step = sum(wj * d for wj, (_, d) in zip(w, history, strict=True))
+        x = math.sin(phi_next) * (x / math.sin(phi) + step)
+    return x
+
+
+VARIANTS = {
+    "dpmpp_3m broad (c = 1.5, w = 0.4: fitted here; the default)": lambda e, s, x, n: (
+        sample_dpmpp_3m(e, s, x, n, clip_x0=False)
+    ),
+    "dpmpp_3m angle (even in φ)": lambda e, s, x, n: sample_dpmpp_3m(
+        e, s, x, n, clip_x0=False, spacing="angle"
+    ),
+    "dpmpp_3m logsnr (even in λ)": lambda e, s, x, n: sample_dpmpp_3m(
+        e, s, x, n, clip_x0=False, spacing="logsnr"
+    ),
+    "multistep in φ, order 3, angle": lambda e, s, x, n: phi_multistep(e, s, x, n, "angle"),
+    "multistep in φ, order 4, angle": lambda e, s, x, n: phi_multistep(e, s, x, n, "angle", 4),
+}
+
+
+def main() -> None:
+    tally = {name: [0, 0, []] for name in VARIANTS}
+    for s, seed, name in itertools.product((0.3, 0.6, 1.0), (0, 1), ("linear", "cosine")):
+        ode.S, ode.SEED = s, seed
+        schedule = getattr(NoiseSchedule, name)(1000)
+        a_T = ode.a_bar64(schedule)[-1]
+        g = torch.Generator().manual_seed(seed)
+        x_T = torch.randn(1, ode.MU.numel(), generator=g).double()
+        end = ode.MU + s * (x_T - a_T.sqrt() * ode.MU) / (a_T * s**2 + 1 - a_T).sqrt()
+        eps = ode.exact_eps(schedule)
+
+        def err(x, end=end):
+            return (x - end).abs().max().item()
+
+        ddim = [err(sample_ddim(eps, schedule, x_T, n, clip_x0=False)) for n in COUNTS]
+        ref = [err(ode.diffusers_dpmpp(schedule, x_T, n)) for n in COUNTS]
+        for label, run in VARIANTS.items():
+            e = [err(run(eps, schedule, x_T, n)) for n in COUNTS]
+            tally[label][0] += sum(a >= d or a > r for a, d, r in zip(e, ddim, ref, strict=True))
+            tally[label][1] += sum(b >= a for a, b in zip(e, e[1:], strict=False))
+            if s == 0.6 and seed == 0:
+                tally[label][2].append(f"{name}: " + " / ".join(f"{v:.2g}" for v in e))
+        if s == 0.6 and seed == 0:
+            print(f"diffusers DPM++(2M), {name}, s = 0.6: " + " / ".join(f"{v:.2g}" for v in ref))
+    print("\n| sampler, grid | misses (of 72) | rises (of 60) | s = 0.6, seed 0 |")
+    print("|---|---|---|---|")
+    for label, (misses, rises, rows) in tally.items():
+        print(f"| {label} | {misses} | {rises} | {'; '.join(rows)} |")
+
+
+if __name__ == "__main__":
+    main()
