@@ -58,6 +58,14 @@ def a_bar64(schedule: NoiseSchedule) -> torch.Tensor:
     return schedule.alphas_cumprod64
 
 
+def start_and_end(schedule: NoiseSchedule) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """x_T of SEED, its z (fixed along the ODE) and the ODE's end at σ = 0, μ + s z."""
+    a_T = a_bar64(schedule)[-1]
+    x_T = torch.randn(1, MU.numel(), generator=torch.Generator().manual_seed(SEED)).double()
+    z = (x_T - a_T.sqrt() * MU) / (a_T * S**2 + 1 - a_T).sqrt()
+    return x_T, z, MU + S * z
+
+
 def exact_eps(schedule: NoiseSchedule, mu: torch.Tensor | None = None):
     """The exact denoiser of N(mu, S²) data (mu: MU unless given), as the samplers take it."""
     a_bar = a_bar64(schedule)
@@ -147,10 +155,8 @@ def runs(schedule: NoiseSchedule, x_T: torch.Tensor) -> dict:
 def errors(name: str) -> dict[str, list[float]]:
     schedule = getattr(NoiseSchedule, name)(1000)
     a_bar = a_bar64(schedule)
-    a_T, a_0 = a_bar[-1], a_bar[0]
-    x_T = torch.randn(1, MU.numel(), generator=torch.Generator().manual_seed(SEED)).double()
-    z = (x_T - a_T.sqrt() * MU) / (a_T * S**2 + 1 - a_T).sqrt()
-    end = MU + S * z
+    a_0 = a_bar[0]
+    x_T, z, end = start_and_end(schedule)
     x_at_0 = a_0.sqrt() * MU + (a_0 * S**2 + 1 - a_0).sqrt() * z  # the exact state at t = 0
     floor = (exact_x0(x_at_0 / a_0.sqrt(), math.sqrt((1 - a_0) / a_0)) - end).abs().max().item()
     table = {
@@ -174,10 +180,8 @@ def stall(name: str) -> dict[str, list[float]]:
     schedule = getattr(NoiseSchedule, name)(1000)
     a_bar = a_bar64(schedule)
     lam = (0.5 * torch.log(a_bar / (1 - a_bar))).tolist()
-    x_T = torch.randn(1, MU.numel(), generator=torch.Generator().manual_seed(SEED)).double()
-    a_T, a_0 = a_bar[-1], a_bar[0]
-    z = (x_T - a_T.sqrt() * MU) / (a_T * S**2 + 1 - a_T).sqrt()
-    end = MU + S * z
+    a_T, a_0 = a_bar[-1], a_bar[0]  # a_T: the unit pixel's x_T below
+    x_T, z, end = start_and_end(schedule)
     x_at_0 = a_0.sqrt() * MU + (a_0 * S**2 + 1 - a_0).sqrt() * z
     end_t0 = exact_x0(x_at_0 / a_0.sqrt(), math.sqrt((1 - a_0) / a_0))
 

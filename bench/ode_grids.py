@@ -89,10 +89,7 @@ def main() -> None:
     for s, seed, name in itertools.product((0.3, 0.6, 1.0), (0, 1), ("linear", "cosine")):
         ode.S, ode.SEED = s, seed
         schedule = getattr(NoiseSchedule, name)(1000)
-        a_T = ode.a_bar64(schedule)[-1]
-        g = torch.Generator().manual_seed(seed)
-        x_T = torch.randn(1, ode.MU.numel(), generator=g).double()
-        end = ode.MU + s * (x_T - a_T.sqrt() * ode.MU) / (a_T * s**2 + 1 - a_T).sqrt()
+        x_T, _, end = ode.start_and_end(schedule)
         eps = ode.exact_eps(schedule)
 
         def err(x, end=end):
