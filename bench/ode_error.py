@@ -12,8 +12,9 @@ error over the pixels of one x_T, float64 (ᾱ too), no clipping: DDIM (η = 0),
 and (3M) on several spacings (3M's default: `broad` steps and x̂_0 extrapolated to σ = 0), EDM
 (Heun on Karras σ: 2·steps - 2 network calls from
 σ_max = 80, 2·steps - 1 from the schedule's) snapped to training t as the sampler runs and on
-the continuous σ grid it approximates, and, when diffusers is installed
-(`pip install -e .[bench]`), diffusers' DPMSolverMultistepScheduler (dpmsolver++, order 2 and
+the continuous σ grid it approximates, ABM (Adams-Bashforth-Moulton in φ = arctan(σ/α),
+ddpm/abm.py: its default, order 4 on `angle` steps, is the sampler the check line is about),
+and diffusers' DPMSolverMultistepScheduler (dpmsolver++, order 2 and
 3, its default timestep spacing; it steps in float32) on the same betas. `floor` is what no
 sampler that ends with x̂_0 at t = 0 can beat: the distance from x̂_0 of the exact state at
 t = 0 (σ_0 > 0) to the ODE's end at σ = 0.
@@ -34,8 +35,9 @@ import platform
 import torch
 
 from ddpm.edm import heun, karras_sigmas, vp_sigmas
+from ddpm.grids import LOGSNR_FLOOR
 from ddpm.samplers import (
-    LOGSNR_FLOOR,
+    sample_abm,
     sample_ddim,
     sample_dpmpp_2m,
     sample_dpmpp_3m,
@@ -46,7 +48,7 @@ from ddpm.schedule import NoiseSchedule
 STEPS = (10, 15, 20, 30, 50, 100, 200)
 CHECKED = (10, 15, 20, 30, 50, 100)  # issue 26's step counts
 STALL_STEPS = (10, 12, 15, 20, 30)
-BEST = "dpmpp_3m (broad, extrapolated: its default)"  # the sampler the check line is about
+BEST = "abm (angle, order 4: its default)"  # the sampler the check line is about
 MU = torch.linspace(-0.6, 0.6, 2000, dtype=torch.float64)
 S = 0.6
 SEED = 0  # x_T's
@@ -135,7 +137,11 @@ def runs(schedule: NoiseSchedule, x_T: torch.Tensor) -> dict:
         "dpmpp_3m broad, x̂_0 at t = 0": lambda n: sample_dpmpp_3m(
             eps, schedule, x_T, n, clip_x0=False, final="x0"
         ),
-        BEST: lambda n: sample_dpmpp_3m(eps, schedule, x_T, n, clip_x0=False),
+        "dpmpp_3m (broad, extrapolated: its default)": lambda n: sample_dpmpp_3m(
+            eps, schedule, x_T, n, clip_x0=False
+        ),
+        "abm (angle, order 3)": lambda n: sample_abm(eps, schedule, x_T, n, clip_x0=False, order=3),
+        BEST: lambda n: sample_abm(eps, schedule, x_T, n, clip_x0=False),
         "edm (2n-2 calls)": lambda n: sample_edm(eps, schedule, x_T, n),
         "edm, continuous σ": lambda n: edm_continuous(schedule, x_T, n),
         "edm sigma_max=null (2n-1 calls)": lambda n: sample_edm(

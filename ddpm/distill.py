@@ -24,7 +24,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from ddpm.samplers import timesteps
+from ddpm.grids import timesteps
 from ddpm.schedule import NoiseSchedule
 
 CLEAN = -1  # the timestep index of x itself (ᾱ = 1): where a sampler's last step lands

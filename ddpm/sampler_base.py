@@ -43,3 +43,28 @@ def predict(denoiser: Denoiser, x: Tensor, t: Tensor) -> tuple[Tensor, Tensor | 
             f"{type(out).__name__}"
         )
     return out
+
+
+def x0_and_eps(denoiser: Denoiser, x: Tensor, t: Tensor, a_bar: float, clip_x0: bool):
+    """The model's ε, its x_0 = (x_t - √(1-ᾱ) ε) / √ᾱ (eq. 15), clipped, and the ε that fits it.
+
+    Written out here, not `schedule.predict_x0`: ᾱ is the respaced chain's Python float."""
+    eps, _ = predict(denoiser, x, t)
+    x0 = (x - (1 - a_bar) ** 0.5 * eps) / a_bar**0.5
+    if clip_x0:
+        x0 = x0.clamp(-1, 1)
+        eps = (x - a_bar**0.5 * x0) / (1 - a_bar) ** 0.5
+    return x0, eps
+
+
+def to_sigma_zero(x0: Tensor, x0_prev: Tensor, a_bar: float, a_bar_prev: float, clip: bool):
+    """x̂_0 at t = 0 (σ_0² = (1 - ᾱ_0)/ᾱ_0 in EDM's σ) extrapolated to σ = 0 along the ODE.
+
+    With EDM's σ the ODE is dx/dσ = (x - D)/σ and D = x + σ² ∇log p_σ(x), so along a path
+    dx/dσ = -σ ∇log p_σ → 0 at σ = 0 and D(σ) = D(0) + c σ² + O(σ⁴): Richardson's step in σ²
+    from x̂_0 at t = 0 and at the step before (σ_1) gives D(0) to O(σ_0² σ_1²) instead of
+    O(σ_0²), no extra network call. Its weight on the older x̂_0 is σ_0²/(σ_1² - σ_0²) < 0.1
+    on every grid here, so network noise in x̂_0 is not amplified."""
+    s0, s1 = (1 - a_bar) / a_bar, (1 - a_bar_prev) / a_bar_prev
+    x = x0 - s0 / (s1 - s0) * (x0_prev - x0)
+    return x.clamp(-1, 1) if clip else x

@@ -28,20 +28,22 @@ import math
 from collections.abc import Callable, Mapping
 from typing import Any
 
-import numpy as np
 import torch
 from torch import Tensor
 
+from ddpm.abm import sample_abm
 from ddpm.edm import sample_edm
-from ddpm.sampler_base import Callback, Denoiser, Generator, predict, randn
+from ddpm.grids import timesteps
+from ddpm.sampler_base import (
+    Callback,
+    Denoiser,
+    Generator,
+    predict,
+    randn,
+    to_sigma_zero,
+    x0_and_eps,
+)
 from ddpm.schedule import NoiseSchedule
-
-LOGSNR_FLOOR = -5.1  # λ at which `logsnr` spacing's even grid stops (see `timesteps`)
-# `broad` spacing: even in arctan(e^(-w(λ - c))), density in λ ∝ sech(w(λ - c)); `angle` is
-# c = 0, w = 1. Chosen on bench/ode_error.py (docs/samplers.md): c from {1, 1.5, 2}, w from
-# {0.2, 0.3, 0.4, 0.5} on data std s ∈ {0.3, 0.6, 1.0}, checked on s ∈ {0.2, 0.45, 0.8, 1.5}
-BROAD_CENTER, BROAD_WIDTH = 1.5, 0.4
-
 
 MAX_SEED = 2**32 - 1  # numpy's and Lightning's seed_everything's range is [0, 2^32 - 1]
 
@@ -70,88 +72,6 @@ def image_generators(seed: int, first: int, count: int) -> list[torch.Generator]
         torch.Generator().manual_seed((seed * 2654435761 + k) % 2**32)
         for k in range(first, first + count)
     ]
-
-
-def timesteps(
-    num_timesteps: int,
-    steps: int,
-    spacing: str = "uniform",
-    alphas_cumprod: Tensor | None = None,
-) -> Tensor:
-    """The increasing subsequence of training timesteps a `steps`-step sampler visits.
-
-    `uniform` spreads them evenly over [0, T-1] (all of them when steps == T); `quadratic` packs
-    them near t = 0, as Song et al. 2021 (DDIM) do for CIFAR-10; `logsnr` spaces them evenly in
-    λ = log(α/σ) (needs the schedule's `alphas_cumprod`), DPM-Solver's choice for its multistep
-    solvers (Lu et al. 2022, Sec. 3.3 / App. D): uniform t leaves one step near t = 0 whose λ
-    gap shrinks only like ½·log(1 + T/steps), which caps a 2nd-order solver at 1st-order error.
-    `angle` spaces them evenly in φ = arctan(σ/α) (needs `alphas_cumprod` too): dense in the
-    middle of λ and sparse at both ends. `broad` is even in arctan(e^(-w(λ - c))), c = 1.5,
-    w = 0.4: the angle grid centred at λ = 1.5 (where x̂_0 of data of std e^-1.5 ≈ 0.22 changes)
-    and widened 2.5-fold, so that data of std 0.2-1.5 (x̂_0 changing at λ ≈ -log s) all get
-    dense steps; DPM-Solver++(3M)'s default (docs/samplers.md).
-    `trailing` counts back from T - 1 in strides of T/steps: the grid of N steps is every
-    other point of 2N's (what progressive distillation halves, `ddpm.distill`).
-    """
-    if not 1 <= steps <= num_timesteps:
-        raise ValueError(
-            f"sampler steps must be in [1, {num_timesteps}] (the schedule's T), got {steps}"
-        )
-    if steps == 1:  # one step from pure noise: from t = T - 1 (spacing 0..T-1 would give t = 0)
-        return torch.tensor([num_timesteps - 1])
-    if spacing == "uniform":
-        ts = torch.linspace(0, num_timesteps - 1, steps, dtype=torch.float64).round().long()
-    elif spacing == "quadratic":
-        root_t = (num_timesteps - 1) ** 0.5
-        ts = (torch.linspace(0, root_t, steps, dtype=torch.float64) ** 2).round().long()
-    elif spacing == "trailing":
-        # every (T/steps)-th step counted back from T - 1 (Lin et al. 2024, Table 2; diffusers'
-        # timestep_spacing="trailing"): the last step starts at t = T/steps - 1, not at 0, and
-        # the grid of N steps is every other point of the grid of 2N, which progressive
-        # distillation needs (ddpm.distill). Integer rounding (half up) keeps that exact.
-        i = torch.arange(1, steps + 1)
-        ts = (2 * num_timesteps * i + steps) // (2 * steps) - 1
-    elif spacing in ("logsnr", "angle", "broad"):
-        if alphas_cumprod is None or len(alphas_cumprod) != num_timesteps:
-            raise ValueError(f"{spacing} spacing needs the schedule's alphas_cumprod")
-        a_bar = alphas_cumprod.double().cpu()
-        lam = (0.5 * torch.log(a_bar / (1 - a_bar))).numpy()  # decreasing in t
-        if spacing == "logsnr":
-            # below λ ≈ -5 (ᾱ < 5e-5, where the linear schedule of Ho et al. ends) x_t is
-            # noise to within 1 %: the cosine and sigmoid schedules reach λ ≈ -10 in their last
-            # few steps, and an even λ grid to there would spend a third of its steps on them.
-            # The first step still starts at t = T - 1.
-            grid = np.linspace(lam[0], max(lam[-1], LOGSNR_FLOOR), steps)
-        else:
-            # φ = arctan(σ/α) = arctan(e^-λ), the angle of (α, σ) on the unit circle (Salimans
-            # & Ho 2022's φ): even in φ is even in t on the cosine schedule, on any schedule;
-            # `broad` takes φ of w(λ - c) instead of λ
-            c, w = (BROAD_CENTER, BROAD_WIDTH) if spacing == "broad" else (0.0, 1.0)
-            ends = np.arctan(np.exp(-w * (lam[[0, -1]] - c)))
-            grid = c - np.log(np.tan(np.linspace(ends[0], ends[1], steps))) / w
-        # the (fractional) t where λ(t) meets each grid point, rounded: np.interp wants
-        # increasing x, so λ is read backwards
-        t_of_lam = np.interp(grid[::-1], lam[::-1], np.arange(num_timesteps)[::-1])[::-1]
-        ts = torch.from_numpy(np.round(t_of_lam).copy()).long()
-        ts[-1] = num_timesteps - 1
-    else:
-        raise ValueError(
-            "timestep spacing must be 'uniform', 'quadratic', 'logsnr', 'angle', 'broad' or "
-            "'trailing', "
-            f"got {spacing!r}"
-        )
-    if spacing in ("quadratic", "logsnr", "angle", "broad"):
-        # near t = 0 several grid points round onto one step: move each repeat one step up,
-        # then (at steps close to T) each overflow one step down below its successor
-        for i in range(1, steps):
-            ts[i] = max(int(ts[i]), int(ts[i - 1]) + 1)
-        ts[-1] = min(int(ts[-1]), num_timesteps - 1)
-        for i in reversed(range(steps - 1)):
-            ts[i] = min(int(ts[i]), int(ts[i + 1]) - 1)
-    ts = torch.unique(ts)
-    if len(ts) != steps or ts[0] < 0 or ts[-1] > num_timesteps - 1:
-        raise ValueError(f"{spacing} spacing gives only {len(ts)} distinct steps for steps={steps}")
-    return ts
 
 
 @torch.no_grad()
@@ -215,18 +135,6 @@ def sample_ddpm(
     return x
 
 
-def _x0_and_eps(denoiser: Denoiser, x: Tensor, t: Tensor, a_bar: float, clip_x0: bool):
-    """The model's ε, its x_0 = (x_t - √(1-ᾱ) ε) / √ᾱ (eq. 15), clipped, and the ε that fits it.
-
-    Written out here, not `schedule.predict_x0`: ᾱ is the respaced chain's Python float."""
-    eps, _ = predict(denoiser, x, t)
-    x0 = (x - (1 - a_bar) ** 0.5 * eps) / a_bar**0.5
-    if clip_x0:
-        x0 = x0.clamp(-1, 1)
-        eps = (x - a_bar**0.5 * x0) / (1 - a_bar) ** 0.5
-    return x0, eps
-
-
 @torch.no_grad()
 def sample_ddim(
     denoiser: Denoiser,
@@ -253,7 +161,7 @@ def sample_ddim(
     for i, idx in enumerate(reversed(range(len(ts)))):
         t = torch.full((x.shape[0],), int(ts[idx]), device=x.device, dtype=torch.long)
         a_bar, a_bar_prev = a_bars[idx], a_bars_prev[idx]
-        x0, eps = _x0_and_eps(denoiser, x, t, a_bar, clip_x0)
+        x0, eps = x0_and_eps(denoiser, x, t, a_bar, clip_x0)
         # eq. 16: σ_t(η) = η √((1 - ᾱ_{t-1}) / (1 - ᾱ_t)) √(1 - ᾱ_t / ᾱ_{t-1})
         sigma = eta * ((1 - a_bar_prev) / (1 - a_bar) * (1 - a_bar / a_bar_prev)) ** 0.5
         # eq. 12: predicted x_0, direction pointing to x_t, random noise
@@ -293,19 +201,6 @@ def _dpmpp_step(x: Tensor, x0s: list[Tensor], hs: list[float], h: float, k: int,
     )
 
 
-def _to_sigma_zero(x0: Tensor, x0_prev: Tensor, a_bar: float, a_bar_prev: float, clip: bool):
-    """x̂_0 at t = 0 (σ_0² = (1 - ᾱ_0)/ᾱ_0 in EDM's σ) extrapolated to σ = 0 along the ODE.
-
-    With EDM's σ the ODE is dx/dσ = (x - D)/σ and D = x + σ² ∇log p_σ(x), so along a path
-    dx/dσ = -σ ∇log p_σ → 0 at σ = 0 and D(σ) = D(0) + c σ² + O(σ⁴): Richardson's step in σ²
-    from x̂_0 at t = 0 and at the step before (σ_1) gives D(0) to O(σ_0² σ_1²) instead of
-    O(σ_0²), no extra network call. Its weight on the older x̂_0 is σ_0²/(σ_1² - σ_0²) < 0.1
-    on every grid here, so network noise in x̂_0 is not amplified."""
-    s0, s1 = (1 - a_bar) / a_bar, (1 - a_bar_prev) / a_bar_prev
-    x = x0 - s0 / (s1 - s0) * (x0_prev - x0)
-    return x.clamp(-1, 1) if clip else x
-
-
 def _dpmpp_multistep(
     denoiser: Denoiser,
     schedule: NoiseSchedule,
@@ -321,7 +216,7 @@ def _dpmpp_multistep(
     history allows, and at most order j over the last j steps (the reference code's
     lower_order_final: the step into t = 0 at first order, i.e. DDIM, since its λ gap is
     wide and extrapolating x̂_0 over it overshoots). The sample is x̂_0 at t = 0 (`final="x0"`)
-    or, `final="extrapolated"`, x̂_0 carried on to σ = 0 (see `_to_sigma_zero`)."""
+    or, `final="extrapolated"`, x̂_0 carried on to σ = 0 (see `to_sigma_zero`)."""
     if final not in ("x0", "extrapolated"):
         raise ValueError(
             f"sampler.final={final!r}: the last step to σ = 0 is 'x0' (x̂_0 at t = 0) or "
@@ -334,11 +229,11 @@ def _dpmpp_multistep(
     for i, idx in enumerate(reversed(range(len(ts)))):
         t = torch.full((x.shape[0],), int(ts[idx]), device=x.device, dtype=torch.long)
         a_bar = a_bars[idx]
-        x0, _ = _x0_and_eps(denoiser, x, t, a_bar, clip_x0)
+        x0, _ = x0_and_eps(denoiser, x, t, a_bar, clip_x0)
         if idx == 0:  # to σ = 0: x is the data prediction itself
             x = x0
             if final == "extrapolated" and x0s:
-                x = _to_sigma_zero(x0, x0s[-1], a_bar, a_bars[1], clip_x0)
+                x = to_sigma_zero(x0, x0s[-1], a_bar, a_bars[1], clip_x0)
         else:
             a_bar_next = a_bars_prev[idx]  # the next state is one step less noisy
             alpha, sigma = a_bar**0.5, (1 - a_bar) ** 0.5
@@ -390,7 +285,7 @@ def sample_dpmpp_3m(
     """DPM-Solver++(3M) (Lu et al. 2022's code): multistep 3rd order in the data prediction,
     first and second order over the first two steps and the last two. The defaults,
     `spacing="broad"` (`timesteps`) and `final="extrapolated"` (x̂_0 carried on to σ = 0 in
-    σ², `_to_sigma_zero`), are what make it pay: on the exact ODE of Gaussian data of std 0.3,
+    σ², `to_sigma_zero`), are what make it pay: on the exact ODE of Gaussian data of std 0.3,
     0.6 and 1.0 it is at most diffusers' DPM++(2M) at 10-100 steps on the linear and cosine
     schedules (docs/samplers.md, bench/ode_error.py).
     """
@@ -404,6 +299,7 @@ SAMPLERS: dict[str, Callable[..., Tensor]] = {
     "dpmpp_2m": sample_dpmpp_2m,
     "dpmpp_3m": sample_dpmpp_3m,
     "edm": sample_edm,
+    "abm": sample_abm,
 }
 
 

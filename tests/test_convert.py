@@ -27,8 +27,9 @@ from ddpm.convert import build, export_pipeline, import_pipeline
 from ddpm.convert.__main__ import fine_tune_overrides, main
 from ddpm.convert.pipeline import scheduler_options
 from ddpm.convert.unet2d import effective_config, net_config
+from ddpm.grids import timesteps
 from ddpm.module import load_module
-from ddpm.samplers import sample_ddim, sample_ddpm, timesteps
+from ddpm.samplers import sample_ddim, sample_ddpm
 from ddpm.schedule import NoiseSchedule
 from ddpm.unet import UNet
 
@@ -217,9 +218,7 @@ def test_a_class_conditional_model_imports_with_its_labels(tmp_path: Path, null_
     unet = {**CIFAR10, "block_out_channels": [32, 64], "sample_size": 16, "num_class_embeds": 5}
     unet |= {"down_block_types": ["DownBlock2D", "AttnDownBlock2D"], "norm_num_groups": 8}
     unet |= {"up_block_types": ["AttnUpBlock2D", "UpBlock2D"], "attention_head_dim": 16}
-    theirs = pipeline_folder(
-        tmp_path / "cond", unet, {**LINEAR, "prediction_type": "v_prediction"}
-    )
+    theirs = pipeline_folder(tmp_path / "cond", unet, {**LINEAR, "prediction_type": "v_prediction"})
     import_pipeline(tmp_path / "cond", tmp_path / "cond.ckpt", null_label=null_label)
     module = load_module(tmp_path / "cond.ckpt")
     assert module.hparams.objective == "v" and module.hparams.net["head_dim"] == 16

@@ -17,7 +17,7 @@ from ddpm.generate import Evaluations, generate_all
 from ddpm.module import DiffusionModule
 from ddpm.samplers import SAMPLERS
 
-ONE_CALL_PER_STEP = {"ddpm", "ddim", "dpmpp_2m"}
+ONE_CALL_PER_STEP = {"ddpm", "ddim", "dpmpp_2m", "abm"}
 
 
 @pytest.fixture(scope="module")

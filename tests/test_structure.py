@@ -30,12 +30,14 @@ MATH = {
     "unet": set(),
     "adm": set(),
     "sampler_base": set(),
+    "grids": set(),
     "edm": {"schedule", "sampler_base"},
-    "samplers": {"schedule", "sampler_base", "edm"},
+    "abm": {"schedule", "sampler_base", "grids"},
+    "samplers": {"schedule", "sampler_base", "grids", "edm", "abm"},
     "likelihood": {"schedule"},
     "objectives": {"schedule", "likelihood"},
     "resample": set(),
-    "distill": {"schedule", "sampler_base", "samplers"},
+    "distill": {"schedule", "sampler_base", "samplers", "grids"},
 }
 # `python -m ddpm.results` is kept at its name: an entry point, allowed to import cli/
 ENTRY_SHIMS = {"results"}
