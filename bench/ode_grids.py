@@ -15,7 +15,7 @@ with its corrector, which costs no network call).
 The multistep in φ: with φ = arctan(σ/α) (VP: σ = sin φ, α = cos φ) the probability-flow ODE in
 the data prediction is d(x/σ)/dφ = -x̂_0(φ)/sin²φ, so a step is x_s = σ_s (x_t/σ_t +
 ∫_{φ_s}^{φ_t} x̂_0(φ)/sin²φ dφ) with x̂_0 interpolated through the last k predictions in φ
-(Lagrange; the weights by 32-point Gauss-Legendre, exact to rounding for these polynomials).
+(Lagrange; the weights are ABM's, `ddpm.abm.angle_weights`).
 x̂_0 of data with a density is analytic in φ on the whole of [0, π/2] (in λ it is not at either
 end), so no step needs a lower order at the end; the first ones do (one prediction, then two).
 """
@@ -25,31 +25,16 @@ from __future__ import annotations
 import itertools
 import math
 
-import numpy as np
 import torch
 
 import bench.ode_error as ode
+from ddpm.abm import angle_weights
 from ddpm.grids import timesteps
 from ddpm.sampler_base import to_sigma_zero, x0_and_eps
 from ddpm.samplers import sample_abm, sample_ddim, sample_dpmpp_3m
 from ddpm.schedule import NoiseSchedule
 
 COUNTS = (10, 15, 20, 30, 50, 100)
-NODES, WEIGHTS = np.polynomial.legendre.leggauss(32)
-
-
-def phi_weights(phis: list[float], low: float, high: float) -> list[float]:
-    """∫_low^high L_j(φ)/sin²φ dφ for the Lagrange basis L_j on the nodes `phis`."""
-    x = 0.5 * (high - low) * NODES + 0.5 * (high + low)
-    w = 0.5 * (high - low) * WEIGHTS / np.sin(x) ** 2
-    out = []
-    for j, pj in enumerate(phis):
-        basis = np.ones_like(x)
-        for m, pm in enumerate(phis):
-            if m != j:
-                basis *= (x - pm) / (pj - pm)
-        out.append(float((w * basis).sum()))
-    return out
 
 
 def phi_multistep(eps, schedule: NoiseSchedule, x_T, steps: int, spacing: str, order: int = 3):
@@ -68,7 +53,7 @@ def phi_multistep(eps, schedule: NoiseSchedule, x_T, steps: int, spacing: str, o
             return to_sigma_zero(x0, history[-2][1], a_bar, a_bars[1], False)
         a_next = a_bars[idx - 1]
         phi_next = math.atan2(math.sqrt(1 - a_next), math.sqrt(a_next))
-        w = phi_weights([p for p, _ in history], phi_next, phi)
+        w = angle_weights([p for p, _ in history], phi_next, phi)
         step = sum(wj * d for wj, (_, d) in zip(w, history, strict=True))
         x = math.sin(phi_next) * (x / math.sin(phi) + step)
     return x

@@ -39,7 +39,14 @@ import torch
 from torch import Tensor
 
 from ddpm.grids import timesteps
-from ddpm.sampler_base import Callback, Denoiser, Generator, to_sigma_zero, x0_and_eps
+from ddpm.sampler_base import (
+    Callback,
+    Denoiser,
+    Generator,
+    check_final,
+    to_sigma_zero,
+    x0_and_eps,
+)
 from ddpm.schedule import NoiseSchedule
 
 MAX_ORDER = 4  # the predictor's; the corrector's is one more
@@ -110,11 +117,7 @@ def sample_abm(
     consistent with the corrected state (ε held), then carried on to σ = 0 in σ²
     (`final="extrapolated"`, `ddpm.sampler_base.to_sigma_zero`) or not (`final="x0"`)."""
     check_order(order)
-    if final not in ("x0", "extrapolated"):
-        raise ValueError(
-            f"sampler.final={final!r}: the last step to σ = 0 is 'x0' (x̂_0 at t = 0) or "
-            "'extrapolated' (x̂_0 extrapolated in σ² from the last two steps)"
-        )
+    check_final(final)
     steps = steps or schedule.num_timesteps
     ts = timesteps(schedule.num_timesteps, steps, spacing, schedule.alphas_cumprod)
     a_bars = schedule.respace(ts).alphas_cumprod.tolist()  # float64, from ᾱ's float64 copy

@@ -57,6 +57,15 @@ def x0_and_eps(denoiser: Denoiser, x: Tensor, t: Tensor, a_bar: float, clip_x0: 
     return x0, eps
 
 
+def check_final(final: str) -> None:
+    """The last step to σ = 0 of the multistep samplers: 'x0' or 'extrapolated'."""
+    if final not in ("x0", "extrapolated"):
+        raise ValueError(
+            f"sampler.final={final!r}: the last step to σ = 0 is 'x0' (x̂_0 at t = 0) or "
+            "'extrapolated' (x̂_0 extrapolated in σ² from the last two steps)"
+        )
+
+
 def to_sigma_zero(x0: Tensor, x0_prev: Tensor, a_bar: float, a_bar_prev: float, clip: bool):
     """x̂_0 at t = 0 (σ_0² = (1 - ᾱ_0)/ᾱ_0 in EDM's σ) extrapolated to σ = 0 along the ODE.
 

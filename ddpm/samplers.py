@@ -38,6 +38,7 @@ from ddpm.sampler_base import (
     Callback,
     Denoiser,
     Generator,
+    check_final,
     predict,
     randn,
     to_sigma_zero,
@@ -217,11 +218,7 @@ def _dpmpp_multistep(
     lower_order_final: the step into t = 0 at first order, i.e. DDIM, since its λ gap is
     wide and extrapolating x̂_0 over it overshoots). The sample is x̂_0 at t = 0 (`final="x0"`)
     or, `final="extrapolated"`, x̂_0 carried on to σ = 0 (see `to_sigma_zero`)."""
-    if final not in ("x0", "extrapolated"):
-        raise ValueError(
-            f"sampler.final={final!r}: the last step to σ = 0 is 'x0' (x̂_0 at t = 0) or "
-            "'extrapolated' (x̂_0 extrapolated in σ² from the last two steps)"
-        )
+    check_final(final)
     ts = timesteps(schedule.num_timesteps, steps, spacing, schedule.alphas_cumprod)
     chain = schedule.respace(ts)
     a_bars, a_bars_prev = chain.alphas_cumprod.tolist(), chain.alphas_cumprod_prev.tolist()
