@@ -1,7 +1,7 @@
 # Self-installing targets: each creates .venv when missing and installs the project into it.
 #   make train            the quickstart (python train.py), then the readability score of its grid
 #   make test             the fast tests (<= 4 min on 2 cores, one worker per core); `make test-all` adds the slow ones
-#   make lint             ruff
+#   make lint             ruff check, ruff format --check
 #   make bench            training / sampling speed beside lucidrains and diffusers (bench/speed.py)
 PYTHON ?= python3
 VENV ?= .venv
@@ -41,6 +41,7 @@ test-all: $(STAMP)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 
 bench: $(STAMP)
 	$(PY) -m pip install --quiet --disable-pip-version-check -e ".[dev,bench]"

@@ -195,8 +195,7 @@ def _check_attention(
         )
     # the middle block always attends, at the last level's width
     widths = sorted(
-        {ch * ch_mult[-1]}
-        | {ch * ch_mult[k] for k in range(len(ch_mult)) if levels[k] in attended}
+        {ch * ch_mult[-1]} | {ch * ch_mult[k] for k in range(len(ch_mult)) if levels[k] in attended}
     )
     if head_dim is not None:
         if isinstance(head_dim, bool) or not isinstance(head_dim, int) or head_dim < 1:
@@ -391,9 +390,7 @@ class UNet(nn.Module):
         self.class_embed = nn.Embedding(rows, emb_dim) if num_classes else None
 
         self.conv_in = nn.Conv2d(in_channels, ch, 3, padding=1)
-        cur = self._paths(
-            blocks, ch, ch_mult, num_res_blocks, attn_resolutions, downsample_padding
-        )
+        cur = self._paths(blocks, ch, ch_mult, num_res_blocks, attn_resolutions, downsample_padding)
         self.norm_out = norm(cur)
         self.conv_out = nn.Conv2d(cur, out_channels or in_channels, 3, padding=1)
 

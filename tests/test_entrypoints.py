@@ -117,7 +117,9 @@ def test_every_config_composes_and_builds(override: str):
         "model=adm": ["dataset.image_size=32"],  # improved-diffusion's CIFAR-10 network, alike
         # guided-diffusion's 64 px network at 1/6 of its width (296M parameters at full width)
         "model=adm_imagenet64": [
-            "dataset.image_size=64", "model.model_channels=32", "model.num_head_channels=32"
+            "dataset.image_size=64",
+            "model.model_channels=32",
+            "model.num_head_channels=32",
         ],
         "dataset=folder": ["dataset.data_dir=/tmp/any-folder"],  # a required value
     }.get(override, [])

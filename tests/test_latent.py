@@ -217,9 +217,7 @@ def test_a_latent_teacher_distills_one_stage(latent_run: Path, autoencoder: Path
         assert torch.equal(student.autoencoder.state_dict()[key], value), key
     settings = {"sampler": "ddim", "spacing": "trailing"}
     w = teacher.sampling.get("guidance", 0.0)
-    target = generate_all(
-        teacher, 20, sampler={**settings, "steps": 2}, guidance=w, progress=False
-    )
+    target = generate_all(teacher, 20, sampler={**settings, "steps": 2}, guidance=w, progress=False)
     assert target.shape[1:] == (1, 16, 16)  # decoded digits, not 2x8x8 latents
 
     def error(module):

@@ -50,9 +50,7 @@ def test_output_depends_on_timestep_and_label():
     assert not torch.allclose(a, net(x, torch.tensor([500]), torch.tensor([0])))
     assert not torch.allclose(a, net(x, torch.tensor([10]), torch.tensor([2])))
     # no label: the null class, index num_classes
-    assert torch.allclose(
-        net(x, torch.tensor([10])), net(x, torch.tensor([10]), torch.tensor([3]))
-    )
+    assert torch.allclose(net(x, torch.tensor([10])), net(x, torch.tensor([10]), torch.tensor([3])))
 
 
 def test_size_not_divisible_is_refused():

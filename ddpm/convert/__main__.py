@@ -77,9 +77,7 @@ def parser() -> argparse.ArgumentParser:
         help="with --flags: whose defaults complete them, improved | guided (-diffusion) | auto "
         "(the one that reads them; refused where both do and differ)",
     )
-    e = sub.add_parser(
-        "export", help="a checkpoint -> a folder DDPMPipeline.from_pretrained loads"
-    )
+    e = sub.add_parser("export", help="a checkpoint -> a folder DDPMPipeline.from_pretrained loads")
     e.add_argument("ckpt")
     e.add_argument("out_dir")
     e.add_argument("--overwrite", action="store_true", help="replace an existing OUT_DIR")

@@ -35,9 +35,7 @@ def hyper_parameters(
     Ho et al.'s optimizer. `variance` large / small / learned: the DDPM sampler's, which is
     also the bound's (nll_variance) for fixed ones."""
     params = inspect.signature(DiffusionModule).parameters
-    defaults = {
-        k: p.default for k, p in params.items() if p.default is not inspect.Parameter.empty
-    }
+    defaults = {k: p.default for k, p in params.items() if p.default is not inspect.Parameter.empty}
     return defaults | {
         "net": net,
         "schedule": schedule,
