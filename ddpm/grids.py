@@ -81,9 +81,8 @@ def timesteps(
         ts[-1] = num_timesteps - 1
     else:
         raise ValueError(
-            "timestep spacing must be 'uniform', 'quadratic', 'logsnr', 'angle', 'broad' or "
-            "'trailing', "
-            f"got {spacing!r}"
+            f"sampler.spacing={spacing!r}: the timestep spacing is 'uniform', 'quadratic', "
+            "'logsnr', 'angle', 'broad' or 'trailing'; give e.g. sampler.spacing=logsnr"
         )
     if spacing in ("quadratic", "logsnr", "angle", "broad"):
         # near t = 0 several grid points round onto one step: move each repeat one step up,

@@ -352,6 +352,24 @@ def check_guidance(guidance: Any, key: str = "guidance") -> None:
         )
 
 
+def dry_run(
+    settings: Mapping[str, Any], schedule: NoiseSchedule, learned_variance: bool = False
+) -> None:
+    """Runs the sampler of `settings` (`sampler_settings`' dict) once on a single pixel with a
+    zero denoiser (with a zero variance output where the model learns one), so that a wrong
+    option value (an ABM order, a spacing, DDIM's η < 0, a learned variance the model lacks)
+    fails with the sampler's own one-line message before any image is drawn or any output
+    written. The samplers check their options as they run; running them is the one check
+    that cannot drift from theirs. Milliseconds (DDPM over T = 1000 steps of one pixel)."""
+    options = {k: v for k, v in settings.items() if k not in ("sampler", "steps")}
+    x = torch.zeros(1, 1, 1, 1, device=schedule.betas.device)
+
+    def zero(x_t: Tensor, t: Tensor) -> tuple[Tensor, Tensor | None]:
+        return torch.zeros_like(x_t), torch.zeros_like(x_t) if learned_variance else None
+
+    get_sampler(settings["sampler"])(zero, schedule, x, settings["steps"], **options)
+
+
 def get_sampler(name: str) -> Callable[..., Tensor]:
     """Look a sampler up by its config name, with an error listing the known ones."""
     try:

@@ -173,6 +173,30 @@ CASES = [
         r"eta must be >= 0",
     ),
     (
+        "train: the grid's sampler option out of range",
+        "train",
+        ["sampler=abm", "sampler.order=9"],
+        r"sampler.order=9: the ABM predictor's order is an integer from 1 to 4",
+    ),
+    (
+        "sample: ABM order out of range",
+        "sample",
+        ["sampler=abm", "sampler.order=7"],
+        r"sampler.order=7: the ABM predictor's order is an integer from 1 to 4",
+    ),
+    (
+        "sample: unknown step spacing",
+        "sample",
+        ["sampler=dpmpp_3m", "sampler.spacing=even"],
+        r"sampler.spacing='even': the timestep spacing is 'uniform', 'quadratic', 'logsnr'",
+    ),
+    (
+        "eval: a table entry's sampler option out of range",
+        "eval",
+        ["sampler=abm", "sampler.order=0", "table=[abm:10]"],
+        r"sampler.order=0: the ABM predictor's order is an integer from 1 to 4",
+    ),
+    (
         "sample: would overwrite earlier samples",
         "sample_again",
         [],
@@ -315,6 +339,14 @@ def test_bad_input_is_named_and_changes_nothing(
     after = snapshot(out)
     assert {k: after[k] for k in before} == before, "an existing file changed"
     assert not (Path(files["tmp"]) / "pwned").exists()
+
+
+def test_a_bad_sampler_option_writes_no_output_folder(files, unconditional_ckpt, tmp_path: Path):
+    """The sampler's option values are checked by a dry run before the output folder is made:
+    a wrong order leaves no half-made folder whose sample.json a rerun would then refuse."""
+    with pytest.raises(ValueError, match="sampler.order=5"):
+        run_case("sample", ["sampler=abm", "sampler.order=5"], files, unconditional_ckpt, tmp_path)
+    assert not (tmp_path / "samples").exists()
 
 
 def test_the_table_has_at_least_25_cases():

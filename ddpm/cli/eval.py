@@ -42,6 +42,8 @@ from ddpm.samplers import (
     check_guidance,
     check_seed,
     check_steps,
+    dry_run,
+    sampler_settings,
 )
 from ddpm.trusted import allow_targets
 
@@ -178,6 +180,7 @@ def check_inputs(cfg: DictConfig, device: torch.device) -> DiffusionModule | Non
             )
         size = module.image_shape[-1]
         check_sampling_steps(cfg, module.schedule.num_timesteps)
+        check_sampler_options(cfg, module)
     else:
         given = [k for k in ("steps", "guidance", "table") if cfg[k]]
         if given:
@@ -218,6 +221,21 @@ def check_sampling_steps(cfg: DictConfig, num_timesteps: int) -> None:
                 f"table entry {entry!r} asks for {steps} steps, more than the checkpoint's "
                 f"T={num_timesteps}; give steps in [1, {num_timesteps}]"
             )
+
+
+def check_sampler_options(cfg: DictConfig, module: DiffusionModule) -> None:
+    """The sampler's option values (and each table entry's sampler), by a dry run on one pixel
+    (`ddpm.samplers.dry_run`): a wrong order or spacing fails now, not after the reference
+    statistics. The settings are built as `source_batches` builds them: a table entry of the
+    configured sampler takes its options, another sampler runs with its defaults."""
+    base = sampler_settings(OmegaConf.to_container(cfg.sampler, resolve=True), cfg.steps)
+    runs = [base]
+    for entry in cfg.table or []:
+        name, steps = parse_entry(entry)
+        same = name == base["sampler"]
+        runs.append({**base, "steps": steps} if same else {"sampler": name, "steps": steps})
+    for settings in runs:
+        dry_run(settings, module.schedule, module.hparams.learn_sigma)
 
 
 def check_reference_split(cfg: DictConfig) -> None:

@@ -49,7 +49,7 @@ from ddpm.images import (
     wrap_words,
 )
 from ddpm.module import DiffusionModule, load_module
-from ddpm.samplers import check_guidance, check_seed, check_steps, sampler_settings
+from ddpm.samplers import check_guidance, check_seed, check_steps, dry_run, sampler_settings
 from ddpm.trusted import allow_targets
 
 log = logging.getLogger(__name__)
@@ -85,6 +85,7 @@ def sampling(cfg: DictConfig, module) -> tuple[dict, float]:
     from_group = cfg.steps is None and cfg.sampler.get("steps") is not None
     key = "sampler.steps" if from_group else "steps"
     check_steps(sampler["steps"], module.schedule.num_timesteps, key)
+    dry_run(sampler, module.schedule, module.hparams.learn_sigma)  # option values, before work
     guidance = saved_guidance if cfg.guidance is None else float(cfg.guidance)
     check_guidance(guidance)
     return sampler, guidance

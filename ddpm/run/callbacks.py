@@ -20,7 +20,15 @@ from ddpm.images import Recorder, save_animation, save_grid, to_pil
 from ddpm.metrics.fid import InceptionMetrics, check_count, measure
 from ddpm.metrics.inception import inception_weights
 from ddpm.metrics.reference import prepare_reference, reference_subset, stats_key
-from ddpm.samplers import sampler_label, sampler_settings
+from ddpm.samplers import dry_run, sampler_label, sampler_settings
+
+
+def check_sampler(module: L.LightningModule, settings: dict) -> None:
+    """The option values of a sampler setting, by `ddpm.samplers.dry_run` on the module's
+    schedule, so that a wrong one fails at the start of training, not at its first grid."""
+    if hasattr(module, "schedule"):  # a diffusion model (not the autoencoder's first stage)
+        learned = bool(getattr(module.hparams, "learn_sigma", False))
+        dry_run(settings, module.schedule, learned)
 
 
 class SampleGrid(L.Callback):
@@ -96,6 +104,8 @@ class SampleGrid(L.Callback):
                 logger.log_video("denoising", [str(path)], step=trainer.global_step)
 
     def on_fit_start(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        for steps in {self.steps, self.final_steps}:  # a wrong option fails before step 1
+            check_sampler(module, {**self.sampler, "steps": steps})
         # the settings of the final grid travel in every checkpoint: sample.py's defaults
         guidance = self.guidance if module.num_classes else 0.0
         module.sampling = {**self.sampler, "steps": self.final_steps, "guidance": guidance}
@@ -235,6 +245,9 @@ class FID(L.Callback):
         self.kid, self.inception_score = kid, inception_score
         self.metrics = None
         self._validations = 0
+
+    def on_fit_start(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        check_sampler(module, self.sampler)  # a wrong option fails before step 1
 
     def _build(self, trainer: L.Trainer, module: L.LightningModule) -> None:
         if trainer.global_rank == 0:  # converts weights once, before the others read them
