@@ -19,7 +19,13 @@ from matplotlib.figure import Figure
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
-from ddpm.cli.sources import held_out_images, image_files, npz_array, source_batches
+from ddpm.cli.sources import (
+    checkpoint_sampler,
+    held_out_images,
+    image_files,
+    npz_array,
+    source_batches,
+)
 from ddpm.compile import check_setting
 from ddpm.data.folder import (
     open_image,
@@ -43,7 +49,6 @@ from ddpm.samplers import (
     check_seed,
     check_steps,
     dry_run,
-    sampler_settings,
 )
 from ddpm.trusted import allow_targets
 
@@ -226,16 +231,10 @@ def check_sampling_steps(cfg: DictConfig, num_timesteps: int) -> None:
 def check_sampler_options(cfg: DictConfig, module: DiffusionModule) -> None:
     """The sampler's option values (and each table entry's sampler), by a dry run on one pixel
     (`ddpm.samplers.dry_run`): a wrong order or spacing fails now, not after the reference
-    statistics. The settings are built as `source_batches` builds them: a table entry of the
-    configured sampler takes its options, another sampler runs with its defaults."""
-    base = sampler_settings(OmegaConf.to_container(cfg.sampler, resolve=True), cfg.steps)
-    runs = [base]
-    for entry in cfg.table or []:
-        name, steps = parse_entry(entry)
-        same = name == base["sampler"]
-        runs.append({**base, "steps": steps} if same else {"sampler": name, "steps": steps})
-    for settings in runs:
-        dry_run(settings, module.schedule, module.hparams.learn_sigma)
+    statistics. Each setting is the one `source_batches` will draw with (`checkpoint_sampler`)."""
+    entries = [parse_entry(entry) for entry in cfg.table or []]
+    for name, steps in [(None, None), *entries]:
+        dry_run(checkpoint_sampler(cfg, name, steps), module.schedule, module.hparams.learn_sigma)
 
 
 def check_reference_split(cfg: DictConfig) -> None:

@@ -188,6 +188,18 @@ def image_files(source: Path, n: int) -> list[Path]:
     return files
 
 
+def checkpoint_sampler(cfg: DictConfig, name: str | None = None, steps: int | None = None):
+    """The sampler setting a checkpoint source is drawn with: cfg.sampler and steps=, or
+    `name` and `steps` over them (the options of cfg.sampler apply when it is the same sampler;
+    another one runs with its defaults)."""
+    sampler = sampler_settings(OmegaConf.to_container(cfg.sampler, resolve=True), cfg.steps)
+    if name is not None and name != sampler["sampler"]:
+        sampler = {"sampler": name, "steps": None}  # another sampler: its own defaults
+    if steps is not None:
+        sampler["steps"] = steps
+    return sampler
+
+
 def source_batches(
     cfg: DictConfig,
     module: DiffusionModule | None,
@@ -217,11 +229,7 @@ def source_batches(
 
         return read(), None
     if source.suffix == ".ckpt":
-        sampler = sampler_settings(OmegaConf.to_container(cfg.sampler, resolve=True), cfg.steps)
-        if name is not None and name != sampler["sampler"]:
-            sampler = {"sampler": name, "steps": None}  # another sampler: its own defaults
-        if steps is not None:
-            sampler["steps"] = steps
+        sampler = checkpoint_sampler(cfg, name, steps)
         batches = generate(
             module,
             cfg.n,
